@@ -1,0 +1,17 @@
+"""NuDiff engine: diffusion-based augmentation of labeled nuclei tiles (pure PyTorch, no GUI).
+
+Modules, one concept each:
+    structure   instance map <-> 3-channel nuclei structure (semantic, horizontal, vertical)
+    metrics     Dice, AJI, AJI+, PQ (HoVer-Net definitions)
+    data        reading folders of labeled tiles, tiling, validation, subset selection
+    synthetic   procedural H&E-like labeled tiles for tests and smoke runs
+    config      typed model / diffusion / training records and presets
+    unet        U-Net with timestep embedding, attention and SPADE-conditioned decoder
+    diffusion   noise schedule, training loss, guided noise prediction
+    samplers    DDPM / DDIM / DPM-Solver++ sampling loops
+    checkpoint  safetensors + JSON checkpoints, atomic writes
+    train       training loops with EMA, resume, multi-process (accelerate)
+    pipeline    generation API shared by the CLI and the studio
+"""
+
+__version__ = "0.1.0"

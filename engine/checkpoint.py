@@ -1,0 +1,203 @@
+"""Checkpoints: safetensors weights + a JSON record, written atomically, never pickled.
+
+A checkpoint is a pair of files with one stem: ``<stem>.safetensors`` (tensors) and ``<stem>.json``
+(what they are). The JSON holds ``format`` (this module's version), ``kind`` ('structure' | 'image'),
+``model`` (UNetConfig), ``diffusion`` (DiffusionConfig), ``train`` (TrainConfig, for training state),
+``step``, ``data_fingerprint``, ``engine_version``, ``weights_sha256`` and ``contents``: either
+'inference' (tensors ``model.*``: the EMA weights, possibly fp16) or 'training' (``model.*`` live weights,
+``ema.*``, ``optim.*`` AdamW state and RNG state), so training resumes exactly.
+
+Both files are written to temporary names in the same folder and renamed into place, the JSON last: a
+crash leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+import engine
+from engine.config import KINDS, DiffusionConfig, UNetConfig
+from engine.errors import CheckpointError
+
+FORMAT = 1
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_paths", "atomic_write_bytes",
+           "file_sha256", "export_inference"]
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights, record) paths of a checkpoint given its stem, .safetensors or .json path."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data to path via a temporary file in the same folder and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: its record and tensors (on CPU)."""
+
+    path: Path
+    record: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+    @property
+    def kind(self) -> str:
+        return self.record["kind"]
+
+    @property
+    def model_config(self) -> UNetConfig:
+        return UNetConfig.from_dict(self.record["model"])
+
+    @property
+    def diffusion_config(self) -> DiffusionConfig:
+        return DiffusionConfig.from_dict(self.record.get("diffusion", {}))
+
+    @property
+    def step(self) -> int:
+        return int(self.record.get("step", 0))
+
+    @property
+    def sha256(self) -> str:
+        return self.record.get("weights_sha256", "")
+
+    def state_dict(self, prefix: str = "model.", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Tensors under `prefix`, with the prefix removed, cast to dtype."""
+        n = len(prefix)
+        return {k[n:]: v.to(dtype) for k, v in self.tensors.items() if k.startswith(prefix)}
+
+    def weights_for_inference(self) -> dict[str, torch.Tensor]:
+        """EMA weights of a training checkpoint, or the weights of an inference one."""
+        if self.record.get("contents") == "training" and any(k.startswith("ema.") for k in self.tensors):
+            return self.state_dict("ema.")
+        return self.state_dict("model.")
+
+
+def save_checkpoint(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    *,
+    kind: str,
+    model: UNetConfig,
+    diffusion: DiffusionConfig,
+    contents: str = "inference",
+    step: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write a checkpoint atomically; returns the record's path. Tensors are saved contiguous on CPU."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}")
+    weights, record_path = checkpoint_paths(path)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
+    os.close(fd)
+    try:
+        save_file(flat, tmp, metadata={"format": str(FORMAT), "kind": kind})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        sha = file_sha256(Path(tmp))
+        os.replace(tmp, weights)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    record = {
+        "format": FORMAT,
+        "kind": kind,
+        "contents": contents,
+        "engine_version": engine.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "step": int(step),
+        "model": model.to_dict(),
+        "diffusion": diffusion.to_dict(),
+        "weights_file": weights.name,
+        "weights_sha256": sha,
+        **(extra or {}),
+    }
+    atomic_write_bytes(record_path, json.dumps(record, indent=2, default=str).encode())
+    return record_path
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (no pickle). Raises CheckpointError with a readable message on any problem.
+
+    kind: when given, the checkpoint must be of this kind ('structure' or 'image').
+    verify: check the weights file against the SHA-256 in the record (detects torn or swapped files).
+    """
+    weights, record_path = checkpoint_paths(path)
+    if not record_path.exists() and not weights.exists():
+        raise CheckpointError(f"checkpoint not found: {weights} (and {record_path.name})")
+    if not record_path.exists():
+        raise CheckpointError(f"checkpoint record missing: {record_path} (a checkpoint is .safetensors + .json)")
+    if not weights.exists():
+        raise CheckpointError(f"checkpoint weights missing: {weights}")
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"checkpoint record {record_path} is not valid JSON: {e}") from None
+    if not isinstance(record, dict) or "kind" not in record or "model" not in record:
+        raise CheckpointError(f"{record_path} is not a NuDiff checkpoint record (no 'kind'/'model')")
+    if record.get("format", 0) > FORMAT:
+        raise CheckpointError(f"{record_path} was written by a newer NuDiff (format {record['format']})")
+    if kind is not None and record["kind"] != kind:
+        raise CheckpointError(
+            f"{weights.name} is a {record['kind']} model, but a {kind} model is needed here")
+    if verify and record.get("weights_sha256"):
+        if file_sha256(weights) != record["weights_sha256"]:
+            raise CheckpointError(f"{weights} does not match its record (corrupt or replaced file)")
+    try:
+        tensors = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read weights {weights}: {e}") from None
+    try:
+        UNetConfig.from_dict(record["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_path}: invalid model config: {e}") from None
+    return Checkpoint(path=weights, record=record, tensors=tensors)
+
+
+def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True) -> Path:
+    """Write the EMA weights of a training checkpoint as a small inference checkpoint (fp16 if half)."""
+    ck = load_checkpoint(src)
+    sd = ck.weights_for_inference()
+    dtype = torch.float16 if half else torch.float32
+    tensors = {f"model.{k}": v.to(dtype) for k, v in sd.items()}
+    keep = {k: v for k, v in ck.record.items()
+            if k not in ("format", "kind", "contents", "engine_version", "created", "step", "model",
+                         "diffusion", "weights_file", "weights_sha256")}
+    keep["exported_from"] = {"path": str(ck.path.name), "sha256": ck.sha256}
+    return save_checkpoint(dst, tensors, kind=ck.kind, model=ck.model_config, diffusion=ck.diffusion_config,
+                           contents="inference", step=ck.step, extra=keep)

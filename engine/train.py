@@ -1,0 +1,380 @@
+"""Training of the structure model and the two-stage image model, with EMA, exact resume and
+multi-process data parallelism through HuggingFace accelerate.
+
+A run lives in one folder:
+
+    latest.safetensors / latest.json     full training state (model, EMA, AdamW, RNG, step), atomic
+    step_0001000.safetensors / .json     snapshots, the last `keep_last` kept (hard links of latest)
+    model.safetensors / model.json       EMA weights for inference, written at the end (or on stop)
+    log.jsonl                            one line per `log_every` steps: step, loss, lr, drop_rate, time
+    previews/step_0000500.png, latest.png   samples from the EMA model every `preview_every` steps
+    status.json                          state (running/finished/stopped/failed), step, total, message
+    STOP                                 create this file to ask a running job to save and stop
+
+Run it single-process (`python -m engine train-structure ...`) or on many GPUs / processes with
+`accelerate launch -m engine train-structure ...` (one process per device; gloo on CPU).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine import render
+from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_inference, load_checkpoint,
+                               save_checkpoint)
+from engine.config import DiffusionConfig, TrainConfig, preset
+from engine.diffusion import NoiseSchedule
+from engine.errors import CheckpointError, DataError, TrainingError
+from engine.structure import instances_to_structure, structure_to_instances
+from engine.unet import UNet
+
+__all__ = ["TrainingSet", "Trainer", "train", "read_status"]
+
+
+@dataclass
+class TrainingSet:
+    """Tiles held in memory: images (N, S, S, 3) uint8 and instance maps (N, S, S) int32."""
+
+    images: np.ndarray
+    insts: np.ndarray
+    fingerprint: str
+
+    @classmethod
+    def from_arrays(cls, images: list[np.ndarray], insts: list[np.ndarray]) -> "TrainingSet":
+        if not images:
+            raise DataError("no training tiles")
+        imgs = np.stack([np.asarray(i, np.uint8) for i in images])
+        labs = np.stack([np.asarray(i, np.int32) for i in insts])
+        h = hashlib.sha256()
+        h.update(imgs.tobytes())
+        h.update(labs.tobytes())
+        return cls(imgs, labs, h.hexdigest()[:16])
+
+    @classmethod
+    def from_folder(cls, folder: str, size: int, stride: int | None = None, fraction: float = 1.0,
+                    seed: int = 0) -> "TrainingSet":
+        """Tiles of a labeled folder (engine.data), optionally the paper's subset of `fraction` nuclei."""
+        from engine.data import load_tiles, select_subset
+
+        tiles, _problems = load_tiles(folder, size=size, stride=stride or size // 2)
+        if not tiles:
+            raise DataError(f"no usable {size}x{size} tiles in {folder}")
+        if fraction < 1.0:
+            keep = select_subset(tiles, fraction, seed=seed)
+            tiles = [tiles[i] for i in keep]
+        return cls.from_arrays([t.image for t in tiles], [t.inst for t in tiles])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented batch: images (B, 3, S, S) and structures (B, 3, S, S), float32 in [-1, 1].
+
+        The same random flip / 90-degree rotation is applied to image and instance map; the structure
+        is computed after augmentation, so its distance maps stay correct.
+        """
+        ims, sts = [], []
+        for i in idx:
+            k = int(torch.randint(0, 4, (1,), generator=gen))
+            flip = bool(torch.randint(0, 2, (1,), generator=gen))
+            im, inst = np.rot90(self.images[i], k), np.rot90(self.insts[i], k)
+            if flip:
+                im, inst = im[:, ::-1], inst[:, ::-1]
+            ims.append(np.ascontiguousarray(im))
+            sts.append(instances_to_structure(np.ascontiguousarray(inst)))
+        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        y = torch.from_numpy(np.stack(sts)).permute(0, 3, 1, 2).contiguous()
+        return x, y
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    """The run's status.json, or {} when there is none yet."""
+    p = Path(run_dir) / "status.json"
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+class Trainer:
+    """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, data: TrainingSet | None = None,
+                 *, stop: Callable[[], bool] | None = None, show_progress: bool = True):
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.stop_requested = stop or (lambda: False)
+        self.show_progress = show_progress
+        mp = cfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() else "no"
+        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.main = self.acc.is_main_process
+        if cfg.kind not in ("structure", "image"):
+            raise TrainingError(f"unknown model kind {cfg.kind!r}")
+        self.model_cfg = preset(cfg.preset, cfg.kind, cfg.image_size)
+        size = self.model_cfg.image_size
+        if data is None:
+            if not cfg.data:
+                raise DataError("no training data folder given")
+            data = TrainingSet.from_folder(cfg.data, size, cfg.tile_stride, cfg.fraction, cfg.seed)
+        if data.images.shape[1] != size:
+            raise DataError(f"training tiles are {data.images.shape[1]} px but the model is {size} px")
+        self.data = data
+        self.diffusion = DiffusionConfig()
+        self.schedule = NoiseSchedule(self.diffusion)
+        torch.manual_seed(cfg.seed)
+        model = UNet(self.model_cfg)
+        self.ema = copy.deepcopy(model).requires_grad_(False).eval()
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.step = 0
+        self.gen = torch.Generator().manual_seed(cfg.seed * 1009 + self.acc.process_index)
+        self._load_start(model, opt)
+        self.model, self.opt = self.acc.prepare(model, opt)
+        self.ema.to(self.acc.device)
+
+    # --- state -------------------------------------------------------------------------------------
+
+    def _load_start(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
+        latest = self.run_dir / "latest.json"
+        if latest.exists():
+            ck = load_checkpoint(latest)
+            if ck.kind != self.cfg.kind:
+                raise CheckpointError(f"{latest} holds a {ck.kind} model, not a {self.cfg.kind} model")
+            if ck.model_config != self.model_cfg:
+                raise CheckpointError(f"{latest} was trained with another model config/preset; "
+                                      f"use a new run folder")
+            model.load_state_dict(ck.state_dict("model."))
+            self.ema.load_state_dict(ck.state_dict("ema."))
+            groups = ck.record["optimizer"]["param_groups"]
+            state = {}
+            for key, v in ck.tensors.items():
+                if key.startswith("optim."):
+                    _, idx, name = key.split(".", 2)
+                    state.setdefault(int(idx), {})[name] = v
+            opt.load_state_dict({"state": state, "param_groups": groups})
+            self.step = ck.step
+            rng = ck.tensors.get(f"rng.gen.{self.acc.process_index}")
+            if rng is None:
+                rng = ck.tensors["rng.gen.0"]
+            self.gen.set_state(rng.to(torch.uint8))
+            if self.main:
+                self._log_event(f"resumed from step {self.step}")
+        elif self.cfg.init_from:
+            ck = load_checkpoint(self.cfg.init_from, kind=self.cfg.kind)
+            if ck.model_config != self.model_cfg:
+                raise CheckpointError(f"{self.cfg.init_from} has another model config than preset "
+                                      f"{self.cfg.preset!r} at {self.model_cfg.image_size} px")
+            sd = ck.weights_for_inference()
+            model.load_state_dict(sd)
+            self.ema.load_state_dict(sd)
+
+    def _training_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        model = self.acc.unwrap_model(self.model)
+        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+        tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
+        sd = self.opt.state_dict()
+        for idx, st in sd["state"].items():
+            for name, v in st.items():
+                tensors[f"optim.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        gen_states = self.acc.gather(self.gen.get_state().to(self.acc.device)[None]).cpu()
+        for r in range(gen_states.shape[0]):
+            tensors[f"rng.gen.{r}"] = gen_states[r]
+        return tensors, {"param_groups": sd["param_groups"]}
+
+    def save(self) -> Path | None:
+        """Write latest (atomic) and a snapshot hard link; prune old snapshots. Main process only."""
+        tensors, optim = self._training_tensors()
+        if not self.main:
+            return None
+        extra = {"train": self.cfg.to_dict(), "optimizer": optim, "data_fingerprint": self.data.fingerprint,
+                 "num_processes": self.acc.num_processes}
+        path = save_checkpoint(self.run_dir / "latest", tensors, kind=self.cfg.kind, model=self.model_cfg,
+                               diffusion=self.diffusion, contents="training", step=self.step, extra=extra)
+        snap = self.run_dir / f"step_{self.step:07d}"
+        for src, dst in zip(checkpoint_paths(self.run_dir / "latest"), checkpoint_paths(snap)):
+            dst.unlink(missing_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                atomic_write_bytes(dst, src.read_bytes())
+        snaps = sorted(self.run_dir.glob("step_*.json"))
+        for old in snaps[: max(0, len(snaps) - self.cfg.keep_last)]:
+            for p in checkpoint_paths(old):
+                p.unlink(missing_ok=True)
+        return path
+
+    def export(self) -> Path:
+        """EMA weights as run_dir/model (inference checkpoint)."""
+        return export_inference(self.run_dir / "latest", self.run_dir / "model", half=False)
+
+    # --- logging -----------------------------------------------------------------------------------
+
+    def _status(self, state: str, message: str = "", loss: float | None = None) -> None:
+        if not self.main:
+            return
+        st = {"state": state, "kind": self.cfg.kind, "step": self.step, "total": self.cfg.total_steps,
+              "loss": loss, "message": message, "pid": os.getpid(), "updated": time.time(),
+              "run_dir": str(self.run_dir)}
+        atomic_write_bytes(self.run_dir / "status.json", json.dumps(st).encode())
+
+    def _log_event(self, message: str) -> None:
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step, "event": message, "time": time.time()}) + "\n")
+
+    def preview(self, n: int = 4) -> Path | None:
+        """Sample n tiles from the EMA model (DDIM, 10 steps) and save them as a PNG grid."""
+        from PIL import Image
+
+        from engine.samplers import sample
+
+        if not self.main:
+            return None
+        size = self.model_cfg.image_size
+        n = min(n, len(self.data))
+        cond = None
+        if self.cfg.kind == "image":
+            cond = torch.stack([torch.from_numpy(instances_to_structure(self.data.insts[i])).permute(2, 0, 1)
+                                for i in range(n)])
+        x = sample(self.ema, (n, 3, size, size), sampler="ddim", steps=10, seeds=list(range(n)), cond=cond,
+                   w=2.0 if self.cfg.kind == "image" else 0.0, eta=0.0, diffusion=self.diffusion)
+        pics = []
+        for i in range(n):
+            arr = x[i].permute(1, 2, 0).cpu().numpy()
+            if self.cfg.kind == "structure":
+                pics.append(render.colorize_instances(structure_to_instances(arr)))
+            else:
+                img = render.to_uint8_image(arr)
+                pics.append(render.overlay_contours(img, self.data.insts[i], opacity=0.6, color=(0, 255, 0)))
+        out = self.run_dir / "previews"
+        out.mkdir(parents=True, exist_ok=True)
+        pic = Image.fromarray(render.grid(pics, cols=n))
+        path = out / f"step_{self.step:07d}.png"
+        pic.save(path)
+        tmp = out / ".latest.png.tmp"
+        pic.save(tmp, format="PNG")
+        os.replace(tmp, out / "latest.png")
+        return path
+
+    # --- loop --------------------------------------------------------------------------------------
+
+    def _stage(self) -> tuple[float, float]:
+        """(lr, drop_rate) at the current step: stage 1, then the classifier-free fine-tune."""
+        c = self.cfg
+        if c.kind == "image" and self.step >= c.steps:
+            return c.finetune_lr, c.finetune_drop_rate
+        return c.lr, c.drop_rate if c.kind == "image" else 0.0
+
+    def _should_stop(self) -> bool:
+        local = bool(self.stop_requested()) or (self.run_dir / "STOP").exists()
+        flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
+        return bool(self.acc.reduce(flag, reduction="sum").item() > 0) if self.acc.num_processes > 1 else local
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        model = self.acc.unwrap_model(self.model)
+        for e, p in zip(self.ema.parameters(), model.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        for e, b in zip(self.ema.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def run(self) -> Path:
+        """Train to cfg.total_steps (or until stopped); returns the inference checkpoint's record path."""
+        from tqdm.auto import tqdm
+
+        c = self.cfg
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            (self.run_dir / "STOP").unlink(missing_ok=True)
+            atomic_write_bytes(self.run_dir / "train_config.json", json.dumps(c.to_dict(), indent=2).encode())
+        self.acc.wait_for_everyone()
+        total = c.total_steps
+        bar = tqdm(total=total, initial=self.step, disable=not (self.main and self.show_progress),
+                   desc=f"train {c.kind}", dynamic_ncols=True)
+        self._status("running", "training")
+        losses: list[float] = []
+        t0 = time.time()
+        stopped = False
+        try:
+            while self.step < total:
+                if self._should_stop():
+                    stopped = True
+                    break
+                lr, drop = self._stage()
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                idx = torch.randint(0, len(self.data), (c.batch_size,), generator=self.gen).tolist()
+                x, y = self.data.batch(idx, self.gen)
+                x, y = x.to(self.acc.device), y.to(self.acc.device)
+                x0, cond = (x, y) if c.kind == "image" else (y, None)
+                self.model.train()
+                with self.acc.autocast():
+                    loss = self.schedule.loss(self.model, x0, cond, drop_rate=drop, generator=self.gen)
+                check = self.acc.gather(loss.detach()[None]) if self.acc.num_processes > 1 else loss.detach()
+                if not torch.isfinite(check).all():
+                    msg = (f"loss became {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
+                           f"(step {self._last_saved_step()}) is intact; try a lower learning rate.")
+                    self._status("failed", msg)
+                    raise TrainingError(msg)
+                self.opt.zero_grad(set_to_none=True)
+                self.acc.backward(loss)
+                if c.grad_clip > 0:
+                    self.acc.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+                self.opt.step()
+                self.step += 1
+                self._update_ema()
+                losses.append(float(loss.item()))
+                bar.update(1)
+                if self.step % c.log_every == 0 or self.step == total:
+                    mean = float(np.mean(losses))
+                    losses.clear()
+                    bar.set_postfix(loss=f"{mean:.4f}")
+                    if self.main:
+                        with open(self.run_dir / "log.jsonl", "a") as f:
+                            f.write(json.dumps({"step": self.step, "loss": mean, "lr": lr, "drop_rate": drop,
+                                                "elapsed": round(time.time() - t0, 2)}) + "\n")
+                    self._status("running", "training", mean)
+                if self.step % c.save_every == 0 and self.step < total:
+                    self.save()
+                if c.preview_every and self.step % c.preview_every == 0:
+                    self.preview()
+        except KeyboardInterrupt:
+            stopped = True
+        finally:
+            bar.close()
+        self.save()
+        self.acc.wait_for_everyone()
+        out = self.export() if self.main else self.run_dir / "model.json"
+        if stopped:
+            self._status("stopped", f"stopped at step {self.step}; run again to resume")
+        else:
+            if self.main and c.preview_every:
+                self.preview()
+            self._status("finished", f"finished {self.step} steps")
+        return out
+
+    def _last_saved_step(self) -> int:
+        try:
+            return int(json.loads((self.run_dir / "latest.json").read_text())["step"])
+        except (OSError, KeyError, json.JSONDecodeError):
+            return 0
+
+
+def train(cfg: TrainConfig, run_dir: str | os.PathLike, data: TrainingSet | None = None, **kwargs) -> Path:
+    """Train (or resume) a run; see :class:`Trainer`."""
+    return Trainer(cfg, run_dir, data, **kwargs).run()
+
