@@ -189,8 +189,12 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
     return Checkpoint(path=weights, record=record, tensors=tensors)
 
 
-def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True) -> Path:
-    """Write the EMA weights of a training checkpoint as a small inference checkpoint (fp16 if half)."""
+def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True,
+                     extra: dict[str, Any] | None = None) -> Path:
+    """Write the EMA weights of a training checkpoint as a small inference checkpoint (fp16 if half).
+
+    extra: more record fields, e.g. ``sample_size`` (default tile size for sampling).
+    """
     ck = load_checkpoint(src)
     sd = ck.weights_for_inference()
     dtype = torch.float16 if half else torch.float32
@@ -198,6 +202,8 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bo
     keep = {k: v for k, v in ck.record.items()
             if k not in ("format", "kind", "contents", "engine_version", "created", "step", "model",
                          "diffusion", "weights_file", "weights_sha256")}
+    keep.pop("optimizer", None)
     keep["exported_from"] = {"path": str(ck.path.name), "sha256": ck.sha256}
+    keep.update(extra or {})
     return save_checkpoint(dst, tensors, kind=ck.kind, model=ck.model_config, diffusion=ck.diffusion_config,
                            contents="inference", step=ck.step, extra=keep)

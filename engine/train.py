@@ -219,7 +219,9 @@ class Trainer:
 
     def export(self) -> Path:
         """EMA weights as run_dir/model (inference checkpoint)."""
-        return export_inference(self.run_dir / "latest", self.run_dir / "model", half=False)
+        size = self.cfg.extra.get("sample_size")
+        return export_inference(self.run_dir / "latest", self.run_dir / "model", half=False,
+                                extra={"sample_size": int(size)} if size else None)
 
     # --- logging -----------------------------------------------------------------------------------
 

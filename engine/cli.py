@@ -1,0 +1,259 @@
+"""Command line: `python -m engine COMMAND --help`. Mirrors the studio's actions.
+
+Commands: inspect, train-structure, train-image, sample-structures, synthesize, generate, export-model.
+Errors meant for the user (bad paths, wrong checkpoints, bad data) are printed without a traceback and
+exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from engine.errors import NuDiffError
+
+SAMPLER_HELP = "sampler: dpm++ (DPM-Solver++ 2M, fast), ddim, or ddpm (ancestral; paper: 1000 steps)"
+
+
+def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
+    p.add_argument("--data", required=True, help="folder of labeled tiles (images/ + labels/ or masks/)")
+    p.add_argument("--run-dir", required=True, help="run folder; running again on it resumes training")
+    p.add_argument("--preset", default="cpu", choices=["test", "cpu", "paper"], help="model size (default cpu)")
+    p.add_argument("--image-size", type=int, default=None, help="training tile size in px (default: the preset's)")
+    p.add_argument("--tile-stride", type=int, default=None, help="stride between training tiles (default size/2)")
+    p.add_argument("--fraction", type=float, default=1.0,
+                   help="use the paper's subset with this fraction of nuclei (0.1, 0.2, 0.5, 1)")
+    p.add_argument("--steps", type=int, default=2000,
+                   help="training steps" + (" of stage 1 (fully conditional)" if kind == "image" else ""))
+    if kind == "image":
+        p.add_argument("--finetune-steps", type=int, default=500,
+                       help="stage-2 classifier-free fine-tuning steps (drop rate --drop-rate)")
+        p.add_argument("--finetune-lr", type=float, default=2e-5, help="stage-2 learning rate (paper 2e-5)")
+        p.add_argument("--drop-rate", type=float, default=0.2, help="stage-2 condition drop rate (paper 0.2)")
+    p.add_argument("--batch-size", type=int, default=4, help="batch size per process")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper 1e-4)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
+    p.add_argument("--preview-every", type=int, default=500, help="preview samples every N steps (0 = off)")
+    p.add_argument("--log-every", type=int, default=10, help="loss log line every N steps")
+    p.add_argument("--keep-last", type=int, default=2, help="step snapshots to keep besides latest")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
+                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
+    p.add_argument("--sample-size", type=int, default=None,
+                   help="default tile size for sampling recorded in the exported model (default: image size)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
+    p.add_argument("--sampler", default="dpm++", choices=["dpm++", "ddim", "ddpm"], help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=steps_default, help="denoising steps (default 20 for dpm++)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="summarise a folder of labeled tiles and report problems")
+    p.add_argument("folder")
+    p.add_argument("--tile-size", type=int, default=256)
+    p.add_argument("--stride", type=int, default=128)
+
+    p = sub.add_parser("train-structure", help="train (or resume) the unconditional nuclei-structure model")
+    _add_train_args(p, "structure")
+    p = sub.add_parser("train-image", help="train (or resume) the structure-conditioned image model, 2 stages")
+    _add_train_args(p, "image")
+
+    p = sub.add_parser("sample-structures", help="sample nuclei structures and their instance maps")
+    p.add_argument("--checkpoint", default=None, help="structure checkpoint (default: the embedded demo)")
+    p.add_argument("--n", type=int, default=4, help="number of structures")
+    p.add_argument("--size", type=int, default=None, help="tile size (default: the model's)")
+    p.add_argument("--out", required=True, help="output folder: labels/*.tif, structures/*.npy, previews/*.png")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("synthesize", help="synthesize images for given label maps with guidance scale w")
+    p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
+    p.add_argument("--labels", nargs="+", required=True, help="instance-map files (png/tif/npy/mat) or folders")
+    p.add_argument("--w", type=float, default=2.0, help="classifier-free guidance scale (paper: 2)")
+    p.add_argument("--variants", type=int, default=1, help="images per label map")
+    p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("generate", help="sample structures, then images: synthetic labeled pairs")
+    p.add_argument("--structure-checkpoint", default=None, help="default: the embedded demo")
+    p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
+    p.add_argument("--n", type=int, default=8, help="number of pairs")
+    p.add_argument("--w", type=float, default=2.0, help="classifier-free guidance scale (paper: 2)")
+    p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("export-model", help="write the EMA weights of a training run as a small checkpoint")
+    p.add_argument("src", help="training checkpoint (e.g. RUN/latest.json)")
+    p.add_argument("dst", help="output stem, e.g. checkpoints/structure")
+    p.add_argument("--fp32", action="store_true", help="keep fp32 (default fp16 storage)")
+    p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
+    return ap
+
+
+def _train(args: argparse.Namespace, kind: str) -> int:
+    import torch
+
+    from engine.config import TrainConfig
+    from engine.train import Trainer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(
+        kind=kind, preset=args.preset, image_size=args.image_size, data=str(args.data),
+        tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
+        finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
+        finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
+        preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
+        mixed_precision=args.mixed_precision, init_from=args.init_from,
+        extra={"sample_size": args.sample_size} if args.sample_size else {})
+    out = Trainer(cfg, args.run_dir, show_progress=not args.quiet).run()
+    print(f"model: {out}")
+    return 0
+
+
+def _save_pairs(pairs, out: str) -> None:
+    from engine import export
+
+    if out.lower().endswith(".zip"):
+        path = export.write_zip(pairs, Path(out))
+    else:
+        path = export.write_folder(pairs, Path(out))
+    print(f"wrote {len(pairs)} pairs to {path}")
+
+
+def _checkpoint(path: str | None, kind: str) -> Path:
+    if path:
+        return Path(path)
+    from engine.demo import default_checkpoints
+
+    s, i = default_checkpoints()
+    return s if kind == "structure" else i
+
+
+def _collect_labels(items: list[str]) -> list[Path]:
+    from engine.errors import DataError
+
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            sub = p / "labels" if (p / "labels").is_dir() else p
+            files += sorted(f for f in sub.iterdir() if f.suffix.lower() in (".png", ".tif", ".tiff", ".npy", ".mat"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"label file not found: {p}")
+    if not files:
+        raise DataError("no label files given")
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _run(args)
+    except NuDiffError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def _progress_bar(desc: str):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=1, desc=desc, dynamic_ncols=True)
+
+    def cb(i: int, n: int) -> None:
+        bar.total = n
+        bar.n = i
+        bar.refresh()
+    return bar, cb
+
+
+def _run(args: argparse.Namespace) -> int:
+    cmd = args.command
+    if cmd == "inspect":
+        from engine.data import inspect_folder
+
+        print(inspect_folder(args.folder, size=args.tile_size, stride=args.stride).summary())
+        return 0
+    if cmd in ("train-structure", "train-image"):
+        return _train(args, cmd.split("-")[1])
+    if cmd == "export-model":
+        from engine.checkpoint import export_inference
+
+        extra = {"sample_size": args.sample_size} if args.sample_size else None
+        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra))
+        return 0
+
+    import numpy as np
+
+    from engine import pipeline
+
+    if cmd == "sample-structures":
+        from PIL import Image
+        import tifffile
+
+        from engine import render
+
+        model = pipeline.load_model(_checkpoint(args.checkpoint, "structure"), kind="structure", device=args.device)
+        bar, cb = _progress_bar("structures")
+        samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                             size=args.size, batch_size=args.batch_size, progress=cb)
+        bar.close()
+        out = Path(args.out)
+        for sub in ("labels", "structures", "previews"):
+            (out / sub).mkdir(parents=True, exist_ok=True)
+        for s in samples:
+            stem = f"structure_{s.seed:05d}"
+            tifffile.imwrite(out / "labels" / f"{stem}.tif", s.inst.astype(np.uint16))
+            np.save(out / "structures" / f"{stem}.npy", s.structure)
+            Image.fromarray(render.colorize_instances(s.inst)).save(out / "previews" / f"{stem}.png")
+            print(f"{stem}: {s.n_nuclei} nuclei")
+        return 0
+    if cmd == "synthesize":
+        from engine.data import read_label
+
+        model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
+        files = _collect_labels(args.labels)
+        insts = [read_label(f) for f in files]
+        bar, cb = _progress_bar("images")
+        images = pipeline.synthesize(model, insts, w=args.w, sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                     variants=args.variants, batch_size=args.batch_size, progress=cb)
+        bar.close()
+        pairs = []
+        for k, img in enumerate(images):
+            j, v = divmod(k, args.variants)
+            pairs.append(pipeline.Pair(img, insts[j], {
+                "source_label": files[j].name, "seed": args.seed + k, "w": args.w, "sampler": args.sampler,
+                "steps": args.steps, "image_checkpoint": model.path.name, "image_sha256": model.sha256,
+                "n_nuclei": int(len(np.unique(insts[j])) - (insts[j] == 0).any()), "edited": False}))
+        _save_pairs(pairs, args.out)
+        return 0
+    if cmd == "generate":
+        smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure",
+                                     device=args.device)
+        imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=args.device)
+        bar, cb = _progress_bar("pairs")
+        pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
+                                        seed=args.seed, batch_size=args.batch_size, progress=cb)
+        bar.close()
+        _save_pairs(pairs, args.out)
+        return 0
+    raise AssertionError(cmd)

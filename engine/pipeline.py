@@ -1,0 +1,259 @@
+"""Generation API shared by the CLI and the studio: load models, sample structures, synthesize images.
+
+Everything is reproducible from a seed: sample i of a call with seed s uses seed s + i, whatever the
+batch size (see engine.samplers).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.config import DiffusionConfig, UNetConfig
+from engine.errors import CheckpointError, NuDiffError
+from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
+from engine.structure import instances_to_structure, structure_to_instances
+from engine.unet import UNet
+
+__all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
+           "generate_pairs", "resolve_device", "Progress"]
+
+Progress = Callable[[int, int], None]
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for sampling (EMA weights, eval mode)."""
+
+    kind: str
+    model: UNet
+    config: UNetConfig
+    diffusion: DiffusionConfig
+    path: Path
+    sha256: str
+    step: int
+    sample_size: int | None = None
+
+    @property
+    def image_size(self) -> int:
+        """Default tile size for sampling (a model trained on small crops may sample larger tiles)."""
+        return int(self.sample_size or self.config.image_size)
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+
+def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto") -> LoadedModel:
+    """Load a checkpoint (inference or training) as a sampling-ready model; CheckpointError if unfit."""
+    ck = load_checkpoint(path, kind=kind)
+    model = UNet(ck.model_config)
+    try:
+        model.load_state_dict(ck.weights_for_inference())
+    except RuntimeError as e:
+        raise CheckpointError(f"{ck.path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
+    dev = resolve_device(device)
+    model.to(dev).eval().requires_grad_(False)
+    return LoadedModel(ck.kind, model, ck.model_config, ck.diffusion_config, ck.path, ck.sha256, ck.step,
+                       ck.record.get("sample_size"))
+
+
+@dataclass
+class StructureSample:
+    """A sampled nuclei structure (H, W, 3) float32 in [-1, 1] and its instance map (H, W) int32."""
+
+    structure: np.ndarray
+    inst: np.ndarray
+    seed: int
+
+    @property
+    def n_nuclei(self) -> int:
+        return int(self.inst.max())
+
+
+@dataclass
+class Pair:
+    """An aligned synthetic pair: image (H, W, 3) uint8 RGB, instance map (H, W) int32, provenance."""
+
+    image: np.ndarray
+    inst: np.ndarray
+    meta: dict = field(default_factory=dict)
+
+
+def _check_sampler(sampler: str, steps: int | None) -> int:
+    if sampler not in SAMPLERS:
+        raise NuDiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    steps = int(steps or DEFAULT_STEPS[sampler])
+    if not 1 <= steps <= 1000:
+        raise NuDiffError(f"steps must be between 1 and 1000, got {steps}")
+    return steps
+
+
+def _check_size(model: LoadedModel, size: int | None) -> int:
+    size = int(size or model.image_size)
+    f = 2 ** (len(model.config.channels) - 1)
+    if size < f or size % f:
+        raise NuDiffError(f"tile size {size} does not fit this model: use a multiple of {f}")
+    return size
+
+
+class _StepCounter:
+    """Turns per-batch progress into overall progress over all batches."""
+
+    def __init__(self, progress: Progress | None, total: int):
+        self.progress, self.total, self.done = progress, total, 0
+
+    def batch(self, steps: int) -> Progress:
+        base = self.done
+        self.done += steps
+
+        def cb(i: int, _n: int) -> None:
+            if self.progress is not None:
+                self.progress(base + i, self.total)
+        return cb
+
+
+def sample_structures(
+    model: LoadedModel,
+    n: int,
+    *,
+    sampler: str = "dpm++",
+    steps: int | None = None,
+    seed: int = 0,
+    size: int | None = None,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[StructureSample]:
+    """Sample n nuclei structures (seeds seed..seed+n-1) and their instance maps (watershed)."""
+    if model.kind != "structure":
+        raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
+    if n < 1:
+        raise NuDiffError("number of structures must be at least 1")
+    steps = _check_sampler(sampler, steps)
+    size = _check_size(model, size)
+    counter = _StepCounter(progress, steps * ((n + batch_size - 1) // batch_size))
+    out: list[StructureSample] = []
+    for start in range(0, n, batch_size):
+        seeds = [seed + i for i in range(start, min(n, start + batch_size))]
+        x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
+                   diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel)
+        for s, arr in zip(seeds, x.permute(0, 2, 3, 1).float().cpu().numpy()):
+            out.append(StructureSample(arr.astype(np.float32), structure_to_instances(arr), s))
+    return out
+
+
+def as_structure(item: np.ndarray) -> np.ndarray:
+    """Accept a structure (H, W, 3) float or an instance map (H, W) int and return a structure."""
+    a = np.asarray(item)
+    if a.ndim == 2:
+        return instances_to_structure(a)
+    if a.ndim == 3 and a.shape[-1] == 3:
+        return a.astype(np.float32)
+    raise NuDiffError(f"expected a structure (H, W, 3) or an instance map (H, W), got shape {a.shape}")
+
+
+def synthesize(
+    model: LoadedModel,
+    structures: list[np.ndarray],
+    *,
+    w: float = 2.0,
+    sampler: str = "dpm++",
+    steps: int | None = None,
+    seed: int = 0,
+    variants: int = 1,
+    batch_size: int = 4,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[np.ndarray]:
+    """Images for the given structures with classifier-free guidance scale w.
+
+    structures: each (H, W, 3) float structure or (H, W) instance map, H = W = a size the model takes.
+    Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major; variant v of
+    structure j uses seed + j * variants + v.
+    """
+    if model.kind != "image":
+        raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
+    if not structures:
+        raise NuDiffError("no structure to synthesize from")
+    if not 0 <= float(w) <= 50:
+        raise NuDiffError(f"guidance scale w must be between 0 and 50, got {w}")
+    if variants < 1:
+        raise NuDiffError("variants must be at least 1")
+    steps = _check_sampler(sampler, steps)
+    conds = [as_structure(s) for s in structures]
+    size = conds[0].shape[0]
+    for c in conds:
+        if c.shape[:2] != (size, size):
+            raise NuDiffError(f"structures must be square and of one size; got {c.shape[:2]} and {(size, size)}")
+    _check_size(model, size)
+    jobs = [(j, v) for j in range(len(conds)) for v in range(variants)]
+    counter = _StepCounter(progress, steps * ((len(jobs) + batch_size - 1) // batch_size))
+    dev = next(model.model.parameters()).device
+    images: list[np.ndarray] = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start:start + batch_size]
+        cond = torch.stack([torch.from_numpy(conds[j]).permute(2, 0, 1) for j, _ in chunk]).to(dev)
+        seeds = [seed + j * variants + v for j, v in chunk]
+        x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
+                   cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
+                   cancel=cancel)
+        arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
+        images.extend(a.astype(np.uint8) for a in arr)
+    return images
+
+
+def generate_pairs(
+    structure_model: LoadedModel,
+    image_model: LoadedModel,
+    n: int,
+    *,
+    w: float = 2.0,
+    sampler: str = "dpm++",
+    steps: int | None = None,
+    structure_steps: int | None = None,
+    seed: int = 0,
+    batch_size: int = 4,
+    min_nuclei: int = 1,
+    progress: Progress | None = None,
+    cancel: Callable[[], bool] | None = None,
+) -> list[Pair]:
+    """n synthetic pairs: sample structures, then synthesize an image for each (paper's two steps).
+
+    Structures with fewer than min_nuclei nuclei are kept but flagged in meta['n_nuclei'].
+    """
+    steps = _check_sampler(sampler, steps)
+    structure_steps = _check_sampler(sampler, structure_steps or steps)
+    size = image_model.image_size
+    share = structure_steps / (structure_steps + steps)  # fraction of the work spent on structures
+
+    def scaled(lo: float, hi: float) -> Progress | None:
+        """Report a sub-task's (i, m) as permille of the whole generation."""
+        if progress is None:
+            return None
+        return lambda i, m: progress(int(1000 * (lo + (hi - lo) * i / max(m, 1))), 1000)
+
+    structs = sample_structures(structure_model, n, sampler=sampler, steps=structure_steps, seed=seed,
+                                size=size, batch_size=batch_size, progress=scaled(0, share), cancel=cancel)
+    imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
+                      seed=seed, batch_size=batch_size, progress=scaled(share, 1), cancel=cancel)
+    pairs = []
+    for s, img in zip(structs, imgs):
+        pairs.append(Pair(img, s.inst, {
+            "seed": s.seed, "w": float(w), "sampler": sampler, "steps": steps, "structure_steps": structure_steps,
+            "structure_checkpoint": structure_model.path.name, "structure_sha256": structure_model.sha256,
+            "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
+            "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei}))
+    return pairs
