@@ -1,0 +1,171 @@
+"""Export tab: review the basket pair by pair, accept or reject, download the curated set as a zip."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+import numpy as np
+
+from engine import render
+from engine.errors import NuDiffError
+from nudiff_app.editing import zoom_to
+from nudiff_app.state import AppContext, Session, ui_action
+
+BADGE = {"pending": "⏳ to review", "accepted": "✅ accepted", "rejected": "❌ rejected"}
+
+
+def basket_gallery(sess: Session) -> list:
+    out = []
+    for it in sess.basket.items:
+        image, inst = sess.basket.arrays(it.id)
+        out.append((zoom_to(image, 160), f"{it.id} · {BADGE[it.status]}" + (" · edited" if it.meta.get("edited")
+                                                                          else "")))
+    return out
+
+
+def pair_view(sess: Session, opacity: float) -> tuple:
+    """Values for [side by side, overlay, details]."""
+    items = sess.basket.items
+    if not items:
+        return None, None, "The basket is empty: add results from **Synthesize**."
+    i = min(max(0, sess.selected_pair), len(items) - 1)
+    sess.selected_pair = i
+    it = items[i]
+    image, inst = sess.basket.arrays(it.id)
+    gap = np.full((image.shape[0], max(2, image.shape[1] // 32), 3), 255, np.uint8)
+    side = zoom_to(np.concatenate([image, gap, render.colorize_instances(inst)], axis=1), 640)
+    big = zoom_to(image, 384)
+    s = big.shape[0] // image.shape[0]
+    big_inst = np.repeat(np.repeat(inst, s, 0), s, 1)
+    over = render.overlay_contours(big, big_inst, opacity=float(opacity), color=(0, 255, 0))
+    m = it.meta
+    c = sess.basket.counts()
+    text = (f"**{it.id}** ({i + 1} of {len(items)}) · {BADGE[it.status]} · {int(inst.max())} nuclei · "
+            f"w = {m.get('w')} · {m.get('sampler')} {m.get('steps')} steps · seed {m.get('seed')}"
+            + (" · **edited by hand**" if m.get("edited") else "")
+            + f"  \nBasket: {c['accepted']} accepted, {c['pending']} to review, {c['rejected']} rejected.")
+    return side, over, text
+
+
+def build(ctx: AppContext, ui) -> None:
+    gr.Markdown("Review each pair (image and label side by side, and label outlines over the image), accept "
+                "or reject it, then export the basket as one zip (PNG images, 16-bit TIFF labels, HoVer-Net "
+                "npy, COCO json, QuPath GeoJSON, manifest.csv).")
+    ui.ex_gallery = gr.Gallery(label="Basket (click a pair to review it)", columns=6, height="auto", format="png",
+                               allow_preview=False, object_fit="contain", elem_id="ex-gallery")
+    ui.ex_info = gr.Markdown(elem_id="ex-info")
+    with gr.Row():
+        ui.ex_side = gr.Image(label="Image | label", interactive=False, format="png", scale=3)
+        with gr.Column(scale=2):
+            ui.ex_overlay = gr.Image(label="Outlines over the image", interactive=False, format="png")
+            ui.ex_opacity = gr.Slider(0, 1, value=0.8, step=0.05, label="Outline opacity")
+    with gr.Row():
+        ui.ex_prev = gr.Button("◀ Previous")
+        ui.ex_accept = gr.Button("Accept", variant="primary", elem_id="ex-accept")
+        ui.ex_reject = gr.Button("Reject", variant="stop", elem_id="ex-reject")
+        ui.ex_next = gr.Button("Next ▶")
+    ui.ex_index = gr.Number(value=0, precision=0, minimum=0, label="Pair #", visible=False)
+    with gr.Row():
+        ui.ex_formats = gr.CheckboxGroup(["HoVer-Net npy", "COCO json", "QuPath GeoJSON"],
+                                         value=["HoVer-Net npy", "COCO json", "QuPath GeoJSON"],
+                                         label="Extra formats (images, TIFF labels and manifest are always included)")
+        ui.ex_pending = gr.Checkbox(value=True, label="Include pairs not reviewed yet")
+    with gr.Row():
+        ui.ex_build = gr.Button("Create zip", variant="primary", elem_id="ex-build")
+        ui.ex_download = gr.DownloadButton("Download zip", visible=False, elem_id="ex-download")
+    ui.ex_status = gr.Markdown(elem_id="ex-status")
+
+
+def wire(ctx: AppContext, ui) -> None:
+    ui.export_outputs = [ui.ex_gallery, ui.ex_side, ui.ex_overlay, ui.ex_info]
+
+    def export_view(sess: Session, opacity: float) -> tuple:
+        return (basket_gallery(sess), *pair_view(sess, opacity))
+
+    ui.export_view = export_view
+    outs = [ui.ex_status, *ui.export_outputs]
+
+    @ui_action(5)
+    def show(sid, index, opacity, request: gr.Request):
+        sess = ctx.session(sid, request)
+        sess.selected_pair = int(index or 0)
+        return ("", *export_view(sess, opacity))
+
+    ui.ex_index.change(show, [ui.sid, ui.ex_index, ui.ex_opacity], outs, api_name="show_pair")
+
+    def select(evt: gr.SelectData):
+        return int(evt.index)
+
+    ui.ex_gallery.select(select, None, ui.ex_index, api_visibility="private")
+
+    @ui_action(3)
+    def opacity_changed(sid, opacity, request: gr.Request):
+        sess = ctx.session(sid, request)
+        side, over, text = pair_view(sess, opacity)
+        return gr.skip(), over, gr.skip()
+
+    ui.ex_opacity.change(opacity_changed, [ui.sid, ui.ex_opacity], [ui.ex_status, ui.ex_overlay, ui.ex_info],
+                         api_visibility="private", show_progress="hidden")
+
+    def _step(delta):
+        @ui_action(6)
+        def go(sid, opacity, request: gr.Request):
+            sess = ctx.session(sid, request)
+            n = len(sess.basket.items)
+            if n:
+                sess.selected_pair = (sess.selected_pair + delta) % n
+            return ("", *export_view(sess, opacity), sess.selected_pair)
+        return go
+
+    step_outs = [*outs, ui.ex_index]
+    ui.ex_prev.click(_step(-1), [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
+    ui.ex_next.click(_step(1), [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
+
+    def _mark(status):
+        @ui_action(6)
+        def mark(sid, index, opacity, request: gr.Request):
+            sess = ctx.session(sid, request)
+            n = len(sess.basket.items)
+            if not n:
+                raise NuDiffError("the basket is empty")
+            i = int(index if index is not None else sess.selected_pair)
+            if not 0 <= i < n:
+                raise NuDiffError(f"no pair #{i}; choose 0 to {n - 1}")
+            item = sess.basket.set_status(i, status)
+            nxt = next((j for j in list(range(i + 1, n)) + list(range(0, i))
+                        if sess.basket.items[j].status == "pending"), i)
+            sess.selected_pair = nxt
+            return (f"{item.id}: {BADGE[status]}.", *export_view(sess, opacity), nxt)
+        return mark
+
+    ui.ex_accept.click(_mark("accepted"), [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="accept_pair")
+    ui.ex_reject.click(_mark("rejected"), [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="reject_pair")
+
+    @ui_action(2)
+    def build_zip(sid, formats, include_pending, request: gr.Request):
+        from engine.export import write_zip
+
+        sess = ctx.session(sid, request)
+        keep = {"accepted", "pending"} if include_pending else {"accepted"}
+        items = [it for it in sess.basket.items if it.status in keep]
+        if not items:
+            raise NuDiffError("nothing to export: no accepted pairs in the basket"
+                              + ("" if include_pending else " (tick 'Include pairs not reviewed yet'?)"))
+        pairs = []
+        for it in items:
+            image, inst = sess.basket.arrays(it.id)
+            pairs.append((image, inst, {**it.meta, "id": it.id}))
+        folder = ctx.exports_dir / sess.sid
+        path = write_zip(pairs, folder / f"nudiff-{time.strftime('%Y%m%d-%H%M%S')}.zip",
+                         hovernet="HoVer-Net npy" in formats, coco="COCO json" in formats,
+                         geojson="QuPath GeoJSON" in formats)
+        sess.last_export = path
+        for old in sorted(folder.glob("nudiff-*.zip"))[:-5]:  # keep the last few exports
+            old.unlink(missing_ok=True)
+        n_edit = sum(bool(it.meta.get("edited")) for it in items)
+        return (f"📦 `{path.name}`: {len(items)} pairs ({n_edit} edited by hand), "
+                f"{path.stat().st_size / 1024:.0f} KiB."), gr.update(value=str(path), visible=True)
+
+    ui.ex_build.click(build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],
+                      api_name="export_zip")

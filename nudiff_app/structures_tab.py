@@ -1,0 +1,119 @@
+"""Structures tab: sample nuclei layouts from the unconditional structure model."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+
+from engine import render
+from engine.samplers import DEFAULT_STEPS, SAMPLERS
+from nudiff_app.editing import zoom_to
+from nudiff_app.state import AppContext, ui_action
+
+
+def structure_thumb(inst: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
+    """Coloured instance map with white outlines over the semantic channel, magnified."""
+    pic = render.colorize_instances(inst).astype(np.float32)
+    if structure is not None:  # faint semantic channel shows what watershed turned into nuclei
+        sem = ((np.clip(structure[..., 0], -1, 1) + 1) * 40)[..., None]
+        pic = np.where((inst == 0)[..., None], sem, pic)
+    big = zoom_to(pic.astype(np.uint8), 256)
+    s = big.shape[0] // inst.shape[0]
+    big[render.contours(np.repeat(np.repeat(inst, s, 0), s, 1))] = (255, 255, 255)
+    return big
+
+
+def sampler_steps(sampler: str) -> int:
+    return DEFAULT_STEPS.get(sampler, 20)
+
+
+def build(ctx: AppContext, ui) -> None:
+    gr.Markdown("Sample new nuclei layouts. Each is a 3-channel structure turned into an instance map by "
+                "watershed; pick one to edit by hand or to synthesize images for.")
+    with gr.Row():
+        ui.st_ckpt = gr.Dropdown(ctx.list_checkpoints("structure"), label="Structure model",
+                                 allow_custom_value=True, scale=4, elem_id="st-ckpt")
+        ui.st_refresh = gr.Button("↻", scale=0, min_width=40)
+    with gr.Row():
+        ui.st_n = gr.Slider(1, 32, value=8, step=1, label="Number of structures")
+        ui.st_sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
+        ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps")
+        ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")
+    with gr.Row():
+        ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
+        ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
+    ui.st_status = gr.Markdown(elem_id="st-status")
+    ui.st_gallery = gr.Gallery(label="Sampled structures (click one to select it)", columns=4, height="auto",
+                               format="png", allow_preview=False, object_fit="contain", elem_id="st-gallery")
+    with gr.Row():
+        ui.st_index = gr.Number(value=0, precision=0, label="Selected structure #", minimum=0, scale=1,
+                                elem_id="st-index")
+        ui.st_to_edit = gr.Button("Send to Edit", scale=1, elem_id="st-to-edit")
+        ui.st_to_synth = gr.Button("Send to Synthesize", scale=1, elem_id="st-to-synth")
+
+
+def wire(ctx: AppContext, ui) -> None:
+    def refresh(current):
+        choices = ctx.list_checkpoints("structure")
+        values = [c[1] for c in choices]
+        return gr.update(choices=choices, value=current if current in values or current else
+                         (values[0] if values else None))
+
+    ui.st_refresh.click(refresh, ui.st_ckpt, ui.st_ckpt, api_visibility="private")
+    ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
+
+    @ui_action(2)
+    def sample(sid, ckpt, n, sampler, steps, seed, request: gr.Request, progress=gr.Progress()):
+        from engine.pipeline import sample_structures
+
+        sess = ctx.session(sid, request)
+        model = ctx.model(ckpt, "structure")
+        sess.cancel.clear()
+        progress(0, desc="Sampling structures")
+        samples = sample_structures(model, int(n), sampler=sampler, steps=int(steps), seed=int(seed),
+                                    batch_size=8, progress=lambda i, t: progress((i, t), desc="Denoising"),
+                                    cancel=sess.cancel.is_set)
+        with sess.lock:
+            sess.samples = samples
+            sess.sample_meta = {"structure_checkpoint": model.path.name, "structure_sha256": model.sha256,
+                                "structure_sampler": sampler, "structure_steps": int(steps)}
+            sess.selected_sample = 0
+        gallery = [(structure_thumb(s.inst, s.structure), f"#{i} · seed {s.seed} · {s.n_nuclei} nuclei")
+                   for i, s in enumerate(samples)]
+        return (f"✅ {len(samples)} structures from `{model.path.name}` "
+                f"({sampler}, {int(steps)} steps, {model.image_size} px)."), gallery
+
+    ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed],
+                            [ui.st_status, ui.st_gallery], api_name="sample_structures",
+                            concurrency_id="compute", concurrency_limit=1)
+
+    def cancel(sid, request: gr.Request):
+        ctx.session(sid, request).cancel.set()
+        return "Cancelling…"
+
+    ui.st_cancel.click(cancel, ui.sid, ui.st_status, api_name="cancel_structures", queue=False)
+    ui.st_sample_event = ev
+
+    def select(evt: gr.SelectData):
+        return int(evt.index)
+
+    ui.st_gallery.select(select, None, ui.st_index, api_visibility="private")
+
+    def _pick(sess, index):
+        with sess.lock:
+            if not sess.samples:
+                from engine.errors import NuDiffError
+
+                raise NuDiffError("sample some structures first")
+            i = int(index or 0)
+            if not 0 <= i < len(sess.samples):
+                from engine.errors import NuDiffError
+
+                raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
+            s = sess.samples[i]
+            meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}
+            sess.set_current(s.inst, meta)
+            sess.selected_sample = i
+        return i
+
+    ui.structures_pick = _pick

@@ -1,0 +1,137 @@
+"""Synthesize tab: H&E images for the current structure with classifier-free guidance."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+
+from engine import render
+from engine.errors import NuDiffError
+from engine.samplers import SAMPLERS
+from nudiff_app.editing import label_view, zoom_to
+from nudiff_app.state import AppContext, Result, Session, ui_action
+from nudiff_app.structures_tab import sampler_steps
+
+
+def current_view(sess: Session) -> tuple:
+    """Values for [structure picture, description]."""
+    cur = sess.current
+    if cur is None:
+        return None, "No structure yet: sample one in **Structures**, or make one in **Edit**."
+    m = cur.meta
+    src = {"sampled": f"sampled (seed {m.get('structure_seed')})", "uploaded": f"uploaded `{m.get('label_file')}`",
+           "blank": "drawn on a blank tile"}.get(m.get("source"), "")
+    return (zoom_to(label_view(cur.inst), 384),
+            f"Conditioning on **{int(cur.inst.max())} nuclei**, {cur.inst.shape[0]} px · {src}"
+            + (" · **edited by hand**" if m.get("edited") else ""))
+
+
+def result_gallery(sess: Session) -> list:
+    return [(zoom_to(r.image, 256), f"#{i} · seed {r.meta['seed']}") for i, r in enumerate(sess.results)]
+
+
+def build(ctx: AppContext, ui) -> None:
+    gr.Markdown("Synthesize H&E images whose nuclei follow the current structure. Higher guidance *w* follows "
+                "the structure more strictly; the paper uses w = 2.")
+    with gr.Row():
+        with gr.Column(scale=2):
+            ui.sy_structure = gr.Image(label="Current structure", interactive=False, format="png",
+                                       elem_id="sy-structure")
+            ui.sy_info = gr.Markdown(elem_id="sy-info")
+        with gr.Column(scale=3):
+            with gr.Row():
+                ui.sy_ckpt = gr.Dropdown(ctx.list_checkpoints("image"), label="Image model",
+                                         allow_custom_value=True, scale=4)
+                ui.sy_refresh = gr.Button("↻", scale=0, min_width=40)
+            ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.25, label="Guidance scale w")
+            with gr.Row():
+                ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
+                ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps")
+            with gr.Row():
+                ui.sy_seed = gr.Number(value=0, precision=0, label="Seed")
+                ui.sy_variants = gr.Slider(1, 8, value=2, step=1, label="Variants")
+            with gr.Row():
+                ui.sy_run = gr.Button("Synthesize", variant="primary", elem_id="sy-run")
+                ui.sy_cancel = gr.Button("Cancel", variant="stop", elem_id="sy-cancel")
+    ui.sy_status = gr.Markdown(elem_id="sy-status")
+    ui.sy_gallery = gr.Gallery(label="Results (click one to select it)", columns=4, height="auto", format="png",
+                               allow_preview=False, object_fit="contain", elem_id="sy-gallery")
+    with gr.Row():
+        ui.sy_index = gr.Number(value=0, precision=0, minimum=0, label="Selected result #", elem_id="sy-index")
+        ui.sy_add = gr.Button("Add selected to basket", variant="primary", elem_id="sy-add")
+        ui.sy_add_all = gr.Button("Add all to basket", elem_id="sy-add-all")
+
+
+def wire(ctx: AppContext, ui) -> None:
+    ui.synth_outputs = [ui.sy_structure, ui.sy_info]
+    ui.synth_view = current_view
+
+    def refresh(current):
+        choices = ctx.list_checkpoints("image")
+        values = [c[1] for c in choices]
+        return gr.update(choices=choices, value=current if current else (values[0] if values else None))
+
+    ui.sy_refresh.click(refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
+    ui.sy_sampler.change(sampler_steps, ui.sy_sampler, ui.sy_steps, api_visibility="private")
+
+    @ui_action(2)
+    def synth(sid, ckpt, w, sampler, steps, seed, variants, request: gr.Request, progress=gr.Progress()):
+        from engine.pipeline import synthesize
+
+        sess = ctx.session(sid, request)
+        if sess.current is None:
+            raise NuDiffError("no structure to synthesize from: sample one in Structures or make one in Edit")
+        model = ctx.model(ckpt, "image")
+        with sess.lock:
+            inst = sess.current.inst.copy()
+            cmeta = dict(sess.current.meta)
+        sess.cancel.clear()
+        progress(0, desc="Synthesizing")
+        imgs = synthesize(model, [inst], w=float(w), sampler=sampler, steps=int(steps), seed=int(seed),
+                          variants=int(variants), progress=lambda i, t: progress((i, t), desc="Denoising"),
+                          cancel=sess.cancel.is_set)
+        results = []
+        for v, img in enumerate(imgs):
+            meta = {**{k: cmeta.get(k) for k in ("source", "structure_seed", "structure_checkpoint",
+                                                 "structure_sha256", "label_file")},
+                    "edited": bool(cmeta.get("edited")), "seed": int(seed) + v, "variant": v, "w": float(w),
+                    "sampler": sampler, "steps": int(steps), "image_checkpoint": model.path.name,
+                    "image_sha256": model.sha256, "n_nuclei": int(inst.max())}
+            results.append(Result(img, inst, meta))
+        with sess.lock:
+            sess.results = results
+            sess.selected_result = 0
+        return (f"✅ {len(imgs)} image(s) from `{model.path.name}` (w = {float(w):g}, {sampler}, "
+                f"{int(steps)} steps)."), result_gallery(sess)
+
+    ui.sy_run.click(synth, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed, ui.sy_variants],
+                    [ui.sy_status, ui.sy_gallery], api_name="synthesize", concurrency_id="compute",
+                    concurrency_limit=1)
+
+    def cancel(sid, request: gr.Request):
+        ctx.session(sid, request).cancel.set()
+        return "Cancelling…"
+
+    ui.sy_cancel.click(cancel, ui.sid, ui.sy_status, api_name="cancel_synthesis", queue=False)
+
+    def select(evt: gr.SelectData):
+        return int(evt.index)
+
+    ui.sy_gallery.select(select, None, ui.sy_index, api_visibility="private")
+
+    def _add(sess: Session, indices: list[int]) -> str:
+        with sess.lock:
+            if not sess.results:
+                raise NuDiffError("nothing to add: synthesize images first")
+            bad = [i for i in indices if not 0 <= i < len(sess.results)]
+            if bad:
+                raise NuDiffError(f"no result #{bad[0]}; choose 0 to {len(sess.results) - 1}")
+            ids = []
+            for i in indices:
+                r = sess.results[i]
+                ids.append(sess.basket.add(r.image, r.inst, r.meta, status="pending").id)
+        c = sess.basket.counts()
+        return (f"🧺 Added {', '.join(ids)} to the basket ({len(sess.basket.items)} pairs: "
+                f"{c['accepted']} accepted, {c['pending']} to review).")
+
+    ui.synth_add = _add

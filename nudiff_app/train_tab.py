@@ -1,0 +1,202 @@
+"""Train tab: pick a labeled folder (server path or zip upload), inspect it, train the two models in a
+background subprocess, follow loss and previews."""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+import pandas as pd
+
+from engine import render
+from engine.config import PRESETS
+from engine.errors import DataError
+from nudiff_app.editing import zoom_to
+from nudiff_app.state import AppContext, ui_action
+
+FRACTIONS = {"100%": 1.0, "50%": 0.5, "20%": 0.2, "10%": 0.1}
+PREVIEW_TILES = 8
+
+
+def _find_dataset_root(folder: Path) -> Path:
+    """The folder holding images/ (the extraction root itself or a single wrapping folder)."""
+    for cand in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        if (cand / "images").is_dir():
+            return cand
+    raise DataError("the zip holds no images/ folder; expected images/ plus labels/ (or masks/)")
+
+
+def _preview_grid(folder: str, size: int) -> np.ndarray | None:
+    from engine.data import load_tiles
+
+    tiles, _ = load_tiles(folder, size=size, stride=size)
+    if not tiles:
+        return None
+    step = max(1, len(tiles) // PREVIEW_TILES)
+    pics = [render.overlay_contours(t.image, t.inst, opacity=0.9, color=(0, 255, 0))
+            for t in tiles[::step][:PREVIEW_TILES]]
+    pics = [zoom_to(p, 128) for p in pics]
+    return render.grid(pics, cols=4)
+
+
+def _loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
+    return pd.DataFrame(points or [], columns=["step", "loss"]).astype({"step": int, "loss": float})
+
+
+def build(ctx: AppContext, ui) -> None:
+    gr.Markdown("Train the **structure** model (nuclei layouts) and the **image** model (H&E given a "
+                "layout) on your labeled tiles. Training runs in the background on the server: you may "
+                "close or reload this page and come back.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            ui.train_folder = gr.Textbox(label="Labeled folder on the server (images/ + labels/)",
+                                         placeholder="/data/my-nuclei", elem_id="train-folder")
+            ui.train_zip = gr.File(label="…or upload a zip of images/ + labels/", file_types=[".zip"],
+                                   file_count="single", height=120, elem_id="train-zip")
+        with gr.Column(scale=2):
+            ui.train_preset = gr.Radio(list(PRESETS), value="cpu", label="Model preset",
+                                       info="test: seconds (smoke test) · cpu: hours on a CPU · paper: GPU")
+            ui.train_size = gr.Dropdown([32, 64, 128, 256], value=128, label="Tile size (px)",
+                                        allow_custom_value=True)
+            ui.train_inspect = gr.Button("Inspect folder", variant="secondary")
+    ui.train_status = gr.Markdown(elem_id="train-status")
+    with gr.Row():
+        ui.train_summary = gr.Textbox(label="Inspection", lines=8, max_lines=16, interactive=False, scale=3)
+        ui.train_preview = gr.Image(label="Tiles with nuclei outlines", interactive=False, scale=2,
+                                    format="png", buttons=["fullscreen"])
+    with gr.Accordion("Training settings", open=True):
+        with gr.Row():
+            ui.train_run = gr.Textbox(value="run1", label="Run name", scale=1)
+            ui.train_fraction = gr.Radio(list(FRACTIONS), value="100%", label="Labeled fraction used",
+                                         info="the paper's 10-50% subsets, chosen by clustering", scale=2)
+            ui.train_steps = gr.Number(value=2000, precision=0, minimum=1, label="Steps", scale=1)
+            ui.train_finetune = gr.Number(value=500, precision=0, minimum=0,
+                                          label="Image fine-tune steps (classifier-free)", scale=1)
+            ui.train_batch = gr.Number(value=4, precision=0, minimum=1, maximum=256, label="Batch size", scale=1)
+        with gr.Row():
+            ui.train_start_structure = gr.Button("Train structure model", variant="primary")
+            ui.train_start_image = gr.Button("Train image model", variant="primary")
+            ui.train_stop = gr.Button("Stop (saves)", variant="stop")
+            ui.train_resume = gr.Button("Resume last run")
+    ui.train_job = gr.Markdown("No training run yet.", elem_id="train-job")
+    with gr.Row():
+        ui.train_loss = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=260,
+                                    scale=3)
+        ui.train_sample = gr.Image(label="Latest preview samples", interactive=False, scale=2, format="png")
+    ui.train_timer = gr.Timer(2.0)
+
+
+def wire(ctx: AppContext, ui) -> None:
+    inspect_out = [ui.train_status, ui.train_summary, ui.train_preview]
+
+    @ui_action(3)
+    def inspect(folder: str, size):
+        from engine.data import inspect_folder
+
+        folder = (folder or "").strip()
+        if not folder:
+            raise DataError("enter a folder path on the server, or upload a zip")
+        size = int(size)
+        ins = inspect_folder(folder, size=size, stride=size // 2)
+        grid = _preview_grid(folder, size) if ins.n_tiles else None
+        n_err = sum(p.severity == "error" for p in ins.problems)
+        msg = (f"✅ {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
+               + (f" · {n_err} file(s) skipped, see the report" if n_err else ""))
+        return msg, ins.summary(), grid
+
+    ui.train_inspect.click(inspect, [ui.train_folder, ui.train_size], inspect_out, api_name="inspect_folder")
+    ui.train_folder.submit(inspect, [ui.train_folder, ui.train_size], inspect_out, api_visibility="private")
+
+    @ui_action(4, status_index=1)
+    def upload(file, size):
+        from engine.export import safe_extract_zip
+
+        if not file:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        path = Path(file if isinstance(file, str) else file.name)
+        dest = ctx.uploads_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        safe_extract_zip(path, dest)
+        root = _find_dataset_root(dest)
+        msg, summary, grid = inspect(str(root), size)
+        return str(root), msg, summary, grid
+
+    ui.train_zip.upload(upload, [ui.train_zip, ui.train_size], [ui.train_folder, *inspect_out],
+                        api_name="upload_dataset")
+
+    def _preset_size(preset):
+        return gr.update(value=PRESETS[preset]["image_size"])
+
+    ui.train_preset.change(_preset_size, ui.train_preset, ui.train_size, api_visibility="private")
+
+    start_inputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_size, ui.train_fraction,
+                    ui.train_steps, ui.train_finetune, ui.train_batch]
+
+    def _start(kind):
+        @ui_action(1)
+        def start(folder, run, preset, size, fraction, steps, finetune, batch):
+            size = int(size) if size else None
+            rec = ctx.jobs.start(kind, data=(folder or "").strip(), run_name=run, preset=preset,
+                                 image_size=size if size != PRESETS[preset]["image_size"] else None,
+                                 fraction=FRACTIONS.get(fraction, 1.0), steps=int(steps or 0),
+                                 finetune_steps=int(finetune or 0), batch_size=int(batch or 0))
+            return f"▶️ Started {kind} training in `{rec['run_dir']}`."
+        return start
+
+    ui.train_start_structure.click(_start("structure"), start_inputs, ui.train_status,
+                                   api_name="train_structure")
+    ui.train_start_image.click(_start("image"), start_inputs, ui.train_status, api_name="train_image")
+
+    @ui_action(1)
+    def stop():
+        return ctx.jobs.stop()
+
+    @ui_action(1)
+    def resume():
+        rec = ctx.jobs.resume()
+        return f"▶️ Resumed {rec['kind']} training in `{rec['run_dir']}`."
+
+    ui.train_stop.click(stop, None, ui.train_status, api_name="stop_training")
+    ui.train_resume.click(resume, None, ui.train_status, api_name="resume_training")
+
+    seen: dict[str, tuple] = {}
+
+    def poll(request: gr.Request):
+        """Job status from the run folder; the plot and preview are only re-sent when they changed."""
+        try:
+            rep = ctx.jobs.report()
+        except Exception:  # noqa: BLE001 - a poll must never raise into the UI
+            return gr.skip(), gr.skip(), gr.skip()
+        key = getattr(request, "session_hash", None) or "api"
+        prev = rep.get("preview")
+        stamp = (rep.get("run_dir"), len(rep["log"]), prev and os.stat(prev).st_mtime_ns)
+        last = seen.get(key)
+        seen[key] = stamp
+        if last == stamp:
+            return rep["text"], gr.skip(), gr.skip()
+        pic = None
+        if prev:
+            try:
+                from PIL import Image
+
+                with Image.open(prev) as im:
+                    pic = zoom_to(np.asarray(im.convert("RGB")), 512)
+            except OSError:
+                pic = gr.skip()
+        return rep["text"], _loss_frame(rep["log"]), pic
+
+    poll_out = [ui.train_job, ui.train_loss, ui.train_sample]
+    ui.train_timer.tick(poll, None, poll_out, show_progress="hidden", api_visibility="private",
+                        concurrency_limit=None)
+
+    def status_now():
+        rep = ctx.jobs.report()
+        return rep["text"], _loss_frame(rep["log"])
+
+    ui.train_status_api = gr.Button(visible=False)
+    ui.train_status_api.click(status_now, None, [ui.train_job, ui.train_loss], api_name="training_status")
+    ui.train_poll = poll
+    ui.train_poll_outputs = poll_out

@@ -1,0 +1,126 @@
+"""Assembles the five tabs into one gr.Blocks and wires the events that cross tabs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import gradio as gr
+
+from nudiff_app import edit_tab, export_tab, structures_tab, synthesize_tab, train_tab
+from nudiff_app.state import AppContext, ui_action
+
+log = logging.getLogger("nudiff_app")
+
+TABS = (("Train", "train", train_tab), ("Structures", "structures", structures_tab), ("Edit", "edit", edit_tab),
+        ("Synthesize", "synthesize", synthesize_tab), ("Export", "export", export_tab))
+
+CSS = """
+#ed-editor canvas { image-rendering: pixelated; }
+.gallery-item img, #ed-labels img, #sy-structure img { image-rendering: pixelated; }
+footer { display: none !important; }
+"""
+
+
+def default_work_dir() -> Path:
+    return Path(os.environ.get("NUDIFF_WORK_DIR", Path.home() / ".nudiff-studio"))
+
+
+def build_app(work_dir: str | os.PathLike | None = None, *, structure_checkpoint: str | os.PathLike | None = None,
+              image_checkpoint: str | os.PathLike | None = None) -> gr.Blocks:
+    """The NuDiff Studio UI. Checkpoints default to engine.demo.default_checkpoints()."""
+    ctx = AppContext(work_dir or default_work_dir(), structure_checkpoint, image_checkpoint)
+    ui = SimpleNamespace()
+    with gr.Blocks(title="NuDiff Studio", analytics_enabled=False) as demo:
+        demo.nudiff = ctx  # for launch() and tests
+        ui.sid = gr.State(None)
+        ui.browser_sid = gr.BrowserState(None, storage_key="nudiff_session", secret=ctx.secret())
+        gr.Markdown("## NuDiff Studio · synthetic labeled nuclei for segmentation training")
+        with gr.Tabs(selected="structures", elem_id="tabs") as ui.tabs:
+            for title, tab_id, module in TABS:
+                with gr.Tab(title, id=tab_id, elem_id=f"tab-{tab_id}"):
+                    module.build(ctx, ui)
+        for _, _, module in TABS:
+            module.wire(ctx, ui)
+        _wire_cross_tab(ctx, ui, demo)
+    return demo
+
+
+def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
+    edit_out, synth_out, export_out = ui.edit_outputs, ui.synth_outputs, ui.export_outputs
+
+    def _send(target):
+        @ui_action(2 + len(edit_out) + len(synth_out))
+        def send(sid, index, request: gr.Request):
+            sess = ctx.session(sid, request)
+            i = ui.structures_pick(sess, index)
+            msg = f"Structure #{i} sent to {'Edit' if target == 'edit' else 'Synthesize'}."
+            return (msg, *ui.edit_view(sess), *ui.synth_view(sess), gr.Tabs(selected=target))
+        return send
+
+    outs = [ui.st_status, *edit_out, *synth_out, ui.tabs]
+    ui.st_to_edit.click(_send("edit"), [ui.sid, ui.st_index], outs, api_name="send_to_edit")
+    ui.st_to_synth.click(_send("synthesize"), [ui.sid, ui.st_index], outs, api_name="send_to_synthesize")
+
+    @ui_action(2 + len(edit_out) + len(synth_out))
+    def edit_to_synth(sid, editor, touch, min_px, request: gr.Request):
+        sess = ctx.session(sid, request)
+        if sess.current is None:
+            from engine.errors import NuDiffError
+
+            raise NuDiffError("no structure yet: sample one, upload a label map, or start from a blank tile")
+        applied = ui.edit_apply_layers(sess, editor, touch, min_px)
+        msg = "Pending strokes applied; structure sent to Synthesize." if applied is not None else \
+            "Structure sent to Synthesize."
+        return (msg, *ui.edit_view(sess), *ui.synth_view(sess), gr.Tabs(selected="synthesize"))
+
+    ui.ed_to_synth.click(edit_to_synth, [ui.sid, ui.ed_editor, ui.ed_touch, ui.ed_min],
+                         [ui.ed_status, *edit_out, *synth_out, ui.tabs], api_name="edit_to_synthesize")
+
+    def _adder(all_results):
+        @ui_action(1 + len(export_out))
+        def add(sid, index, opacity, request: gr.Request):
+            sess = ctx.session(sid, request)
+            idx = list(range(len(sess.results))) if all_results else [int(index or 0)]
+            msg = ui.synth_add(sess, idx)
+            sess.selected_pair = len(sess.basket.items) - len(idx)
+            return (msg, *ui.export_view(sess, opacity))
+        return add
+
+    add_outs = [ui.sy_status, *export_out]
+    ui.sy_add.click(_adder(False), [ui.sid, ui.sy_index, ui.ex_opacity], add_outs, api_name="add_to_basket")
+    ui.sy_add_all.click(_adder(True), [ui.sid, ui.sy_index, ui.ex_opacity], add_outs,
+                        api_name="add_all_to_basket")
+
+    def restore(browser_sid, opacity, request: gr.Request):
+        """On page load: reuse the browser's session id (a reload finds its work again) or make one."""
+        try:
+            sid = browser_sid if isinstance(browser_sid, str) and len(browser_sid) >= 16 else ctx.new_sid()
+            sess = ctx.session(sid, request)
+            from nudiff_app.synthesize_tab import result_gallery
+
+            gallery = [(structures_tab.structure_thumb(s.inst, s.structure),
+                        f"#{i} · seed {s.seed} · {s.n_nuclei} nuclei") for i, s in enumerate(sess.samples)]
+            return (sid, sid, *ui.edit_view(sess), *ui.synth_view(sess), *ui.export_view(sess, opacity),
+                    gallery, result_gallery(sess))
+        except Exception:  # noqa: BLE001 - the page must load whatever happened
+            log.exception("could not restore the session")
+            return (gr.skip(),) * (2 + len(edit_out) + len(synth_out) + len(export_out) + 2)
+
+    demo.load(restore, [ui.browser_sid, ui.ex_opacity],
+              [ui.sid, ui.browser_sid, *edit_out, *synth_out, *export_out, ui.st_gallery, ui.sy_gallery],
+              api_visibility="private")
+    demo.load(ui.train_poll, None, ui.train_poll_outputs, api_visibility="private")
+
+
+def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
+           auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False):
+    """Launch with the app's settings: only the export folder is served besides Gradio's own cache."""
+    ctx: AppContext = demo.nudiff
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=share, auth=auth,
+                       allowed_paths=[str(ctx.exports_dir)], max_file_size="1gb", run_history=False,
+                       prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False,
+                       theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, footer_links=["api"])

@@ -1,0 +1,203 @@
+"""The studio's API end to end: launch in-process on a free port, drive it with gradio_client."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+from gradio_client import Client, handle_file
+
+from engine.synthetic import make_tile
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_checkpoints):
+    import socket
+
+    from nudiff_app import build_app, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path_factory.mktemp("studio")
+    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1])
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/", work
+    finally:
+        demo.nudiff.jobs.kill()
+        demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    return Client(studio[1], verbose=False)
+
+
+def test_api_names_are_stable(client):
+    names = set(client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    expected = {"/inspect_folder", "/upload_dataset", "/train_structure", "/train_image", "/stop_training",
+                "/resume_training", "/training_status", "/sample_structures", "/cancel_structures",
+                "/send_to_edit", "/send_to_synthesize", "/edit_upload_label", "/edit_blank", "/edit_apply",
+                "/edit_undo", "/edit_clean", "/edit_delete_at", "/edit_to_synthesize", "/synthesize",
+                "/cancel_synthesis", "/add_to_basket", "/add_all_to_basket", "/show_pair", "/accept_pair",
+                "/reject_pair", "/export_zip"}
+    assert expected <= names, expected - names
+
+
+def test_inspect_folder_and_bad_folder(client, labeled_folder, tmp_path):
+    status, summary, preview = client.predict(str(labeled_folder), 32, api_name="/inspect_folder")
+    assert status.startswith("✅") and "3 images" in status
+    assert "Nuclei:" in summary and "Problems: 0 error(s)" in summary
+    assert Path(preview).exists()
+    status, _, _ = client.predict(str(tmp_path / "does-not-exist"), 32, api_name="/inspect_folder")
+    assert status.startswith("⚠️") and "folder not found" in status and "Traceback" not in status
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    status, _, _ = client.predict(str(tmp_path / "empty"), 32, api_name="/inspect_folder")
+    assert status.startswith("⚠️") and "labels" in status
+
+
+def test_upload_zip_dataset_and_corrupt_zip(client, labeled_folder, tmp_path, studio):
+    zpath = tmp_path / "data.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        for p in labeled_folder.rglob("*"):
+            if p.is_file():
+                zf.write(p, f"mydata/{p.relative_to(labeled_folder)}")
+    folder, status, summary, _ = client.predict(handle_file(str(zpath)), 32, api_name="/upload_dataset")
+    assert status.startswith("✅") and Path(folder).is_relative_to(studio[2] / "uploads")
+    assert (Path(folder) / "images").is_dir()
+    bad = tmp_path / "bad.zip"
+    bad.write_bytes(b"not a zip at all")
+    out = client.predict(handle_file(str(bad)), 32, api_name="/upload_dataset")
+    assert "not a readable zip" in out[1]
+    evil = tmp_path / "evil.zip"
+    with zipfile.ZipFile(evil, "w") as zf:
+        zf.writestr("../../escape.txt", "x")
+    out = client.predict(handle_file(str(evil)), 32, api_name="/upload_dataset")
+    assert "refusing" in out[1]
+
+
+def test_generate_edit_basket_export(client, tiny_checkpoints, tmp_path):
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    status, gallery = client.predict(s_ckpt, 3, "dpm++", 4, 7, api_name="/sample_structures")
+    assert status.startswith("✅") and len(gallery) == 3
+    assert "seed 7" in gallery[0]["caption"] and "nuclei" in gallery[0]["caption"]
+
+    out = client.predict(1, api_name="/send_to_edit")
+    assert out[0] == "Structure #1 sent to Edit."
+    # a label map uploaded from disk replaces it; then delete a nucleus, undo, and draw one with a stroke
+    _, inst = make_tile(32, seed=3)
+    np.save(tmp_path / "label.npy", inst)
+    out = client.predict(handle_file(str(tmp_path / "label.npy")), api_name="/edit_upload_label")
+    n0 = int(inst.max())
+    assert out[0].startswith("Loaded") and f"**{n0} nuclei**" in out[3]
+    ys, xs = np.nonzero(inst == 1)
+    out = client.predict(int(xs[0]), int(ys[0]), api_name="/edit_delete_at")
+    assert out[0].startswith("Deleted") and f"**{n0 - 1} nuclei**" in out[3]
+    out = client.predict(api_name="/edit_undo")
+    assert out[0] == "Undone." and f"**{n0} nuclei**" in out[3]
+    out = client.predict(32, i_ckpt, api_name="/edit_blank")
+    assert "Blank 32×32" in out[0] and "**0 nuclei**" in out[3]
+    layer = np.zeros((512, 512, 4), np.uint8)
+    cv2.circle(layer, (256, 256), 60, (255, 255, 255, 255), -1)  # white disc = new nucleus
+    cv2.imwrite(str(tmp_path / "layer.png"), cv2.cvtColor(layer, cv2.COLOR_RGBA2BGRA))
+    bg = np.full((512, 512, 3), 40, np.uint8)
+    cv2.imwrite(str(tmp_path / "bg.png"), bg)
+    editor = {"background": handle_file(str(tmp_path / "bg.png")), "layers": [handle_file(str(tmp_path / "layer.png"))],
+              "composite": None}
+    out = client.predict(editor, "keep as separate nuclei", 5, api_name="/edit_apply")
+    assert out[0] == "Applied: 0 → 1 nuclei." and "edited by hand" in out[3]
+    out = client.predict(editor, "keep as separate nuclei", 5, api_name="/edit_to_synthesize")
+    assert "sent to Synthesize" in out[0]
+
+    status, results = client.predict(i_ckpt, 2.0, "ddim", 4, 11, 2, api_name="/synthesize")
+    assert status.startswith("✅") and len(results) == 2
+    assert "seed 11" in results[0]["caption"] and "seed 12" in results[1]["caption"]
+    out = client.predict(1, 0.8, api_name="/add_to_basket")
+    assert "pair_0001" in out[0]
+    out = client.predict(0, 0.8, api_name="/add_all_to_basket")
+    assert "pair_0002, pair_0003" in out[0] and len(out[1]) == 3
+    out = client.predict(2, 0.8, api_name="/reject_pair")
+    assert out[0] == "pair_0003: ❌ rejected."
+    out = client.predict(0, 0.8, api_name="/accept_pair")
+    assert out[0] == "pair_0001: ✅ accepted."
+
+    status, download = client.predict(["HoVer-Net npy", "COCO json", "QuPath GeoJSON"], True,
+                                      api_name="/export_zip")
+    assert status.startswith("📦") and "2 pairs (2 edited by hand)" in status
+    path = download["value"] if isinstance(download, dict) else download
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert {"images/pair_0001.png", "images/pair_0002.png", "labels/pair_0001.tif", "coco.json",
+                "manifest.csv", "hovernet/pair_0002.npy", "geojson/pair_0001.geojson"} <= names
+        assert not any("pair_0003" in n for n in names)  # rejected
+        rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        coco = json.loads(zf.read("coco.json"))
+        for row in rows:
+            img = cv2.imdecode(np.frombuffer(zf.read(row["image"]), np.uint8), 1)
+            lab = tifffile.imread(io.BytesIO(zf.read(row["label"])))
+            assert img.shape[:2] == lab.shape == (32, 32)
+            assert row["edited"] == "true" and int(row["n_nuclei"]) == int(lab.max()) == 1
+            assert row["sampler"] == "ddim" and row["steps"] == "4" and float(row["w"]) == 2.0
+            assert row["image_sha256"] and row["seed"] in ("11", "12")
+            hv = np.load(io.BytesIO(zf.read(row["hovernet"])))
+            assert np.array_equal(hv[..., 3], lab)
+            gj = json.loads(zf.read(row["geojson"]))
+            assert [f["properties"]["instance_id"] for f in gj["features"]] == [1]
+        assert len(coco["annotations"]) == 2
+    # only accepted pairs
+    status, download = client.predict(["COCO json"], False, api_name="/export_zip")
+    assert "1 pairs" in status
+
+
+def test_wrong_kind_checkpoint_and_errors_keep_the_basket(studio, tiny_checkpoints):
+    c = Client(studio[1], verbose=False)
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    status, _ = c.predict(i_ckpt, 2, "dpm++", 3, 0, api_name="/sample_structures")
+    assert status.startswith("⚠️") and "image model" in status and "structure model is needed" in status
+    status, _ = c.predict("/nonexistent/model.json", 2, "dpm++", 3, 0, api_name="/sample_structures")
+    assert status.startswith("⚠️") and "not found" in status
+    status, _ = c.predict(i_ckpt, 2.0, "dpm++", 3, 0, 1, api_name="/synthesize")
+    assert "no structure" in status
+    c.predict(s_ckpt, 1, "dpm++", 3, 0, api_name="/sample_structures")
+    c.predict(0, api_name="/send_to_synthesize")
+    status, _ = c.predict(s_ckpt, 2.0, "dpm++", 3, 0, 1, api_name="/synthesize")
+    assert "structure model, but a image model" in status or "is a structure model" in status
+    c.predict(i_ckpt, 2.0, "dpm++", 3, 0, 1, api_name="/synthesize")
+    c.predict(0, 0.8, api_name="/add_to_basket")
+    out = c.predict(5, 0.8, api_name="/accept_pair")
+    assert out[0].startswith("⚠️") and "no pair #5" in out[0]
+    status, download = c.predict([], True, api_name="/export_zip")
+    assert status.startswith("📦") and "1 pairs" in status
+
+
+def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
+    args = dict(folder=str(labeled_folder), run="t1", preset="test", size=32, fraction="100%", steps=6,
+                finetune=2, batch=2)
+    status = client.predict(*args.values(), api_name="/train_structure")
+    assert status.startswith("▶️")
+    status = client.predict(*args.values(), api_name="/train_image")
+    assert "already running" in status
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text, _ = client.predict(api_name="/training_status")
+        if "**finished**" in text or "**failed**" in text:
+            break
+        time.sleep(1)
+    assert "**finished**" in text and "step 6 / 6" in text, text
+    run = studio[2] / "runs" / "t1" / "structure"
+    assert (run / "model.json").exists() and (run / "log.jsonl").exists()
+    choices = studio[0].nudiff.list_checkpoints("structure")
+    assert any(path == str(run / "model.json") for _, path in choices)
+    status = client.predict(api_name="/resume_training")
+    assert "already finished" in status
+    bad = dict(args, folder="/nonexistent/data")
+    assert "not found" in client.predict(*bad.values(), api_name="/train_image")
