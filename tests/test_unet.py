@@ -1,0 +1,64 @@
+"""U-Net shapes, presets, conditioning and the null condition."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.config import PRESETS, UNetConfig, preset
+from engine.unet import UNet, count_parameters, null_condition
+
+
+@pytest.mark.parametrize("kind", ["structure", "image"])
+@pytest.mark.parametrize("size", [32, 64])
+def test_forward_shapes(kind, size):
+    cfg = preset("test", kind, image_size=size)
+    m = UNet(cfg)
+    x = torch.randn(2, 3, size, size)
+    cond = torch.rand(2, 3, size, size) * 2 - 1 if kind == "image" else None
+    out = m(x, torch.tensor([0, 999]), cond)
+    assert out.shape == x.shape and out.dtype == torch.float32
+
+
+def test_cpu_preset_sizes_and_parameter_counts():
+    for size in (64, 128, 256):
+        m = UNet(preset("cpu", "image", image_size=size))
+        assert m(torch.randn(1, 3, size, size), torch.tensor([10]), torch.zeros(1, 3, size, size)).shape[-1] == size
+    n = count_parameters(UNet(preset("cpu", "structure")))
+    assert 1e6 < n < 1e7  # "a few million"
+    paper = PRESETS["paper"]
+    assert paper["channels"] == (256, 256, 512, 512, 1024, 1024) and paper["num_res_blocks"] == 2
+    assert paper["attention_levels"] == (3, 4, 5) and paper["image_size"] == 256
+
+
+def test_spade_condition_changes_output_and_structure_model_ignores_it():
+    torch.manual_seed(0)
+    m = UNet(preset("test", "image"))
+    for p in m.parameters():  # leave the zero-initialised output convs non-zero
+        p.data.add_(0.05 * torch.randn_like(p))
+    x = torch.randn(1, 3, 32, 32)
+    t = torch.tensor([500])
+    c = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert not torch.allclose(m(x, t, c), m(x, t, null_condition(c)))
+    # the condition may come at another resolution: it is resized per level
+    assert m(x, t, torch.rand(1, 3, 64, 64)).shape == x.shape
+    with pytest.raises(ValueError):
+        m(x, t, None)
+    s = UNet(preset("test", "structure"))
+    assert torch.equal(s(x, t, c), s(x, t, None))
+
+
+def test_null_condition_is_zeros():
+    c = torch.rand(2, 3, 8, 8)
+    assert torch.count_nonzero(null_condition(c)) == 0
+
+
+def test_config_validation_and_round_trip():
+    cfg = preset("cpu", "image")
+    assert UNetConfig.from_dict(cfg.to_dict()) == cfg
+    with pytest.raises(ValueError):
+        UNetConfig(channels=(30, 64))  # not divisible by groups
+    with pytest.raises(ValueError):
+        UNetConfig(image_size=100, channels=(32, 64, 128, 128))  # 100 not divisible by 8
+    with pytest.raises(ValueError):
+        preset("huge", "image")
