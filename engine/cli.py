@@ -1,6 +1,7 @@
 """Command line: `python -m engine COMMAND --help`. Mirrors the studio's actions.
 
-Commands: inspect, train-structure, train-image, sample-structures, synthesize, generate, export-model.
+Commands: inspect, train-structure, train-image, sample-structures, synthesize, generate, export-model,
+evaluate (downstream segmentation benchmark), quality (synthetic-set quality report).
 Errors meant for the user (bad paths, wrong checkpoints, bad data) are printed without a traceback and
 exit with status 2.
 """
@@ -100,7 +101,88 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output stem, e.g. checkpoints/structure")
     p.add_argument("--fp32", action="store_true", help="keep fp32 (default fp16 storage)")
     p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
+    _add_benchmark_commands(sub)
     return ap
+
+
+def _add_benchmark_commands(sub) -> None:
+    """`evaluate` and `quality` subcommands (engine.evaluate, engine.quality)."""
+    p = sub.add_parser("evaluate", help="train/test segmenters on labeled subsets with and without synthetic pairs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--real", required=True, help="folder of real labeled training images")
+    p.add_argument("--synthetic", action="append", default=None,
+                   help="synthetic folder for all fractions, a template such as synth_{pct}, or PCT=DIR "
+                        "(repeatable); omit for the labeled arms only")
+    p.add_argument("--test", required=True, help="folder of held-out real labeled images (tested at full size)")
+    p.add_argument("--fractions", default="10,20,50,100", help="labeled fractions of nuclei, in percent")
+    p.add_argument("--out", required=True, help="output folder: results.csv/.md/.png/.json, runs/")
+    p.add_argument("--steps", type=int, default=2000, help="segmenter training steps per run")
+    p.add_argument("--size", type=int, default=128, help="training crop size in px")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--repeats", type=int, default=1, help="trainings per fraction and arm (seeds seed+r)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tile-size", type=int, default=256, help="tile size for subset selection (paper 256)")
+    p.add_argument("--stride", type=int, default=128, help="tile stride for subset selection (paper 128)")
+    p.add_argument("--channels", type=int, default=16, help="segmenter base channels")
+    p.add_argument("--synthetic-share", type=float, default=None,
+                   help="share of augmented-arm training crops drawn from synthetic pairs (default: pooled)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
+    p.add_argument("--no-resume", action="store_true", help="retrain runs already finished in --out")
+
+    p = sub.add_parser("quality", help="alignment and morphology report of a synthetic labeled set")
+    p.add_argument("--synthetic", required=True, help="folder of synthetic pairs (images/ + labels/)")
+    p.add_argument("--real", default=None, help="folder of real labeled images to compare with")
+    p.add_argument("--segmenter", default=None, help="segmenter trained on real data (.json/.safetensors)")
+    p.add_argument("--max-real-tiles", type=int, default=500)
+    p.add_argument("--json", default=None, help="also write the full report as JSON here")
+    p.add_argument("--device", default="auto")
+
+
+def _synthetic_spec(values: list[str] | None):
+    """--synthetic values -> a folder, a template or a {pct: folder} mapping (engine.evaluate)."""
+    if not values:
+        return None
+    if all("=" in v for v in values):
+        return dict(v.split("=", 1) for v in values)
+    if len(values) > 1:
+        from engine.errors import NuDiffError
+
+        raise NuDiffError("give one --synthetic folder or template, or several PCT=DIR")
+    return values[0]
+
+
+def _run_benchmark_command(args: argparse.Namespace) -> int:
+    if args.command == "evaluate":
+        import torch
+
+        from engine.evaluate import run_experiment
+        from engine.segment import SegmenterConfig
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        result = run_experiment(args.real, _synthetic_spec(args.synthetic), args.test, args.out,
+                                fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
+                                size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
+                                stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
+                                config=SegmenterConfig(base_channels=args.channels),
+                                resume=not args.no_resume)
+        print(result.files["md"].read_text())
+        return 0
+    import json
+
+    from engine.quality import format_quality_markdown, quality_report
+    from engine.segment import Segmenter
+
+    seg = Segmenter.load(args.segmenter, args.device) if args.segmenter else None
+    report = quality_report(args.synthetic, args.real, seg, max_real_tiles=args.max_real_tiles)
+    print(format_quality_markdown(report))
+    if args.json:
+        from engine.checkpoint import atomic_write_bytes
+
+        atomic_write_bytes(Path(args.json), json.dumps(report, indent=2, default=float).encode())
+    return 0
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
@@ -195,6 +277,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if cmd in ("train-structure", "train-image"):
         return _train(args, cmd.split("-")[1])
+    if cmd in ("evaluate", "quality"):
+        return _run_benchmark_command(args)
     if cmd == "export-model":
         from engine.checkpoint import export_inference
 

@@ -1,0 +1,433 @@
+"""Downstream benchmark: does adding synthetic pairs help a nuclei segmenter? (the paper's Table 1)
+
+For each labeled fraction (10 %, 20 %, 50 %, 100 % of nuclei by default) the paper's subset of real
+training tiles is selected (:func:`engine.data.select_subset`: tile features, KMeans, tiles nearest the
+cluster centres until the fraction of nuclei is reached). A segmenter (:mod:`engine.segment`) is trained
+on the subset ("labeled") and, with the same seed and number of steps, on the subset plus synthetic
+pairs ("augmented"). Both are tested on held-out real images at full size (tiled inference); Dice, AJI,
+AJI+ and PQ are averaged over the test images (and over repeats with different training seeds).
+
+Output folder::
+
+    results.csv / results.md / results.png   the table (CSV, Markdown) and a grouped bar plot
+    results.json                             settings, table rows and per-image metrics of every run
+    runs/<run>/metrics.json                  one run (fraction x arm x repeat): settings and metrics
+    runs/<run>/predictions/<stem>.tif        predicted instance maps of the test images (int32)
+    runs/<run>/segmenter.safetensors/.json   the trained segmenter (save_models=True)
+
+Finished runs are skipped when the experiment is started again with the same settings (resume).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.checkpoint import atomic_write_bytes
+from engine.data import LabeledImage, Tile, load_folder, plan_subset, tile_image
+from engine.errors import DataError, NuDiffError
+from engine.metrics import aji, aji_plus, dice, pq
+from engine.segment import Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
+
+__all__ = ["METRICS", "ARMS", "ExperimentResult", "parse_fractions", "resolve_synthetic", "evaluate_segmenter",
+           "image_metrics", "run_experiment", "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
+
+METRICS = ("dice", "aji", "aji_plus", "pq")
+ARMS = ("labeled", "augmented")
+CSV_FIELDS = ("training_data", "fraction", "arm", "repeats", "n_real_tiles", "n_synthetic", "nuclei_fraction",
+              *[c for m in METRICS for c in (m, f"{m}_std")])
+Log = Callable[[str], None]
+SyntheticSpec = str | Path | Mapping[Any, Any] | None
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def parse_fractions(values: str | Sequence[float | int | str]) -> list[float]:
+    """'10,20,50,100' or [0.1, 0.2] or [10, 20] -> sorted unique fractions in (0, 1].
+    Values above 1 are percentages. NuDiffError for anything else."""
+    items = values.split(",") if isinstance(values, str) else list(values)
+    out = set()
+    for v in items:
+        try:
+            f = float(str(v).strip().rstrip("%"))
+        except ValueError:
+            raise NuDiffError(f"not a fraction: {v!r} (use e.g. 10,20,50,100 or 0.1,0.2)") from None
+        f = f / 100.0 if f > 1.0 else f
+        if not 0.0 < f <= 1.0:
+            raise NuDiffError(f"fraction {v!r} is not in (0, 100] %")
+        out.add(round(f, 6))
+    if not out:
+        raise NuDiffError("no fractions given")
+    return sorted(out)
+
+
+def _pct(fraction: float) -> str:
+    """0.1 -> '10', 0.125 -> '12.5'."""
+    return f"{fraction * 100:g}"
+
+
+def resolve_synthetic(spec: SyntheticSpec, fractions: Sequence[float]) -> dict[float, Path | None]:
+    """Synthetic folder of every fraction (None: no augmented arm for it).
+
+    ``spec``: None (labeled only); one folder for all fractions; a template with ``{pct}`` (e.g.
+    ``synth_{pct}`` -> synth_10, synth_20, ...) or ``{fraction}``; or a mapping from fraction (0.1), percent
+    (10) or its string ('10', '10%') to a folder; fractions missing from a mapping get no augmented arm.
+    DataError if a folder does not exist.
+    """
+    if spec is None:
+        return {f: None for f in fractions}
+    if isinstance(spec, Mapping):
+        given = {}
+        for key, folder in spec.items():
+            given[parse_fractions([key])[0]] = Path(folder) if folder else None
+        out = {f: given.get(round(f, 6)) for f in fractions}
+    elif "{" in str(spec):
+        try:
+            out = {f: Path(str(spec).format(pct=_pct(f), fraction=f"{f:g}")) for f in fractions}
+        except (KeyError, IndexError, ValueError) as e:
+            raise NuDiffError(f"synthetic template {spec!r} may only use {{pct}} or {{fraction}} ({e})") from None
+    else:
+        out = {f: Path(spec) for f in fractions}
+    for f, folder in out.items():
+        if folder is not None and not folder.is_dir():
+            raise DataError(f"synthetic folder for {_pct(f)}% not found: {folder}")
+    return out
+
+
+def _as_items(source: Any, what: str) -> list[LabeledImage]:
+    """A folder, or a sequence of LabeledImage / (image, inst) pairs -> LabeledImages with stems."""
+    if isinstance(source, (str, Path)):
+        return load_folder(source)[0]
+    items = []
+    for k, item in enumerate(source):
+        if isinstance(item, LabeledImage):
+            items.append(item)
+            continue
+        (image, inst), = as_image_label_pairs([item], what)
+        stem = str(getattr(item, "stem", None) or f"{what.replace(' ', '_')}_{k:04d}")
+        items.append(LabeledImage(stem, image, inst, Path(stem), Path(stem)))
+    if not items:
+        raise DataError(f"no {what}")
+    return items
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def image_metrics(true: np.ndarray, pred: np.ndarray) -> dict[str, float]:
+    """Dice, AJI, AJI+, DQ, SQ, PQ of one predicted (H, W) instance map against the truth."""
+    dq, sq, pq_ = pq(true, pred)
+    return {"dice": dice(true, pred), "aji": aji(true, pred), "aji_plus": aji_plus(true, pred),
+            "dq": dq, "sq": sq, "pq": pq_}
+
+
+def evaluate_segmenter(segmenter: Segmenter, test_items: Sequence[LabeledImage],
+                       predictions_dir: Path | None = None) -> dict[str, dict[str, float]]:
+    """Predict every test image (full size, tiled) -> {stem: image_metrics}; optionally save each
+    prediction as ``predictions_dir/<stem>.tif`` (int32)."""
+    import tifffile
+
+    out = {}
+    for item in test_items:
+        pred = segmenter.predict(item.image)
+        if predictions_dir is not None:
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, pred.astype(np.int32))
+            atomic_write_bytes(predictions_dir / f"{item.stem}.tif", buf.getvalue())
+        out[item.stem] = image_metrics(item.inst, pred)
+    return out
+
+
+# ----------------------------------------------------------------------------- runner
+
+
+@dataclass
+class ExperimentResult:
+    """Table rows (one per fraction x arm, see CSV_FIELDS), every run's record and the files written."""
+
+    rows: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    out_dir: Path
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def _fingerprint(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _run_name(fraction: float, arm: str, repeat: int) -> str:
+    return f"{_pct(fraction)}pct_{arm}_r{repeat}"
+
+
+def run_experiment(
+    real: str | Path | Sequence[Any],
+    synthetic: SyntheticSpec,
+    test: str | Path | Sequence[Any],
+    out_dir: str | Path,
+    *,
+    fractions: str | Sequence[float] = (0.1, 0.2, 0.5, 1.0),
+    repeats: int = 1,
+    seed: int = 0,
+    steps: int = 2000,
+    size: int = 128,
+    batch_size: int = 8,
+    lr: float = 1e-3,
+    tile_size: int = 256,
+    stride: int = 128,
+    n_clusters: int = 6,
+    device: str = "auto",
+    config: SegmenterConfig | None = None,
+    synthetic_share: float | None = None,
+    save_models: bool = True,
+    resume: bool = True,
+    log: Log | None = print,
+    progress: Callable[[int, int], None] | None = None,
+) -> ExperimentResult:
+    """Train and test segmenters on every fraction x {labeled, augmented} x repeat; write the table.
+
+    Args:
+        real: folder (or LabeledImages / (image, inst) pairs) of real training images; they are cut into
+            ``tile_size`` tiles with ``stride`` for subset selection, as in the paper (256 / 128).
+        synthetic: synthetic folders, see :func:`resolve_synthetic` (None: labeled arms only).
+        test: folder (or pairs) of held-out real images, tested at full size.
+        out_dir: output folder (created; finished runs in it are reused when ``resume``).
+        fractions: fractions of nuclei for the labeled subsets ('10,20,50,100' or 0.1, ...).
+        repeats: trainings per fraction and arm, seeds ``seed + r``; the table reports mean and std.
+        seed: subset selection (KMeans) seed and first training seed.
+        steps, size, batch_size, lr, device, config: segmenter training (same for both arms).
+        synthetic_share: in the augmented arm, the share of training crops drawn from synthetic pairs
+            (e.g. 0.5); None pools real and synthetic pairs (crops area-weighted), as in the paper.
+        log: called with one line per event (None: silent). progress: (runs done, runs total).
+    Returns:
+        ExperimentResult; files results.csv / .md / .png / .json are in ``out_dir``.
+    """
+    fracs = parse_fractions(fractions)
+    if synthetic_share is not None and not 0.0 < synthetic_share < 1.0:
+        raise NuDiffError(f"synthetic_share must be in (0, 1), got {synthetic_share}")
+    if repeats < 1:
+        raise NuDiffError(f"repeats must be >= 1, got {repeats}")
+    say = log or (lambda _msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = config or SegmenterConfig()
+    synth_dirs = resolve_synthetic(synthetic, fracs)
+    real_items = _as_items(real, "real training images")
+    test_items = _as_items(test, "test images")
+    tiles = _tiles(real_items, tile_size, stride)
+    say(f"real: {len(real_items)} images -> {len(tiles)} tiles of {tile_size} px; test: {len(test_items)} images")
+    synth_cache: dict[Path, list[LabeledImage]] = {}
+    settings = {"steps": steps, "size": size, "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
+                "tile_size": tile_size, "stride": stride, "n_clusters": n_clusters, "seed": seed,
+                "synthetic_share": synthetic_share,
+                "test": [(t.stem, t.inst.shape, int(t.inst.max())) for t in test_items]}
+    plan = [(f, arm, r) for f in fracs for arm in ARMS for r in range(repeats)
+            if arm == "labeled" or synth_dirs[f] is not None]
+    runs: list[dict[str, Any]] = []
+    for f in fracs:
+        selection = plan_subset(tiles, f, n_clusters=n_clusters, seed=seed)
+        subset = [tiles[i] for i in selection.indices]
+        say(f"{_pct(f)}%: {len(subset)} of {len(tiles)} tiles, {selection.fraction_reached:.1%} of nuclei "
+            f"({selection.feature_kind} features)")
+        for arm in ARMS:
+            folder = synth_dirs[f]
+            if arm == "augmented" and folder is None:
+                continue
+            extra = [] if arm == "labeled" else _load_synthetic(folder, synth_cache)
+            for r in range(repeats):
+                spec = {**settings, "fraction": f, "arm": arm, "repeat": r, "train_seed": seed + r,
+                        "subset": [(tiles[i].stem, tiles[i].y, tiles[i].x, int(tiles[i].inst.max()))
+                                   for i in selection.indices],
+                        "synthetic": None if folder is None else str(folder.resolve()),
+                        "synthetic_items": _fingerprint([(it.stem, it.inst.shape, int(it.inst.max()))
+                                                         for it in extra]),
+                        "n_synthetic": len(extra)}
+                run = _one_run(out / "runs" / _run_name(f, arm, r), spec, subset, extra, test_items,
+                               selection.fraction_reached, device=device, cfg=cfg, save_model=save_models,
+                               resume=resume, say=say)
+                runs.append(run)
+                if progress is not None:
+                    progress(len(runs), len(plan))
+    rows = _table_rows(runs, fracs)
+    files = write_table(rows, out)
+    files["png"] = plot_results(rows, out / "results.png")
+    record = {"settings": {k: v for k, v in settings.items() if k != "test"}, "fractions": fracs,
+              "repeats": repeats, "synthetic": {_pct(f): (str(d) if d else None) for f, d in synth_dirs.items()},
+              "test_images": [t.stem for t in test_items], "rows": rows, "runs": runs}
+    atomic_write_bytes(out / "results.json", json.dumps(record, indent=2, default=str).encode())
+    files["json"] = out / "results.json"
+    say(f"results: {files['md']}")
+    return ExperimentResult(rows, runs, out, files)
+
+
+def _tiles(items: list[LabeledImage], size: int, stride: int) -> list[Tile]:
+    """All tiles of the real training images (images smaller than ``size`` become one tile each)."""
+    tiles: list[Tile] = []
+    for item in items:
+        if min(item.inst.shape) < size:
+            tiles.append(Tile(item.image, item.inst, item.stem, 0, 0))
+        else:
+            tiles.extend(tile_image(item, size, stride))
+    if not tiles:
+        raise DataError("no real training tiles")
+    return tiles
+
+
+def _load_synthetic(folder: Path, cache: dict[Path, list[LabeledImage]]) -> list[LabeledImage]:
+    if folder not in cache:
+        cache[folder] = load_folder(folder)[0]
+    return cache[folder]
+
+
+def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: list[LabeledImage],
+             test_items: Sequence[LabeledImage], nuclei_fraction: float, *, device: str, cfg: SegmenterConfig,
+             save_model: bool, resume: bool, say: Log) -> dict[str, Any]:
+    """Train one segmenter, test it, write runs/<name>/metrics.json; reuse a finished identical run."""
+    key = _fingerprint(spec)
+    metrics_path = run_dir / "metrics.json"
+    name = run_dir.name
+    if resume and metrics_path.is_file():
+        try:
+            done = json.loads(metrics_path.read_text())
+            if done.get("key") == key:
+                say(f"{name}: reusing finished run")
+                return done
+        except (OSError, json.JSONDecodeError):
+            pass
+    say(f"{name}: training on {len(subset)} real tiles + {len(extra)} synthetic pairs, {spec['steps']} steps")
+    t0 = time.time()
+    seg = train_segmenter(list(subset) + list(extra), size=spec["size"], steps=spec["steps"],
+                          batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["train_seed"], device=device,
+                          config=cfg, pair_weights=_pair_weights(subset, extra, spec["synthetic_share"]))
+    train_s = time.time() - t0
+    if save_model:
+        seg.save(run_dir / "segmenter")
+    per_image = evaluate_segmenter(seg, test_items, run_dir / "predictions")
+    mean = {m: float(np.mean([v[m] for v in per_image.values()])) for m in (*METRICS, "dq", "sq")}
+    loss = seg.record.get("loss", [])
+    run = {"key": key, "name": name, "fraction": spec["fraction"], "arm": spec["arm"], "repeat": spec["repeat"],
+           "train_seed": spec["train_seed"], "n_real_tiles": len(subset), "n_synthetic": len(extra),
+           "nuclei_fraction": nuclei_fraction, "synthetic": spec["synthetic"], "train_seconds": round(train_s, 1),
+           "final_loss": float(np.mean(loss[-20:])) if loss else None, "mean": mean, "per_image": per_image}
+    atomic_write_bytes(metrics_path, json.dumps(run, indent=2).encode())
+    say(f"{name}: " + ", ".join(f"{m} {mean[m]:.4f}" for m in METRICS) + f" ({train_s:.0f} s training)")
+    return run
+
+
+def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],
+                  share: float | None) -> list[float] | None:
+    """Per-pair sampling weights giving synthetic pairs ``share`` of the (area-weighted) crops."""
+    if share is None or not synthetic:
+        return None
+    real_area = float(sum(t.inst.size for t in real))
+    synth_area = float(sum(s.inst.size for s in synthetic))
+    return [(1.0 - share) / real_area] * len(real) + [share / synth_area] * len(synthetic)
+
+
+def _table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[dict[str, Any]]:
+    """One row per fraction x arm: metric = mean over repeats of the per-run mean over test images,
+    metric_std = their standard deviation (0 with one repeat)."""
+    rows = []
+    for f in fractions:
+        for arm in ARMS:
+            group = [r for r in runs if r["fraction"] == f and r["arm"] == arm]
+            if not group:
+                continue
+            row: dict[str, Any] = {"training_data": f"{_pct(f)}% {arm}", "fraction": f, "arm": arm,
+                                   "repeats": len(group), "n_real_tiles": group[0]["n_real_tiles"],
+                                   "n_synthetic": group[0]["n_synthetic"],
+                                   "nuclei_fraction": round(group[0]["nuclei_fraction"], 4)}
+            for m in METRICS:
+                vals = np.array([r["mean"][m] for r in group], np.float64)
+                row[m] = float(vals.mean())
+                row[f"{m}_std"] = float(vals.std())
+            rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+_HEADERS = {"dice": "Dice", "aji": "AJI", "aji_plus": "AJI+", "pq": "PQ"}
+
+
+def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Paper-style Markdown table (mean, '± std' with repeats) plus, where both arms exist, the gain of
+    augmentation per fraction."""
+    spread = any(r["repeats"] > 1 for r in rows)
+    head = ["Training data", *[_HEADERS[m] for m in METRICS], "Real tiles", "Synthetic pairs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        cells = [str(r["training_data"])]
+        cells += [f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if spread else "") for m in METRICS]
+        cells += [str(r["n_real_tiles"]), str(r["n_synthetic"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    gains = []
+    for f in sorted({r["fraction"] for r in rows}):
+        pair = {r["arm"]: r for r in rows if r["fraction"] == f}
+        if len(pair) == 2:
+            gains.append("| " + " | ".join([f"{_pct(f)}%"] + [
+                f"{pair['augmented'][m] - pair['labeled'][m]:+.4f}" for m in METRICS]) + " |")
+    if gains:
+        lines += ["", "Gain of augmentation (augmented − labeled):", "",
+                  "| Fraction | " + " | ".join(_HEADERS[m] for m in METRICS) + " |",
+                  "|---|" + "|".join("---" for _ in METRICS) + "|", *gains]
+    return "\n".join(lines) + "\n"
+
+
+def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """Write ``results.csv`` (columns CSV_FIELDS) and ``results.md`` atomically; returns their paths."""
+    out = Path(out_dir)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(CSV_FIELDS), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in CSV_FIELDS})
+    atomic_write_bytes(out / "results.csv", buf.getvalue().encode())
+    atomic_write_bytes(out / "results.md", format_markdown(rows).encode())
+    return {"csv": out / "results.csv", "md": out / "results.md"}
+
+
+def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Grouped bar plot (one panel per metric, labeled vs augmented per fraction, std error bars) as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fracs = sorted({r["fraction"] for r in rows})
+    fig = Figure(figsize=(3.2 * len(METRICS), 3.2), dpi=110)
+    axes = fig.subplots(1, len(METRICS))
+    x = np.arange(len(fracs))
+    width = 0.38
+    colours = {"labeled": "#8c8c8c", "augmented": "#7b3f9e"}
+    for ax, m in zip(np.atleast_1d(axes), METRICS):
+        for k, arm in enumerate(ARMS):
+            by_f = {r["fraction"]: r for r in rows if r["arm"] == arm}
+            if not by_f:
+                continue
+            vals = [by_f[f][m] if f in by_f else np.nan for f in fracs]
+            errs = [by_f[f][f"{m}_std"] if f in by_f else 0.0 for f in fracs]
+            spread = any(r["repeats"] > 1 for r in by_f.values())
+            ax.bar(x + (k - 0.5) * width, vals, width, yerr=errs if spread else None, capsize=2, label=arm,
+                   color=colours[arm])
+        ax.set_xticks(x, [f"{_pct(f)}%" for f in fracs])
+        ax.set_title(_HEADERS[m])
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    np.atleast_1d(axes)[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    path = Path(path)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,133 @@
+"""Downstream benchmark runner on tiny procedural folders: table, plot, saved predictions, resume, CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.cli import main
+from engine.data import load_folder, read_label
+from engine.errors import DataError, NuDiffError
+from engine.evaluate import CSV_FIELDS, METRICS, image_metrics, parse_fractions, resolve_synthetic, run_experiment
+from engine.segment import SegmenterConfig
+from engine.synthetic import write_folder
+
+TINY = SegmenterConfig(base_channels=8, depth=2, groups=4, tile=48, overlap=8)
+FAST = dict(steps=4, size=32, batch_size=2, tile_size=64, stride=64, device="cpu", config=TINY)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("bench")
+    return {"real": write_folder(root / "real", n_images=4, size=64, seed=0),
+            "synth": write_folder(root / "synth", n_images=3, size=64, seed=40),
+            "test": write_folder(root / "test", n_images=2, size=70, seed=80)}
+
+
+@pytest.fixture(scope="module")
+def experiment(folders, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "out"
+    lines: list[str] = []
+    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="50,100",
+                            log=lines.append, **FAST)
+    return result, lines
+
+
+def test_runner_writes_a_well_formed_table(experiment):
+    result, lines = experiment
+    out = result.out_dir
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == CSV_FIELDS
+    assert [r["training_data"] for r in rows] == ["50% labeled", "50% augmented", "100% labeled", "100% augmented"]
+    for r in rows:
+        for m in METRICS:
+            assert 0.0 <= float(r[m]) <= 1.0 and float(r[f"{m}_std"]) == 0.0
+        assert int(r["n_synthetic"]) == (3 if r["arm"] == "augmented" else 0)
+    assert int(rows[2]["n_real_tiles"]) == 4 and int(rows[0]["n_real_tiles"]) < 4
+    md = (out / "results.md").read_text()
+    for name in ("50% labeled", "50% augmented", "100% labeled", "100% augmented"):
+        assert sum(line.startswith(f"| {name} |") for line in md.splitlines()) == 1
+    assert "| Training data | Dice | AJI | AJI+ | PQ |" in md and "Gain of augmentation" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    record = json.loads((out / "results.json").read_text())
+    assert len(record["runs"]) == 4 and record["test_images"] == ["synth_000", "synth_001"]
+    assert any("training on" in line for line in lines)
+
+
+def test_reported_metrics_match_metrics_recomputed_on_saved_predictions(experiment, folders):
+    result, _ = experiment
+    tests = {item.stem: item.inst for item in load_folder(folders["test"])[0]}
+    for run in result.runs:
+        run_dir = result.out_dir / "runs" / run["name"]
+        assert (run_dir / "segmenter.json").is_file() and (run_dir / "segmenter.safetensors").is_file()
+        recomputed = {}
+        for stem, true in tests.items():
+            pred = read_label(run_dir / "predictions" / f"{stem}.tif")
+            assert pred.shape == true.shape == (70, 70)
+            recomputed[stem] = image_metrics(true, pred)
+            for m, v in recomputed[stem].items():
+                assert run["per_image"][stem][m] == pytest.approx(v, abs=1e-9)
+        row = next(r for r in result.rows if r["fraction"] == run["fraction"] and r["arm"] == run["arm"])
+        for m in METRICS:
+            assert row[m] == pytest.approx(np.mean([v[m] for v in recomputed.values()]), abs=1e-9)
+
+
+def test_finished_runs_are_reused(experiment, folders):
+    result, _ = experiment
+    lines: list[str] = []
+    again = run_experiment(folders["real"], folders["synth"], folders["test"], result.out_dir, fractions="50,100",
+                           log=lines.append, **FAST)
+    assert sum("reusing finished run" in line for line in lines) == 4
+    assert again.rows == result.rows
+
+
+def test_synthetic_specs_and_fractions(tmp_path):
+    assert parse_fractions("10,20,50,100") == [0.1, 0.2, 0.5, 1.0]
+    assert parse_fractions([0.5, 10, "20%"]) == [0.1, 0.2, 0.5]
+    with pytest.raises(NuDiffError):
+        parse_fractions("0,150")
+    for pct in ("10", "20"):
+        (tmp_path / f"synth_{pct}").mkdir()
+    fr = [0.1, 0.2]
+    assert resolve_synthetic(str(tmp_path / "synth_{pct}"), fr) == {0.1: tmp_path / "synth_10",
+                                                                   0.2: tmp_path / "synth_20"}
+    assert resolve_synthetic({10: tmp_path / "synth_10"}, fr) == {0.1: tmp_path / "synth_10", 0.2: None}
+    assert resolve_synthetic(tmp_path / "synth_10", fr)[0.2] == tmp_path / "synth_10"
+    assert resolve_synthetic(None, fr) == {0.1: None, 0.2: None}
+    with pytest.raises(DataError, match="50%"):
+        resolve_synthetic(str(tmp_path / "synth_{pct}"), [0.5])
+
+
+def test_labeled_only_from_arrays_and_cli(folders, tmp_path, capsys):
+    items = load_folder(folders["real"])[0]
+    tests = [(t.image, t.inst) for t in load_folder(folders["test"])[0]]
+    result = run_experiment(items, None, tests, tmp_path / "arrays", fractions=[1.0], log=None, **FAST)
+    assert [r["training_data"] for r in result.rows] == ["100% labeled"]
+    rc = main(["evaluate", "--real", str(folders["real"]), "--synthetic", f"100={folders['synth']}",
+               "--test", str(folders["test"]), "--fractions", "100", "--out", str(tmp_path / "cli"),
+               "--steps", "2", "--size", "32", "--batch-size", "2", "--tile-size", "64", "--stride", "64",
+               "--channels", "8", "--synthetic-share", "0.5", "--device", "cpu"])
+    assert rc == 0
+    assert "| 100% augmented |" in capsys.readouterr().out
+    rc = main(["evaluate", "--real", str(folders["real"]), "--synthetic", str(tmp_path / "nope"),
+               "--test", str(folders["test"]), "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_synthetic_share_weights():
+    from engine.data import Tile
+    from engine.evaluate import _pair_weights
+
+    real = [Tile(np.zeros((64, 64, 3), np.uint8), np.zeros((64, 64), np.int32), "r", 0, 0)] * 3
+    assert _pair_weights(real, [], 0.5) is None and _pair_weights(real, real, None) is None
+    w = _pair_weights(real, real[:2], 0.25)
+    areas = [64 * 64] * 5
+    total = sum(a * x for a, x in zip(areas, w))
+    assert sum(a * x for a, x in zip(areas[3:], w[3:])) / total == pytest.approx(0.25)
