@@ -1,0 +1,125 @@
+"""Training: loss goes down, checkpoints are atomic safetensors + JSON, resume is exact, NaN stops."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.checkpoint import load_checkpoint
+from engine.config import TrainConfig
+from engine.errors import CheckpointError, TrainingError
+from engine.synthetic import make_tile
+from engine.train import Trainer, TrainingSet, read_status
+
+
+@pytest.fixture(scope="module")
+def data() -> TrainingSet:
+    tiles = [make_tile(32, seed=i) for i in range(8)]
+    return TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
+
+
+def cfg(kind="structure", **kw) -> TrainConfig:
+    base = dict(kind=kind, preset="test", steps=12, finetune_steps=4, batch_size=4, lr=1e-3, save_every=6,
+                preview_every=0, log_every=2, keep_last=2, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_batch_augmentation_keeps_image_and_structure_aligned(data):
+    gen = torch.Generator().manual_seed(0)
+    x, y = data.batch(list(range(8)), gen)
+    assert x.shape == (8, 3, 32, 32) and y.shape == (8, 3, 32, 32)
+    assert x.min() >= -1 and x.max() <= 1
+    # nuclei are darker than background in the procedural tiles: the semantic channel follows the image
+    for i in range(8):
+        nuc = y[i, 0] > 0
+        assert x[i].mean(0)[nuc].mean() < x[i].mean(0)[~nuc].mean()
+
+
+def test_loss_goes_down(data, tmp_path):
+    Trainer(cfg(steps=40, log_every=5, save_every=1000), tmp_path, data, show_progress=False).run()
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "log.jsonl").read_text().splitlines()
+              if "loss" in line]
+    assert len(losses) == 8
+    assert np.mean(losses[-2:]) < 0.7 * np.mean(losses[:2])
+
+
+def test_image_model_two_stages_and_files(data, tmp_path):
+    out = Trainer(cfg("image"), tmp_path, data, show_progress=False).run()
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    stages = {(r["lr"], r["drop_rate"]) for r in log if "loss" in r}
+    assert stages == {(1e-3, 0.0), (2e-5, 0.2)}
+    ck = load_checkpoint(out)
+    assert ck.kind == "image" and ck.record["contents"] == "inference" and ck.step == 16
+    assert set((tmp_path / n).name for n in ["latest.json", "latest.safetensors", "model.json"]) <= \
+        set(p.name for p in tmp_path.iterdir())
+    snaps = sorted(p.name for p in tmp_path.glob("step_*.json"))
+    assert snaps == ["step_0000012.json", "step_0000016.json"]  # keep_last = 2
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob(".*.tmp"))
+    rec = json.loads((tmp_path / "latest.json").read_text())
+    assert rec["train"]["kind"] == "image" and rec["data_fingerprint"] == data.fingerprint
+    assert read_status(tmp_path)["state"] == "finished"
+
+
+def test_resume_is_exact(data, tmp_path):
+    full = Trainer(cfg(), tmp_path / "a", data, show_progress=False)
+    full.run()
+    # the same run interrupted at step 6 (STOP after a save), then resumed to the end
+    t = Trainer(cfg(steps=6), tmp_path / "b", data, show_progress=False)
+    t.run()
+    assert read_status(tmp_path / "b")["step"] == 6
+    resumed = Trainer(cfg(), tmp_path / "b", data, show_progress=False)
+    assert resumed.step == 6
+    resumed.run()
+    a = load_checkpoint(tmp_path / "a" / "latest")
+    b = load_checkpoint(tmp_path / "b" / "latest")
+    assert a.step == b.step == 12
+    for k in a.tensors:
+        if k.startswith(("model.", "ema.", "optim.")):
+            assert torch.allclose(a.tensors[k].float(), b.tensors[k].float(), atol=1e-6), k
+
+
+def test_stop_file_saves_and_marks_stopped(data, tmp_path):
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 3
+
+    Trainer(cfg(), tmp_path, data, stop=stop, show_progress=False).run()
+    st = read_status(tmp_path)
+    assert st["state"] == "stopped" and st["step"] == 3
+    assert load_checkpoint(tmp_path / "latest").step == 3
+
+
+def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data, tmp_path):
+    t = Trainer(cfg(steps=20, save_every=5), tmp_path, data, show_progress=False)
+    orig = t.schedule.loss
+
+    def loss(*a, **k):
+        value = orig(*a, **k)
+        return value * float("nan") if t.step >= 7 else value
+
+    t.schedule.loss = loss
+    with pytest.raises(TrainingError, match="step 5"):
+        t.run()
+    assert load_checkpoint(tmp_path / "latest").step == 5
+    assert read_status(tmp_path)["state"] == "failed"
+
+
+def test_resume_refuses_another_kind(data, tmp_path):
+    Trainer(cfg(steps=2), tmp_path, data, show_progress=False).run()
+    with pytest.raises(CheckpointError, match="structure model"):
+        Trainer(cfg("image", steps=2), tmp_path, data, show_progress=False)
+
+
+def test_init_from_loads_weights(data, tmp_path):
+    first = Trainer(cfg("image", steps=4, finetune_steps=0), tmp_path / "s1", data, show_progress=False).run()
+    t = Trainer(cfg("image", steps=0, finetune_steps=2, init_from=str(first)), tmp_path / "s2", data,
+                show_progress=False)
+    ema = load_checkpoint(first).weights_for_inference()
+    for k, v in t.ema.state_dict().items():
+        assert torch.equal(v, ema[k])
