@@ -174,7 +174,8 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
         raise CheckpointError(f"{record_path} was written by a newer NuDiff (format {record['format']})")
     if kind is not None and record["kind"] != kind:
         raise CheckpointError(
-            f"{weights.name} is a {record['kind']} model, but a {kind} model is needed here")
+            f"{weights.name} is a{'n' if record['kind'] == 'image' else ''} {record['kind']} model, but "
+            f"a{'n' if kind == 'image' else ''} {kind} model is needed here")
     if verify and record.get("weights_sha256"):
         if file_sha256(weights) != record["weights_sha256"]:
             raise CheckpointError(f"{weights} does not match its record (corrupt or replaced file)")

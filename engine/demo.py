@@ -19,7 +19,7 @@ CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 DEMO_STRUCTURE = CHECKPOINT_DIR / "structure-demo.json"
 DEMO_IMAGE = CHECKPOINT_DIR / "image-demo.json"
 
-__all__ = ["default_checkpoints", "test_checkpoints", "cache_dir", "CHECKPOINT_DIR"]
+__all__ = ["default_checkpoints", "standin_checkpoints", "cache_dir", "CHECKPOINT_DIR"]
 
 
 def cache_dir() -> Path:
@@ -30,10 +30,10 @@ def default_checkpoints() -> tuple[Path, Path]:
     """(structure, image) checkpoint record paths the app and CLI use when none is chosen."""
     if os.environ.get("NUDIFF_TEST_MODELS") != "1" and DEMO_STRUCTURE.exists() and DEMO_IMAGE.exists():
         return DEMO_STRUCTURE, DEMO_IMAGE
-    return test_checkpoints()
+    return standin_checkpoints()
 
 
-def test_checkpoints(steps: int = 60, size: int = 32) -> tuple[Path, Path]:
+def standin_checkpoints(steps: int = 60, size: int = 32) -> tuple[Path, Path]:
     """Tiny `test`-preset models trained on procedural tiles; built once per engine version and cached."""
     folder = cache_dir() / f"test-models-{engine.__version__}-{size}-{steps}"
     s, i = folder / "structure.json", folder / "image.json"

@@ -35,7 +35,7 @@ def test_round_trip_and_paths(tmp_path):
 
 def test_wrong_kind_missing_and_corrupt(tmp_path):
     _save(tmp_path / "s")
-    with pytest.raises(CheckpointError, match="structure model, but a image model"):
+    with pytest.raises(CheckpointError, match="structure model, but an image model"):
         load_checkpoint(tmp_path / "s", kind="image")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "nothing")
