@@ -41,10 +41,9 @@ def build(ctx: AppContext, ui) -> None:
                 "to delete it.")
     with gr.Row():
         ui.ed_upload = gr.File(label="Start from a label map (png / tif / npy)",
-                               file_types=[".png", ".tif", ".tiff", ".npy"], height=100, scale=3)
+                               file_types=[".png", ".tif", ".tiff", ".npy"], height=140, scale=3)
         with gr.Column(scale=2):
-            ui.ed_blank_size = gr.Number(value=None, precision=0, minimum=8, maximum=1024,
-                                         label="Blank tile size (px, empty = image model's)")
+            ui.ed_blank_size = gr.Number(value=0, precision=0, label="Blank tile size (px; 0 = the image model's)")
             ui.ed_blank = gr.Button("Start from a blank tile")
     ui.ed_status = gr.Markdown(elem_id="ed-status")
     ui.ed_info = gr.Markdown(elem_id="ed-info")
@@ -54,7 +53,7 @@ def build(ctx: AppContext, ui) -> None:
             sources=(), transforms=(), layers=False, format="png", canvas_size=(editing.DISPLAY_SIZE,) * 2,
             brush=gr.Brush(colors=["rgb(255, 255, 255)", "rgb(255, 0, 255)"], default_color="rgb(255, 255, 255)",
                            color_mode="fixed", default_size=8),
-            eraser=gr.Eraser(default_size=12), buttons=["fullscreen"], scale=3, elem_id="ed-editor")
+            eraser=gr.Eraser(default_size=12), buttons=["fullscreen"], height=640, scale=3, elem_id="ed-editor")
         with gr.Column(scale=2):
             ui.ed_labels = gr.Image(label="Label map (click a nucleus to delete it)", interactive=False,
                                     format="png", buttons=["fullscreen"], elem_id="ed-labels")
@@ -68,7 +67,7 @@ def build(ctx: AppContext, ui) -> None:
         ui.ed_min = gr.Number(value=10, precision=0, minimum=0, maximum=10000,
                               label="Remove fragments smaller than (px)")
     ui.ed_structure = gr.Image(label="Derived structure: semantic | horizontal | vertical", interactive=False,
-                               format="png")
+                               format="png", height=280)
 
 
 def wire(ctx: AppContext, ui) -> None:

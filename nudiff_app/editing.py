@@ -52,9 +52,11 @@ def label_view(inst: np.ndarray) -> np.ndarray:
 
 
 def structure_view(inst: np.ndarray) -> np.ndarray:
-    """The derived 3-channel structure (semantic | horizontal | vertical), magnified."""
-    strip = render.structure_to_rgb(instances_to_structure(inst))
-    return zoom(strip, max(1, 256 // max(1, inst.shape[0])))
+    """The derived 3-channel structure (semantic | horizontal | vertical), magnified, white gutters."""
+    st = render.structure_to_rgb(instances_to_structure(inst))
+    w = inst.shape[1]
+    chans = [zoom(st[:, i * w:(i + 1) * w], max(1, 256 // max(1, inst.shape[0]))) for i in range(3)]
+    return render.grid(chans, cols=3, pad=6)
 
 
 def strokes_from_layer(layer: np.ndarray | None, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from engine.errors import NuDiffError
 from nudiff_app.editing import zoom_to
 from nudiff_app.state import AppContext, Session, ui_action
 
-BADGE = {"pending": "⏳ to review", "accepted": "✅ accepted", "rejected": "❌ rejected"}
+BADGE = {"pending": "to review", "accepted": "accepted", "rejected": "rejected"}
 
 
 def basket_gallery(sess: Session) -> list:
@@ -53,7 +53,7 @@ def build(ctx: AppContext, ui) -> None:
                 "or reject it, then export the basket as one zip (PNG images, 16-bit TIFF labels, HoVer-Net "
                 "npy, COCO json, QuPath GeoJSON, manifest.csv).")
     ui.ex_gallery = gr.Gallery(label="Basket (click a pair to review it)", columns=6, height="auto", format="png",
-                               allow_preview=False, object_fit="contain", elem_id="ex-gallery")
+                               allow_preview=False, object_fit="contain", fit_columns=False, elem_id="ex-gallery")
     ui.ex_info = gr.Markdown(elem_id="ex-info")
     with gr.Row():
         ui.ex_side = gr.Image(label="Image | label", interactive=False, format="png", scale=3)
@@ -164,7 +164,7 @@ def wire(ctx: AppContext, ui) -> None:
         for old in sorted(folder.glob("nudiff-*.zip"))[:-5]:  # keep the last few exports
             old.unlink(missing_ok=True)
         n_edit = sum(bool(it.meta.get("edited")) for it in items)
-        return (f"📦 `{path.name}`: {len(items)} pairs ({n_edit} edited by hand), "
+        return (f"Exported `{path.name}`: {len(items)} pairs ({n_edit} edited by hand), "
                 f"{path.stat().st_size / 1024:.0f} KiB."), gr.update(value=str(path), visible=True)
 
     ui.ex_build.click(build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],

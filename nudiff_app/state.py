@@ -37,7 +37,7 @@ _SID = re.compile(r"^[A-Za-z0-9_-]{6,64}$")
 def warn(message: str) -> str:
     """Show a toast and return the same text formatted for a status Markdown."""
     gr.Warning(message)
-    return f"⚠️ {message}"
+    return f"**Error:** {message}"
 
 
 def ui_action(n_outputs: int, status_index: int = 0) -> Callable:
@@ -289,6 +289,13 @@ class AppContext:
         if m.kind != kind:
             raise CheckpointError(f"{m.path.name} is a {m.kind} model, but a {kind} model is needed here")
         return m
+
+    def checkpoint_name(self, model) -> str:
+        """How a loaded model is named in the UI and the manifest: run-relative path or file name."""
+        try:
+            return str(Path(model.path).resolve().relative_to(self.runs_dir))
+        except ValueError:
+            return Path(model.path).name
 
     # --- sessions --------------------------------------------------------------------------------
 

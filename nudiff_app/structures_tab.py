@@ -35,16 +35,17 @@ def build(ctx: AppContext, ui) -> None:
                                  allow_custom_value=True, scale=4, elem_id="st-ckpt")
         ui.st_refresh = gr.Button("↻", scale=0, min_width=40)
     with gr.Row():
-        ui.st_n = gr.Slider(1, 32, value=8, step=1, label="Number of structures")
+        ui.st_n = gr.Slider(1, 32, value=8, step=1, label="Number of structures", elem_id="st-n")
         ui.st_sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
-        ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps")
+        ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
+                                elem_id="st-steps")
         ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")
     with gr.Row():
         ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
         ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
     ui.st_status = gr.Markdown(elem_id="st-status")
     ui.st_gallery = gr.Gallery(label="Sampled structures (click one to select it)", columns=4, height="auto",
-                               format="png", allow_preview=False, object_fit="contain", elem_id="st-gallery")
+                               format="png", allow_preview=False, object_fit="contain", fit_columns=False, elem_id="st-gallery")
     with gr.Row():
         ui.st_index = gr.Number(value=0, precision=0, label="Selected structure #", minimum=0, scale=1,
                                 elem_id="st-index")
@@ -75,12 +76,12 @@ def wire(ctx: AppContext, ui) -> None:
                                     cancel=sess.cancel.is_set)
         with sess.lock:
             sess.samples = samples
-            sess.sample_meta = {"structure_checkpoint": model.path.name, "structure_sha256": model.sha256,
+            sess.sample_meta = {"structure_checkpoint": ctx.checkpoint_name(model), "structure_sha256": model.sha256,
                                 "structure_sampler": sampler, "structure_steps": int(steps)}
             sess.selected_sample = 0
         gallery = [(structure_thumb(s.inst, s.structure), f"#{i} · seed {s.seed} · {s.n_nuclei} nuclei")
                    for i, s in enumerate(samples)]
-        return (f"✅ {len(samples)} structures from `{model.path.name}` "
+        return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
                 f"({sampler}, {int(steps)} steps, {model.image_size} px)."), gallery
 
     ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed],

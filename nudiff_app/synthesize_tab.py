@@ -46,16 +46,17 @@ def build(ctx: AppContext, ui) -> None:
             ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.25, label="Guidance scale w")
             with gr.Row():
                 ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
-                ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps")
+                ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
+                                        elem_id="sy-steps")
             with gr.Row():
                 ui.sy_seed = gr.Number(value=0, precision=0, label="Seed")
-                ui.sy_variants = gr.Slider(1, 8, value=2, step=1, label="Variants")
+                ui.sy_variants = gr.Slider(1, 8, value=2, step=1, label="Variants", elem_id="sy-variants")
             with gr.Row():
                 ui.sy_run = gr.Button("Synthesize", variant="primary", elem_id="sy-run")
                 ui.sy_cancel = gr.Button("Cancel", variant="stop", elem_id="sy-cancel")
     ui.sy_status = gr.Markdown(elem_id="sy-status")
     ui.sy_gallery = gr.Gallery(label="Results (click one to select it)", columns=4, height="auto", format="png",
-                               allow_preview=False, object_fit="contain", elem_id="sy-gallery")
+                               allow_preview=False, object_fit="contain", fit_columns=False, elem_id="sy-gallery")
     with gr.Row():
         ui.sy_index = gr.Number(value=0, precision=0, minimum=0, label="Selected result #", elem_id="sy-index")
         ui.sy_add = gr.Button("Add selected to basket", variant="primary", elem_id="sy-add")
@@ -95,13 +96,13 @@ def wire(ctx: AppContext, ui) -> None:
             meta = {**{k: cmeta.get(k) for k in ("source", "structure_seed", "structure_checkpoint",
                                                  "structure_sha256", "label_file")},
                     "edited": bool(cmeta.get("edited")), "seed": int(seed) + v, "variant": v, "w": float(w),
-                    "sampler": sampler, "steps": int(steps), "image_checkpoint": model.path.name,
+                    "sampler": sampler, "steps": int(steps), "image_checkpoint": ctx.checkpoint_name(model),
                     "image_sha256": model.sha256, "n_nuclei": int(inst.max())}
             results.append(Result(img, inst, meta))
         with sess.lock:
             sess.results = results
             sess.selected_result = 0
-        return (f"✅ {len(imgs)} image(s) from `{model.path.name}` (w = {float(w):g}, {sampler}, "
+        return (f"Synthesized {len(imgs)} image(s) from `{ctx.checkpoint_name(model)}` (w = {float(w):g}, {sampler}, "
                 f"{int(steps)} steps)."), result_gallery(sess)
 
     ui.sy_run.click(synth, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed, ui.sy_variants],
@@ -131,7 +132,7 @@ def wire(ctx: AppContext, ui) -> None:
                 r = sess.results[i]
                 ids.append(sess.basket.add(r.image, r.inst, r.meta, status="pending").id)
         c = sess.basket.counts()
-        return (f"🧺 Added {', '.join(ids)} to the basket ({len(sess.basket.items)} pairs: "
+        return (f"Added {', '.join(ids)} to the basket ({len(sess.basket.items)} pairs: "
                 f"{c['accepted']} accepted, {c['pending']} to review).")
 
     ui.synth_add = _add

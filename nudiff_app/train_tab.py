@@ -70,13 +70,15 @@ def build(ctx: AppContext, ui) -> None:
                                     format="png", buttons=["fullscreen"])
     with gr.Accordion("Training settings", open=True):
         with gr.Row():
-            ui.train_run = gr.Textbox(value="run1", label="Run name", scale=1)
+            ui.train_run = gr.Textbox(value="run1", label="Run name", scale=1, elem_id="train-run")
             ui.train_fraction = gr.Radio(list(FRACTIONS), value="100%", label="Labeled fraction used",
                                          info="the paper's 10-50% subsets, chosen by clustering", scale=2)
-            ui.train_steps = gr.Number(value=2000, precision=0, minimum=1, label="Steps", scale=1)
+            ui.train_steps = gr.Number(value=2000, precision=0, minimum=1, label="Steps", scale=1,
+                                       elem_id="train-steps")
             ui.train_finetune = gr.Number(value=500, precision=0, minimum=0,
                                           label="Image fine-tune steps (classifier-free)", scale=1)
-            ui.train_batch = gr.Number(value=4, precision=0, minimum=1, maximum=256, label="Batch size", scale=1)
+            ui.train_batch = gr.Number(value=4, precision=0, minimum=1, maximum=256, label="Batch size", scale=1,
+                                       elem_id="train-batch")
         with gr.Row():
             ui.train_start_structure = gr.Button("Train structure model", variant="primary")
             ui.train_start_image = gr.Button("Train image model", variant="primary")
@@ -86,7 +88,8 @@ def build(ctx: AppContext, ui) -> None:
     with gr.Row():
         ui.train_loss = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=260,
                                     scale=3)
-        ui.train_sample = gr.Image(label="Latest preview samples", interactive=False, scale=2, format="png")
+        ui.train_sample = gr.Image(label="Latest preview samples", interactive=False, scale=2, format="png",
+                                   height=260)
     ui.train_timer = gr.Timer(2.0)
 
 
@@ -104,7 +107,7 @@ def wire(ctx: AppContext, ui) -> None:
         ins = inspect_folder(folder, size=size, stride=size // 2)
         grid = _preview_grid(folder, size) if ins.n_tiles else None
         n_err = sum(p.severity == "error" for p in ins.problems)
-        msg = (f"✅ {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
+        msg = (f"Inspected: {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
                + (f" · {n_err} file(s) skipped, see the report" if n_err else ""))
         return msg, ins.summary(), grid
 
@@ -143,7 +146,7 @@ def wire(ctx: AppContext, ui) -> None:
                                  image_size=size if size != PRESETS[preset]["image_size"] else None,
                                  fraction=FRACTIONS.get(fraction, 1.0), steps=int(steps or 0),
                                  finetune_steps=int(finetune or 0), batch_size=int(batch or 0))
-            return f"▶️ Started {kind} training in `{rec['run_dir']}`."
+            return f"Started {kind} training in `{rec['run_dir']}`."
         return start
 
     ui.train_start_structure.click(_start("structure"), start_inputs, ui.train_status,
@@ -157,7 +160,7 @@ def wire(ctx: AppContext, ui) -> None:
     @ui_action(1)
     def resume():
         rec = ctx.jobs.resume()
-        return f"▶️ Resumed {rec['kind']} training in `{rec['run_dir']}`."
+        return f"Resumed {rec['kind']} training in `{rec['run_dir']}`."
 
     ui.train_stop.click(stop, None, ui.train_status, api_name="stop_training")
     ui.train_resume.click(resume, None, ui.train_status, api_name="resume_training")
@@ -198,5 +201,18 @@ def wire(ctx: AppContext, ui) -> None:
 
     ui.train_status_api = gr.Button(visible=False)
     ui.train_status_api.click(status_now, None, [ui.train_job, ui.train_loss], api_name="training_status")
+    def restore_settings():
+        """The last job's settings (folder, run, preset, steps, batch size), so a reload shows them again."""
+        cmd = ctx.jobs.active().get("cmd") or []
+        opts = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+        if not opts:
+            return (gr.skip(),) * 5
+        run = Path(opts.get("--run-dir", "")).parent.name or gr.skip()
+        return (opts.get("--data", gr.skip()), run, opts.get("--preset", gr.skip()),
+                int(opts["--steps"]) if "--steps" in opts else gr.skip(),
+                int(opts["--batch-size"]) if "--batch-size" in opts else gr.skip())
+
+    ui.train_restore = restore_settings
+    ui.train_restore_outputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_steps, ui.train_batch]
     ui.train_poll = poll
     ui.train_poll_outputs = poll_out

@@ -113,6 +113,7 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
               [ui.sid, ui.browser_sid, *edit_out, *synth_out, *export_out, ui.st_gallery, ui.sy_gallery],
               api_visibility="private")
     demo.load(ui.train_poll, None, ui.train_poll_outputs, api_visibility="private")
+    demo.load(ui.train_restore, None, ui.train_restore_outputs, api_visibility="private")
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,

@@ -1,0 +1,203 @@
+"""A pathologist's session in a real Chromium: train, sample, edit by hand, synthesize, curate, download.
+
+Set NUDIFF_SCREENSHOTS=1 to also save a screenshot of each tab to docs/screenshots/<tab>.png.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import socket
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import tifffile
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = "/usr/bin/chromium"
+SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
+TIMEOUT = 90_000  # ms; CPU sampling on a busy 2-core machine
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_checkpoints):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} not installed")
+    pytest.importorskip("playwright.sync_api")
+    from nudiff_app import build_app, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path_factory.mktemp("studio_browser")
+    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1])
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield f"http://127.0.0.1:{port}/", work
+    finally:
+        demo.nudiff.jobs.kill()
+        demo.close()
+
+
+@pytest.fixture
+def page(studio):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True,
+                                    args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                          "--disable-component-update", "--no-first-run"])
+        ctx = browser.new_context(viewport={"width": 1360, "height": 1000}, accept_downloads=True)
+        pg = ctx.new_page()
+        pg.set_default_timeout(TIMEOUT)
+        try:
+            yield pg
+        finally:
+            ctx.close()
+            browser.close()
+
+
+def expect(locator):
+    from playwright.sync_api import expect as _expect
+
+    return _expect(locator)
+
+
+def _shot(page, name: str) -> None:
+    if os.environ.get("NUDIFF_SCREENSHOTS") == "1":
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.wait_for_timeout(600)  # let images finish painting
+        page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
+
+
+def _set_number(page, elem_id: str, value) -> None:
+    box = page.locator(f"#{elem_id} input[type=number]").first
+    box.fill(str(value))
+    box.press("Tab")
+
+
+def _tab(page, name: str) -> None:
+    page.get_by_role("tab", name=name, exact=True).click()
+
+
+def _text(page, elem_id: str, needle: str) -> str:
+    loc = page.locator(f"#{elem_id}")
+    loc.filter(has_text=needle).wait_for()
+    return loc.inner_text()
+
+
+def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
+    url, work = studio
+    page.goto(url)
+    page.locator("#st-sample").wait_for()
+    tab_names = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
+    assert tab_names[:5] == ["Train", "Structures", "Edit", "Synthesize", "Export"]
+
+    # --- Train: inspect a folder, train a tiny structure model in the background, follow it live
+    _tab(page, "Train")
+    page.locator("#train-folder textarea, #train-folder input").first.fill(str(labeled_folder))
+    page.get_by_role("radio", name="test").check()
+    page.get_by_role("button", name="Inspect folder").click()
+    assert "3 images" in _text(page, "train-status", "images")
+    page.locator("#train-run textarea, #train-run input").first.fill("browser-run")
+    _set_number(page, "train-steps", 6)
+    _set_number(page, "train-batch", 2)
+    page.get_by_role("button", name="Train structure model").click()
+    _text(page, "train-status", "Started structure training")
+    page.reload()  # the job's state lives on the server: a reload still shows it
+    page.locator("#st-sample").wait_for()
+    _tab(page, "Train")
+    job = _text(page, "train-job", "finished")
+    assert "browser-run" in job and "step 6 / 6" in job
+    _shot(page, "train")
+
+    # --- Structures: sample, select one, send to Edit
+    _tab(page, "Structures")
+    _set_number(page, "st-n", 4)
+    _set_number(page, "st-steps", 4)
+    page.locator("#st-sample").click()
+    assert "4 structures" in _text(page, "st-status", "structures from")
+    thumbs = page.locator("#st-gallery button.thumbnail-item, #st-gallery .thumbnail-item")
+    assert thumbs.count() >= 4
+    thumbs.nth(1).click()
+    expect(page.locator("#st-index input[type=number]").first).to_have_value("1")
+    _shot(page, "structures")
+    page.locator("#st-to-edit").click()
+
+    # --- Edit: draw one nucleus with mouse strokes at the tile centre, apply
+    before = _text(page, "ed-info", "nuclei")
+    assert "sampled structure" in before
+    canvas = page.locator("#ed-editor canvas").first
+    canvas.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)
+    bb = canvas.bounding_box()
+    cx, cy = bb["x"] + bb["width"] / 2, bb["y"] + bb["height"] / 2
+    # one closed outline (the editor fills it); few pointer moves, as each one repaints the canvas
+    page.mouse.move(cx + 48, cy)
+    page.mouse.down()
+    for t in range(30, 391, 30):
+        page.mouse.move(cx + 48 * math.cos(math.radians(t)), cy + 48 * math.sin(math.radians(t)))
+    page.mouse.up()
+    page.locator("#ed-apply").click()
+    assert "Applied" in _text(page, "ed-status", "Applied")
+    assert "edited by hand" in page.locator("#ed-info").inner_text()
+    _shot(page, "edit")
+    page.locator("#ed-to-synth").click()
+
+    # --- Synthesize: one variant, few steps, add it to the basket
+    assert "edited by hand" in _text(page, "sy-info", "Conditioning")
+    _set_number(page, "sy-steps", 4)
+    _set_number(page, "sy-variants", 1)
+    page.locator("#sy-run").click()
+    _text(page, "sy-status", "image(s) from")
+    page.locator("#sy-gallery .thumbnail-item").first.click()
+    page.locator("#sy-add").click()
+    assert "pair_0001" in _text(page, "sy-status", "Added")
+    _shot(page, "synthesize")
+
+    # --- Export: accept, build the zip, download it
+    _tab(page, "Export")
+    _text(page, "ex-info", "pair_0001")
+    page.locator("#ex-accept").click()
+    _text(page, "ex-status", "accepted")
+    page.locator("#ex-build").click()
+    _text(page, "ex-status", "1 pairs (1 edited by hand)")
+    _shot(page, "export")
+    with page.expect_download() as dl:
+        page.locator("#ex-download").click()
+    path = tmp_path / "download.zip"
+    dl.value.save_as(path)
+
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert {"images/pair_0001.png", "labels/pair_0001.tif", "hovernet/pair_0001.npy",
+                "geojson/pair_0001.geojson", "coco.json", "manifest.csv"} <= names
+        image = cv2.imdecode(np.frombuffer(zf.read("images/pair_0001.png"), np.uint8), cv2.IMREAD_COLOR)
+        label = tifffile.imread(io.BytesIO(zf.read("labels/pair_0001.tif")))
+        hv = np.load(io.BytesIO(zf.read("hovernet/pair_0001.npy")))
+        coco = json.loads(zf.read("coco.json"))
+        gj = json.loads(zf.read("geojson/pair_0001.geojson"))
+        rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+    assert image.shape[:2] == label.shape and label.dtype == np.uint16
+    n = int(label.max())
+    assert n >= 1 and np.array_equal(np.unique(label), np.arange(n + 1))
+    assert np.array_equal(hv[..., 3], label) and np.array_equal(hv[..., 2::-1].astype(np.uint8), image)
+    assert sorted(a["instance_id"] for a in coco["annotations"]) == list(range(1, n + 1))
+    assert sorted(f["properties"]["instance_id"] for f in gj["features"]) == list(range(1, n + 1))
+    for a in coco["annotations"]:
+        assert a["area"] == int((label == a["instance_id"]).sum())
+    assert len(rows) == 1 and rows[0]["edited"] == "true" and int(rows[0]["n_nuclei"]) == n
+    # the nucleus drawn at the tile centre is there: one compact nucleus covering the centre pixel
+    h, w = label.shape
+    k = int(label[h // 2, w // 2])
+    assert k > 0
+    ys, xs = np.nonzero(label == k)
+    assert 5 <= ys.size <= 0.1 * h * w
+    assert ys.min() < h // 2 < ys.max() and xs.min() < w // 2 < xs.max()
