@@ -9,21 +9,13 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoints(tmp_path_factory) -> tuple[Path, Path]:
-    """(structure, image) inference checkpoints of the 'test' preset (32 px), trained on procedural tiles."""
-    from engine.config import TrainConfig
-    from engine.synthetic import make_tile
-    from engine.train import TrainingSet, train
+def tiny_checkpoints() -> tuple[Path, Path]:
+    """(structure, image) checkpoints of the 'test' preset (32 px), trained once on procedural tiles and
+    cached by engine.demo (a few seconds the first time on a machine)."""
+    from engine import demo
 
-    root = tmp_path_factory.mktemp("tiny_models")
-    tiles = [make_tile(32, seed=i) for i in range(8)]
-    data = TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
-    out = []
-    for kind in ("structure", "image"):
-        cfg = TrainConfig(kind=kind, preset="test", steps=30, finetune_steps=10, batch_size=4, lr=1e-3,
-                          save_every=10_000, preview_every=0, log_every=10)
-        out.append(Path(train(cfg, root / kind, data, show_progress=False)))
-    return out[0], out[1]
+    build = getattr(demo, "standin_checkpoints", None) or getattr(demo, "test_checkpoints")
+    return tuple(Path(p) for p in build())
 
 
 @pytest.fixture(scope="session")
