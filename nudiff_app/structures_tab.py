@@ -68,8 +68,8 @@ def wire(ctx: AppContext, ui) -> None:
         from engine.pipeline import sample_structures
 
         sess = ctx.session(sid, request)
+        sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         model = ctx.model(ckpt, "structure")
-        sess.cancel.clear()
         progress(0, desc="Sampling structures")
         samples = sample_structures(model, int(n), sampler=sampler, steps=int(steps), seed=int(seed),
                                     batch_size=8, progress=lambda i, t: progress((i, t), desc="Denoising"),

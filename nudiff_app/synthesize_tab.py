@@ -80,13 +80,13 @@ def wire(ctx: AppContext, ui) -> None:
         from engine.pipeline import synthesize
 
         sess = ctx.session(sid, request)
+        sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         if sess.current is None:
             raise NuDiffError("no structure to synthesize from: sample one in Structures or make one in Edit")
         model = ctx.model(ckpt, "image")
         with sess.lock:
             inst = sess.current.inst.copy()
             cmeta = dict(sess.current.meta)
-        sess.cancel.clear()
         progress(0, desc="Synthesizing")
         imgs = synthesize(model, [inst], w=float(w), sampler=sampler, steps=int(steps), seed=int(seed),
                           variants=int(variants), progress=lambda i, t: progress((i, t), desc="Denoising"),

@@ -201,3 +201,47 @@ def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
     assert "already finished" in status
     bad = dict(args, folder="/nonexistent/data")
     assert "not found" in client.predict(*bad.values(), api_name="/train_image")
+
+
+def test_cancel_a_long_sampling_job(studio, tiny_checkpoints):
+    c = Client(studio[1], verbose=False)
+    job = c.submit(str(tiny_checkpoints[0]), 4, "ddpm", 1000, 0, api_name="/sample_structures")
+    t0 = time.time()
+    while not job.status().progress_data and not job.done() and time.time() - t0 < 60:
+        time.sleep(0.2)  # wait until denoising reports progress
+    assert not job.done()
+    assert c.predict(api_name="/cancel_structures") == "Cancelling…"
+    status, _ = job.result(timeout=60)
+    assert status == "Cancelled."
+
+
+def test_editing_operations():
+    from nudiff_app import editing
+
+    inst = np.zeros((20, 20), np.int32)
+    inst[2:8, 2:8] = 1
+    ring = np.zeros((20, 20), bool)
+    ring[10:16, 10:16] = True
+    ring[11:15, 11:15] = False  # a closed outline: filled into one nucleus
+    touching = np.zeros((20, 20), bool)
+    touching[4:6, 8:12] = True  # touches nucleus 1
+    none = np.zeros((20, 20), bool)
+    out, added = editing.apply_strokes(inst, ring | touching, none, merge_touching=False, min_px=3)
+    assert added == 2 and out.max() == 3 and (out[10:16, 10:16] > 0).all()
+    out, added = editing.apply_strokes(inst, ring | touching, none, merge_touching=True, min_px=3)
+    assert added == 1 and out.max() == 2 and out[5, 10] == out[3, 3]
+    erase = np.zeros((20, 20), bool)
+    erase[2:8, 4:6] = True  # cut nucleus 1 into two pieces of 12 px
+    out, _ = editing.apply_strokes(inst, none, erase, merge_touching=False, min_px=3)
+    assert out.max() == 2
+    out, _ = editing.apply_strokes(inst, none, erase, merge_touching=False, min_px=13)
+    assert out.max() == 0
+    out, k = editing.delete_at(inst, 9, 9, radius=2)  # background near nucleus 1
+    assert k == 1 and out.max() == 0
+    # a brush layer at display resolution maps back onto label pixels
+    s = editing.display_scale(20)
+    layer = np.zeros((20 * s, 20 * s, 4), np.uint8)
+    layer[10 * s:12 * s, 10 * s:12 * s] = (255, 255, 255, 255)
+    layer[0:s, 0:s] = (255, 0, 255, 255)
+    add, er = editing.strokes_from_layer(layer, (20, 20))
+    assert add.sum() == 4 and add[10:12, 10:12].all() and er.sum() == 1 and er[0, 0]

@@ -149,6 +149,13 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     assert "Applied" in _text(page, "ed-status", "Applied")
     assert "edited by hand" in page.locator("#ed-info").inner_text()
     _shot(page, "edit")
+    # clicking a nucleus in the label map deletes it; Undo brings it back
+    n_after = page.locator("#ed-info").inner_text().split(" nuclei")[0].split()[-1]
+    page.locator("#ed-labels img").click()  # the centre: the nucleus just drawn
+    _text(page, "ed-status", "Deleted a nucleus")
+    page.locator("#ed-undo").click()
+    _text(page, "ed-status", "Undone")
+    assert f"{n_after} nuclei" in page.locator("#ed-info").inner_text()
     page.locator("#ed-to-synth").click()
 
     # --- Synthesize: one variant, few steps, add it to the basket
@@ -174,6 +181,12 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
         page.locator("#ex-download").click()
     path = tmp_path / "download.zip"
     dl.value.save_as(path)
+
+    # the basket lives on the server: a reload finds it again
+    page.reload()
+    page.locator("#st-sample").wait_for()
+    _tab(page, "Export")
+    assert "accepted" in _text(page, "ex-info", "pair_0001")
 
     with zipfile.ZipFile(path) as zf:
         names = set(zf.namelist())
