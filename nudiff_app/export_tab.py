@@ -52,7 +52,7 @@ def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Review each pair (image and label side by side, and label outlines over the image), accept "
                 "or reject it, then export the basket as one zip (PNG images, 16-bit TIFF labels, HoVer-Net "
                 "npy, COCO json, QuPath GeoJSON, manifest.csv).")
-    ui.ex_gallery = gr.Gallery(label="Basket (click a pair to review it)", columns=6, height="auto", format="png",
+    ui.ex_gallery = gr.Gallery(label="Basket (click a pair to review it)", columns=6, height=260, format="png",
                                allow_preview=False, object_fit="contain", fit_columns=False, elem_id="ex-gallery")
     ui.ex_info = gr.Markdown(elem_id="ex-info")
     with gr.Row():

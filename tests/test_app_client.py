@@ -245,3 +245,32 @@ def test_editing_operations():
     layer[0:s, 0:s] = (255, 0, 255, 255)
     add, er = editing.strokes_from_layer(layer, (20, 20))
     assert add.sum() == 4 and add[10:12, 10:12].all() and er.sum() == 1 and er[0, 0]
+
+
+def test_stop_and_resume_training(client, labeled_folder, studio):
+    def wait_for(state):
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            text, frame = client.predict(api_name="/training_status")
+            if f"**{state}**" in text:
+                return text, frame
+            assert "**failed**" not in text, text
+            time.sleep(0.5)
+        raise AssertionError(f"training never reached {state}: {text}")
+
+    args = [str(labeled_folder), "t2", "test", 32, "50%", 5000, 0, 2]
+    assert client.predict(*args, api_name="/train_image").startswith("Started image training")
+    while True:  # wait until it has logged some steps
+        text, frame = wait_for("running")
+        if frame and frame.get("data"):
+            break
+    assert client.predict(api_name="/stop_training").startswith("Asked image training to save and stop")
+    text, _ = wait_for("stopped")
+    step = int(text.split("step ")[1].split(" /")[0])
+    assert 0 < step < 5000
+    assert client.predict(api_name="/resume_training").startswith("Resumed image training")
+    wait_for("running")
+    client.predict(api_name="/stop_training")
+    text, _ = wait_for("stopped")
+    assert int(text.split("step ")[1].split(" /")[0]) >= step
+    assert (studio[2] / "runs" / "t2" / "image" / "model.json").exists()
