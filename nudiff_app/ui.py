@@ -115,6 +115,16 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
     demo.load(ui.train_poll, None, ui.train_poll_outputs, api_visibility="private")
     demo.load(ui.train_restore, None, ui.train_restore_outputs, api_visibility="private")
 
+    def refresh_models(s_value, i_value):
+        """Models finished since the page was built appear after a reload."""
+        out = []
+        for kind, value in (("structure", s_value), ("image", i_value)):
+            choices = ctx.list_checkpoints(kind)
+            out.append(gr.update(choices=choices, value=value or (choices[0][1] if choices else None)))
+        return tuple(out)
+
+    demo.load(refresh_models, [ui.st_ckpt, ui.sy_ckpt], [ui.st_ckpt, ui.sy_ckpt], api_visibility="private")
+
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False):
