@@ -40,8 +40,11 @@ def make_scheduler(name: str, cfg: DiffusionConfig | None = None):
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
     if name == "dpm++":
+        # thresholding with max 1.0 clips each x0 prediction to the data range [-1, 1], as DDIM's
+        # clip_sample does; without it the first steps (alpha_bar ~ 4e-5) amplify eps errors wildly.
         return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
-                                           timestep_spacing="trailing", lower_order_final=True)
+                                           timestep_spacing="trailing", lower_order_final=True,
+                                           thresholding=True, sample_max_value=1.0)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
 
 
