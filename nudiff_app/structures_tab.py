@@ -6,6 +6,7 @@ import gradio as gr
 import numpy as np
 
 from engine import render
+from engine.errors import NuDiffError
 from engine.samplers import DEFAULT_STEPS, SAMPLERS
 from nudiff_app.editing import zoom_to
 from nudiff_app.state import AppContext, ui_action
@@ -103,13 +104,9 @@ def wire(ctx: AppContext, ui) -> None:
     def _pick(sess, index):
         with sess.lock:
             if not sess.samples:
-                from engine.errors import NuDiffError
-
                 raise NuDiffError("sample some structures first")
             i = int(index or 0)
             if not 0 <= i < len(sess.samples):
-                from engine.errors import NuDiffError
-
                 raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
             s = sess.samples[i]
             meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import gradio as gr
-import numpy as np
 
-from engine import render
 from engine.errors import NuDiffError
 from engine.samplers import SAMPLERS
 from nudiff_app.editing import label_view, zoom_to
