@@ -189,7 +189,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     import torch
 
     from engine.config import TrainConfig
-    from engine.train import Trainer
+    from engine.train import Trainer, write_status
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -202,7 +202,13 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
         mixed_precision=args.mixed_precision, init_from=args.init_from,
         extra={"sample_size": args.sample_size} if args.sample_size else {})
-    out = Trainer(cfg, args.run_dir, show_progress=not args.quiet).run()
+    try:
+        trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet)
+    except NuDiffError as e:  # let a watching studio see why the job never started
+        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": cfg.total_steps,
+                                    "message": str(e)})
+        raise
+    out = trainer.run()
     print(f"model: {out}")
     return 0
 
@@ -242,6 +248,41 @@ def _collect_labels(items: list[str]) -> list[Path]:
     if not files:
         raise DataError("no label files given")
     return files
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Sample pairs; under `accelerate launch` / torchrun the n pairs are split across the processes
+    (pair i always uses seed + i, so the result equals a single-process run) and the main process writes."""
+    from accelerate import PartialState
+
+    from engine import pipeline
+
+    import torch
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
+    smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure", device=device)
+    imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=device)
+    per = -(-args.n // state.num_processes)
+    start = min(args.n, state.process_index * per)
+    stop = min(args.n, start + per)
+    pairs = []
+    if stop > start:
+        bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
+        pairs = pipeline.generate_pairs(smodel, imodel, stop - start, w=args.w, sampler=args.sampler,
+                                        steps=args.steps, seed=args.seed + start, batch_size=args.batch_size,
+                                        progress=cb)
+        bar.close()
+    if state.num_processes > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * state.num_processes
+        dist.all_gather_object(gathered, pairs)  # in-memory arrays of our own processes
+        pairs = [p for part in gathered for p in part]
+    if state.is_main_process:
+        _save_pairs(pairs, args.out)
+    state.wait_for_everyone()
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,13 +372,5 @@ def _run(args: argparse.Namespace) -> int:
         _save_pairs(pairs, args.out)
         return 0
     if cmd == "generate":
-        smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure",
-                                     device=args.device)
-        imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=args.device)
-        bar, cb = _progress_bar("pairs")
-        pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
-                                        seed=args.seed, batch_size=args.batch_size, progress=cb)
-        bar.close()
-        _save_pairs(pairs, args.out)
-        return 0
+        return _generate(args)
     raise AssertionError(cmd)

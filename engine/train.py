@@ -107,6 +107,14 @@ def read_status(run_dir: str | os.PathLike) -> dict:
         return {}
 
 
+def write_status(run_dir: str | os.PathLike, status: dict) -> None:
+    """Atomically replace the run's status.json (adds 'updated' and 'pid')."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    status = {**status, "updated": time.time(), "pid": os.getpid(), "run_dir": str(run_dir)}
+    atomic_write_bytes(run_dir / "status.json", json.dumps(status).encode())
+
+
 class Trainer:
     """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present."""
 
@@ -228,10 +236,8 @@ class Trainer:
     def _status(self, state: str, message: str = "", loss: float | None = None) -> None:
         if not self.main:
             return
-        st = {"state": state, "kind": self.cfg.kind, "step": self.step, "total": self.cfg.total_steps,
-              "loss": loss, "message": message, "pid": os.getpid(), "updated": time.time(),
-              "run_dir": str(self.run_dir)}
-        atomic_write_bytes(self.run_dir / "status.json", json.dumps(st).encode())
+        write_status(self.run_dir, {"state": state, "kind": self.cfg.kind, "step": self.step,
+                                    "total": self.cfg.total_steps, "loss": loss, "message": message})
 
     def _log_event(self, message: str) -> None:
         with open(self.run_dir / "log.jsonl", "a") as f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -122,5 +123,9 @@ def test_cli_errors_are_readable(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
     r = _cli("generate", "--structure-checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "g"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
+    r = _cli("train-image", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"), "--preset", "test")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "nowhere" in status["message"]
     r = _cli("inspect", str(tmp_path / "nowhere"))
     assert r.returncode == 2 and "Traceback" not in r.stderr
