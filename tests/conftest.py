@@ -12,10 +12,9 @@ import pytest
 def tiny_checkpoints() -> tuple[Path, Path]:
     """(structure, image) checkpoints of the 'test' preset (32 px), trained once on procedural tiles and
     cached by engine.demo (a few seconds the first time on a machine)."""
-    from engine import demo
+    from engine.demo import standin_checkpoints
 
-    build = getattr(demo, "standin_checkpoints", None) or getattr(demo, "test_checkpoints")
-    return tuple(Path(p) for p in build())
+    return standin_checkpoints()
 
 
 @pytest.fixture(scope="session")

