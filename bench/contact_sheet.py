@@ -38,7 +38,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=16)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--sampler", default="dpm++")
+    ap.add_argument("--sampler", default="ddim")
     ap.add_argument("--w", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from engine.errors import NuDiffError
 
-SAMPLER_HELP = "sampler: dpm++ (DPM-Solver++ 2M, fast), ddim, or ddpm (ancestral; paper: 1000 steps)"
+SAMPLER_HELP = "sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M), or ddpm (ancestral; paper: 1000 steps)"
 
 
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -51,7 +51,7 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
-    p.add_argument("--sampler", default="dpm++", choices=["dpm++", "ddim", "ddpm"], help=SAMPLER_HELP)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "ddpm"], help=SAMPLER_HELP)
     p.add_argument("--steps", type=int, default=steps_default, help="denoising steps (default 20 for dpm++)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--batch-size", type=int, default=4)
@@ -101,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="output stem, e.g. checkpoints/structure")
     p.add_argument("--fp32", action="store_true", help="keep fp32 (default fp16 storage)")
     p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
+    p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
     _add_benchmark_commands(sub)
     return ap
 
@@ -323,7 +325,12 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "export-model":
         from engine.checkpoint import export_inference
 
-        extra = {"sample_size": args.sample_size} if args.sample_size else None
+        extra: dict = {"sample_size": args.sample_size} if args.sample_size else {}
+        for item in args.meta:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise NuDiffError(f"--meta expects KEY=VALUE, got {item!r}")
+            extra[key] = value
         print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra))
         return 0
 

@@ -43,7 +43,7 @@ def build(ctx: AppContext, ui) -> None:
                 ui.sy_refresh = gr.Button("↻", scale=0, min_width=40)
             ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.25, label="Guidance scale w")
             with gr.Row():
-                ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="dpm++", label="Sampler")
+                ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
                 ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
                                         elem_id="sy-steps")
             with gr.Row():
