@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import gradio as gr
 import numpy as np
@@ -48,6 +49,16 @@ def pair_view(sess: Session, opacity: float) -> tuple:
     return side, over, text
 
 
+def _exported_items(sess: Session, include_pending: bool) -> list:
+    """Basket items an export would contain: accepted ones, plus those not reviewed yet if asked."""
+    keep = {"accepted", "pending"} if include_pending else {"accepted"}
+    items = [it for it in sess.basket.items if it.status in keep]
+    if not items:
+        raise NuDiffError("nothing to export: no accepted pairs in the basket"
+                          + ("" if include_pending else " (tick 'Include pairs not reviewed yet'?)"))
+    return items
+
+
 def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Review each pair (image and label side by side, and label outlines over the image), accept "
                 "or reject it, then export the basket as one zip (PNG images, 16-bit TIFF labels, HoVer-Net "
@@ -75,6 +86,18 @@ def build(ctx: AppContext, ui) -> None:
         ui.ex_build = gr.Button("Create zip", variant="primary", elem_id="ex-build")
         ui.ex_download = gr.DownloadButton("Download zip", visible=False, elem_id="ex-download")
     ui.ex_status = gr.Markdown(elem_id="ex-status")
+    with gr.Accordion("Quality of the basket", open=False):
+        gr.Markdown("Does the basket look like real data? Alignment of each image with its label (hematoxylin "
+                    "threshold; optionally a segmenter trained on real data) and nucleus morphology compared "
+                    "with a real labeled folder (Wasserstein distance per statistic).")
+        with gr.Row():
+            ui.ex_real = gr.Textbox(label="Real labeled folder on the server (optional)",
+                                    placeholder="/data/my-nuclei (images/ + labels/)", scale=3,
+                                    elem_id="ex-real")
+            ui.ex_segmenter = gr.Textbox(label="Segmenter checkpoint (optional, .json)", scale=2,
+                                         placeholder="runs/evaluate/.../segmenter.json")
+        ui.ex_quality_btn = gr.Button("Assess the pairs that would be exported", elem_id="ex-quality")
+        ui.ex_quality = gr.Markdown(elem_id="ex-quality-report")
 
 
 def wire(ctx: AppContext, ui) -> None:
@@ -147,11 +170,7 @@ def wire(ctx: AppContext, ui) -> None:
         from engine.export import write_zip
 
         sess = ctx.session(sid, request)
-        keep = {"accepted", "pending"} if include_pending else {"accepted"}
-        items = [it for it in sess.basket.items if it.status in keep]
-        if not items:
-            raise NuDiffError("nothing to export: no accepted pairs in the basket"
-                              + ("" if include_pending else " (tick 'Include pairs not reviewed yet'?)"))
+        items = _exported_items(sess, include_pending)
         pairs = []
         for it in items:
             image, inst = sess.basket.arrays(it.id)
@@ -166,6 +185,22 @@ def wire(ctx: AppContext, ui) -> None:
         n_edit = sum(bool(it.meta.get("edited")) for it in items)
         return (f"Exported `{path.name}`: {len(items)} pairs ({n_edit} edited by hand), "
                 f"{path.stat().st_size / 1024:.0f} KiB."), gr.update(value=str(path), visible=True)
+
+    @ui_action(1)
+    def assess(sid, include_pending, real, segmenter, request: gr.Request):
+        from engine.quality import format_quality_markdown, quality_report
+
+        sess = ctx.session(sid, request)
+        pairs = [sess.basket.arrays(it.id) for it in _exported_items(sess, include_pending)]
+        real = (real or "").strip() or None
+        if real is not None and not Path(real).expanduser().is_dir():
+            raise NuDiffError(f"real folder not found: {real}")
+        report = quality_report(pairs, Path(real).expanduser() if real else None,
+                                (segmenter or "").strip() or None)
+        return format_quality_markdown(report)
+
+    ui.ex_quality_btn.click(assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter], ui.ex_quality,
+                            api_name="basket_quality")
 
     ui.ex_build.click(build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],
                       api_name="export_zip")

@@ -49,7 +49,7 @@ def test_api_names_are_stable(client):
                 "/send_to_edit", "/send_to_synthesize", "/edit_upload_label", "/edit_blank", "/edit_apply",
                 "/edit_undo", "/edit_clean", "/edit_delete_at", "/edit_to_synthesize", "/synthesize",
                 "/cancel_synthesis", "/add_to_basket", "/add_all_to_basket", "/show_pair", "/accept_pair",
-                "/reject_pair", "/export_zip"}
+                "/reject_pair", "/export_zip", "/basket_quality"}
     assert expected <= names, expected - names
 
 
@@ -85,7 +85,7 @@ def test_upload_zip_dataset_and_corrupt_zip(client, labeled_folder, tmp_path, st
     assert "refusing" in out[1]
 
 
-def test_generate_edit_basket_export(client, tiny_checkpoints, tmp_path):
+def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, tmp_path):
     s_ckpt, i_ckpt = map(str, tiny_checkpoints)
     status, gallery = client.predict(s_ckpt, 3, "dpm++", 4, 7, api_name="/sample_structures")
     assert status.startswith("Sampled 3 structures") and len(gallery) == 3
@@ -156,6 +156,18 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, tmp_path):
     # only accepted pairs
     status, download = client.predict(["COCO json"], False, api_name="/export_zip")
     assert "1 pairs" in status
+
+    # quality of the same selection against a real folder (cut into tiles of the basket's size)
+    report = client.predict(True, str(labeled_folder), "", api_name="/basket_quality")
+    assert "**Synthetic pairs:** 2 (tile 32 px); **real tiles:** 12" in report
+    row = next(line for line in report.splitlines() if line.startswith("| Hematoxylin Dice"))
+    synth, real = (float(v) for v in row.strip("|").split("|")[1:3])
+    assert 0 <= synth <= 1 and 0 < real <= 1
+    assert "Mean normalised morphology distance:" in report
+    report = client.predict(False, "", "", api_name="/basket_quality")
+    assert "**Synthetic pairs:** 1 (tile 32 px)" in report and "real tiles" not in report
+    report = client.predict(True, "/nonexistent/folder", "", api_name="/basket_quality")
+    assert report.startswith("**Error:**") and "real folder not found" in report
 
 
 def test_wrong_kind_checkpoint_and_errors_keep_the_basket(studio, tiny_checkpoints):
