@@ -94,7 +94,8 @@ def main() -> None:
         evaluate(tiles, "MoNuSeg 256px")
     else:
         print(f"real data not found at {args.data}: skipping the MoNuSeg figures")
-    evaluate([make_tile(256, seed=i)[1] for i in range(args.procedural)], "procedural 256px")
+    if args.procedural > 0:
+        evaluate([make_tile(256, seed=i)[1] for i in range(args.procedural)], "procedural 256px")
 
 
 if __name__ == "__main__":
