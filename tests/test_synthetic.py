@@ -1,8 +1,6 @@
-"""Tests for engine.synthetic: shapes, determinism, plausibility, speed, folder writing."""
+"""Tests for engine.synthetic: shapes, determinism, plausibility, folder writing (speed: bench/engine_speed.py)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -63,18 +61,6 @@ def test_density_and_size_parameters():
         make_tile(8)
     with pytest.raises(ValueError):
         make_tile(64, density=1.5)
-
-
-def test_fast():
-    make_tile(256, seed=0)
-    best = min(_timed(lambda: make_tile(256, seed=s)) for s in range(3))
-    assert best < 0.1  # target < 50 ms; slack for a loaded machine
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @pytest.mark.parametrize("label_format", ["png", "tif", "npy"])
