@@ -302,7 +302,9 @@ def main(argv: list[str] | None = None) -> int:
 def _progress_bar(desc: str):
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1, desc=desc, dynamic_ncols=True)
+    # callbacks count denoising steps (or permille of a pipeline), not items: show a percentage
+    bar = tqdm(total=1, desc=desc, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| [{elapsed}<{remaining}]")
 
     def cb(i: int, n: int) -> None:
         bar.total = n
