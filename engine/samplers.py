@@ -1,8 +1,8 @@
 """Reverse-process samplers: one protocol over diffusers' schedulers, the loop owned by the engine.
 
 * ``ddim``  — DDIM (Song et al. 2021), the default: 20 steps, eta = 1 (DDPM's variance; eta = 0 is
-  deterministic). On the demo models 20 DDIM steps give nuclei morphology as close to real as 100 DDPM
-  steps (docs/benchmarks.md).
+  deterministic). On the demo models 20 DDIM steps give nuclei morphology as close to real as 1000 DDPM
+  steps, at 50x fewer network evaluations (docs/benchmarks.md, section 4).
 * ``dpm++`` — DPM-Solver++(2M) (Lu et al. 2022), x0 clipped to [-1, 1]. Known issue: with the small demo
   structure model it leaves speckle that the watershed splits into fragments; prefer ddim there.
 * ``ddpm``  — ancestral DDPM (paper eq. 5); faithful with all T steps, usable with fewer.
