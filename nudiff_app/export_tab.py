@@ -192,11 +192,11 @@ def wire(ctx: AppContext, ui) -> None:
 
         sess = ctx.session(sid, request)
         pairs = [sess.basket.arrays(it.id) for it in _exported_items(sess, include_pending)]
-        real = (real or "").strip() or None
-        if real is not None and not Path(real).expanduser().is_dir():
+        real = (real or "").strip()
+        real_dir = Path(real).expanduser() if real else None
+        if real_dir is not None and not real_dir.is_dir():
             raise NuDiffError(f"real folder not found: {real}")
-        report = quality_report(pairs, Path(real).expanduser() if real else None,
-                                (segmenter or "").strip() or None)
+        report = quality_report(pairs, real_dir, (segmenter or "").strip() or None)
         return format_quality_markdown(report)
 
     ui.ex_quality_btn.click(assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter], ui.ex_quality,
