@@ -1,6 +1,6 @@
 """Command line: `python -m engine COMMAND --help`. Mirrors the studio's actions.
 
-Commands: inspect, train-structure, train-image, sample-structures, synthesize, generate, export-model,
+Commands: inspect, subset, train-structure, train-image, sample-structures, synthesize, generate, export-model,
 evaluate (downstream segmentation benchmark), quality (synthetic-set quality report).
 Errors meant for the user (bad paths, wrong checkpoints, bad data) are printed without a traceback and
 exit with status 2.
@@ -46,6 +46,8 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
     p.add_argument("--sample-size", type=int, default=None,
                    help="default tile size for sampling recorded in the exported model (default: image size)")
+    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+                   help="stop after this many minutes (saved and exported; run again to resume)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -67,6 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder")
     p.add_argument("--tile-size", type=int, default=256)
     p.add_argument("--stride", type=int, default=128)
+
+    p = sub.add_parser("subset", help="write the paper's labeled subset (a fraction of nuclei) as a tile folder")
+    p.add_argument("data", help="folder of labeled images (images/ + labels/)")
+    p.add_argument("--fraction", required=True, help="fraction of nuclei: 10 (percent) or 0.1")
+    p.add_argument("--out", required=True, help="new output folder: images/ + labels/ + manifest.csv")
+    p.add_argument("--tile-size", type=int, default=256, help="tile size (paper 256)")
+    p.add_argument("--stride", type=int, default=128, help="tile stride (paper 128)")
+    p.add_argument("--seed", type=int, default=0, help="KMeans seed (the evaluate command's --seed)")
 
     p = sub.add_parser("train-structure", help="train (or resume) the unconditional nuclei-structure model")
     _add_train_args(p, "structure")
@@ -93,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--n", type=int, default=8, help="number of pairs")
     p.add_argument("--w", type=float, default=2.0, help="classifier-free guidance scale (paper: 2)")
+    p.add_argument("--size", type=int, default=None, help="tile size in px (default: the image model's)")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
     _add_sampling_args(p)
 
@@ -111,11 +122,12 @@ def _add_benchmark_commands(sub) -> None:
     """`evaluate` and `quality` subcommands (engine.evaluate, engine.quality)."""
     p = sub.add_parser("evaluate", help="train/test segmenters on labeled subsets with and without synthetic pairs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--real", required=True, help="folder of real labeled training images")
+    p.add_argument("--real", default=None, help="folder of real labeled training images (required unless --collect)")
     p.add_argument("--synthetic", action="append", default=None,
                    help="synthetic folder for all fractions, a template such as synth_{pct}, or PCT=DIR "
                         "(repeatable); omit for the labeled arms only")
-    p.add_argument("--test", required=True, help="folder of held-out real labeled images (tested at full size)")
+    p.add_argument("--test", default=None,
+                   help="folder of held-out real labeled images, tested at full size (required unless --collect)")
     p.add_argument("--fractions", default="10,20,50,100", help="labeled fractions of nuclei, in percent")
     p.add_argument("--out", required=True, help="output folder: results.csv/.md/.png/.json, runs/")
     p.add_argument("--steps", type=int, default=2000, help="segmenter training steps per run")
@@ -127,6 +139,11 @@ def _add_benchmark_commands(sub) -> None:
     p.add_argument("--tile-size", type=int, default=256, help="tile size for subset selection (paper 256)")
     p.add_argument("--stride", type=int, default=128, help="tile stride for subset selection (paper 128)")
     p.add_argument("--channels", type=int, default=16, help="segmenter base channels")
+    p.add_argument("--depth", type=int, default=3, help="segmenter downsamplings")
+    p.add_argument("--arms", default="labeled,augmented",
+                   help="arms to run; split arms over processes into one --out, then --collect")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: build the table from the finished runs in --out")
     p.add_argument("--synthetic-share", type=float, default=None,
                    help="share of augmented-arm training crops drawn from synthetic pairs (default: pooled)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
@@ -162,13 +179,21 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
         from engine.evaluate import run_experiment
         from engine.segment import SegmenterConfig
 
+        if args.collect:
+            from engine.evaluate import collect_results
+
+            print(collect_results(args.out).files["md"].read_text())
+            return 0
+        if not args.real or not args.test:
+            raise NuDiffError("evaluate needs --real and --test (or --collect to tabulate finished runs)")
         if args.threads:
             torch.set_num_threads(args.threads)
         result = run_experiment(args.real, _synthetic_spec(args.synthetic), args.test, args.out,
                                 fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
                                 size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
                                 stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
-                                config=SegmenterConfig(base_channels=args.channels),
+                                config=SegmenterConfig(base_channels=args.channels, depth=args.depth),
+                                arms=[a.strip() for a in args.arms.split(",") if a.strip()],
                                 resume=not args.no_resume)
         print(result.files["md"].read_text())
         return 0
@@ -205,13 +230,31 @@ def _train(args: argparse.Namespace, kind: str) -> int:
         mixed_precision=args.mixed_precision, init_from=args.init_from,
         extra={"sample_size": args.sample_size} if args.sample_size else {})
     try:
-        trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet)
+        if args.time_limit is not None and not args.time_limit > 0:
+            raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+        trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet,
+                          time_limit=None if args.time_limit is None else args.time_limit * 60.0)
     except NuDiffError as e:  # let a watching studio see why the job never started
         write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": cfg.total_steps,
                                     "message": str(e)})
         raise
     out = trainer.run()
     print(f"model: {out}")
+    return 0
+
+
+def _subset(args: argparse.Namespace) -> int:
+    """The tiles `evaluate` selects for a fraction, as a folder to train the diffusion models on (the
+    paper trains the models that augment an X% subset on that subset only)."""
+    from engine import export
+    from engine.evaluate import labeled_subset
+
+    chosen, sel = labeled_subset(args.data, args.fraction, tile_size=args.tile_size, stride=args.stride,
+                                 seed=args.seed)
+    pairs = [(t.image, t.inst, {"id": f"{t.stem}_y{t.y}_x{t.x}", "source": t.stem}) for t in chosen]
+    path = export.write_folder(pairs, Path(args.out))
+    print(f"wrote {len(chosen)} of {len(sel.clusters)} tiles ({sel.fraction_reached:.1%} of nuclei, "
+          f"{sel.feature_kind} features) to {path}")
     return 0
 
 
@@ -273,7 +316,7 @@ def _generate(args: argparse.Namespace) -> int:
         bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
         pairs = pipeline.generate_pairs(smodel, imodel, stop - start, w=args.w, sampler=args.sampler,
                                         steps=args.steps, seed=args.seed + start, batch_size=args.batch_size,
-                                        progress=cb)
+                                        size=args.size, progress=cb)
         bar.close()
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -320,6 +363,8 @@ def _run(args: argparse.Namespace) -> int:
 
         print(inspect_folder(args.folder, size=args.tile_size, stride=args.stride).summary())
         return 0
+    if cmd == "subset":
+        return _subset(args)
     if cmd in ("train-structure", "train-image"):
         return _train(args, cmd.split("-")[1])
     if cmd in ("evaluate", "quality"):

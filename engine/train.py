@@ -116,15 +116,24 @@ def write_status(run_dir: str | os.PathLike, status: dict) -> None:
 
 
 class Trainer:
-    """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present."""
+    """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present.
+
+    ``stop`` (polled every step), a file ``run_dir/STOP`` or ``time_limit`` (seconds of this invocation)
+    end training early: the state is saved and the model exported, and running again resumes.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, data: TrainingSet | None = None,
-                 *, stop: Callable[[], bool] | None = None, show_progress: bool = True):
+                 *, stop: Callable[[], bool] | None = None, show_progress: bool = True,
+                 time_limit: float | None = None):
         from accelerate import Accelerator
 
+        if time_limit is not None and not time_limit > 0:
+            raise TrainingError(f"time limit must be positive, got {time_limit} s")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.stop_requested = stop or (lambda: False)
+        self.time_limit = time_limit  # seconds of this invocation; then save, export and stop (resumable)
+        self._started = time.time()
         self.show_progress = show_progress
         mp = cfg.mixed_precision
         if mp == "auto":
@@ -287,7 +296,8 @@ class Trainer:
         return c.lr, c.drop_rate if c.kind == "image" else 0.0
 
     def _should_stop(self) -> bool:
-        local = bool(self.stop_requested()) or (self.run_dir / "STOP").exists()
+        local = (bool(self.stop_requested()) or (self.run_dir / "STOP").exists()
+                 or (self.time_limit is not None and time.time() - self._started >= self.time_limit))
         flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0) if self.acc.num_processes > 1 else local
 
@@ -310,6 +320,7 @@ class Trainer:
             (self.run_dir / "STOP").unlink(missing_ok=True)
             atomic_write_bytes(self.run_dir / "train_config.json", json.dumps(c.to_dict(), indent=2).encode())
         self.acc.wait_for_everyone()
+        self._started = time.time()
         total = c.total_steps
         bar = tqdm(total=total, initial=self.step, disable=not (self.main and self.show_progress),
                    desc=f"train {c.kind}", dynamic_ncols=True)
@@ -368,7 +379,8 @@ class Trainer:
         self.acc.wait_for_everyone()
         out = self.export() if self.main else self.run_dir / "model.json"
         if stopped:
-            self._status("stopped", f"stopped at step {self.step}; run again to resume")
+            why = " (time limit)" if self.time_limit is not None and time.time() - self._started >= self.time_limit else ""
+            self._status("stopped", f"stopped at step {self.step}{why}; run again to resume")
         else:
             if self.main and c.preview_every:
                 self.preview()

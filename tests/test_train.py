@@ -123,3 +123,17 @@ def test_init_from_loads_weights(data, tmp_path):
     ema = load_checkpoint(first).weights_for_inference()
     for k, v in t.ema.state_dict().items():
         assert torch.equal(v, ema[k])
+
+
+def test_time_limit_stops_saves_and_resumes(data, tmp_path):
+    t = Trainer(cfg(steps=10_000, save_every=10_000), tmp_path, data, show_progress=False, time_limit=1.0)
+    out = t.run()
+    st = read_status(tmp_path)
+    step = st["step"]
+    assert st["state"] == "stopped" and "time limit" in st["message"]
+    assert 0 < step < 10_000
+    assert load_checkpoint(tmp_path / "latest").step == step and load_checkpoint(out).step == step
+    again = Trainer(cfg(steps=step + 2, save_every=10_000), tmp_path, data, show_progress=False).run()
+    assert load_checkpoint(again).step == step + 2 and read_status(tmp_path)["state"] == "finished"
+    with pytest.raises(TrainingError, match="time limit"):
+        Trainer(cfg(), tmp_path / "x", data, show_progress=False, time_limit=0)
