@@ -227,16 +227,19 @@ def generate_pairs(
     seed: int = 0,
     batch_size: int = 4,
     min_nuclei: int = 1,
+    size: int | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[Pair]:
     """n synthetic pairs: sample structures, then synthesize an image for each (paper's two steps).
 
-    Structures with fewer than min_nuclei nuclei are kept but flagged in meta['n_nuclei'].
+    ``size``: tile side in px (default: the image model's sampling size; a multiple of the U-Net's
+    downsampling factor). Structures with fewer than min_nuclei nuclei are kept but flagged in
+    meta['n_nuclei'].
     """
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
-    size = image_model.image_size
+    size = _check_size(image_model, size)
     share = structure_steps / (structure_steps + steps)  # fraction of the work spent on structures
 
     def scaled(lo: float, hi: float) -> Progress | None:

@@ -110,6 +110,13 @@ def test_cli_end_to_end(tmp_path, labeled_folder):
              "--steps", "3", "--preview-every", "0", "--quiet")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "model.json").exists()
+    r = _cli("generate", "--structure-checkpoint", str(s), "--image-checkpoint", str(i), "--n", "2", "--steps", "2",
+             "--size", "48", "--out", str(tmp_path / "gen"))
+    assert r.returncode == 0, r.stderr
+    assert [tifffile.imread(p).shape for p in sorted((tmp_path / "gen" / "labels").glob("*.tif"))] == [(48, 48)] * 2
+    r = _cli("generate", "--structure-checkpoint", str(s), "--image-checkpoint", str(i), "--n", "1",
+             "--size", "49", "--out", str(tmp_path / "gen49"))
+    assert r.returncode == 2 and "multiple of" in r.stderr and not (tmp_path / "gen49").exists()
 
 
 def test_cli_errors_are_readable(tmp_path):
