@@ -33,13 +33,13 @@ from typing import Any
 import numpy as np
 
 from engine.checkpoint import atomic_write_bytes
-from engine.data import LabeledImage, Tile, load_folder, plan_subset, tile_image
+from engine.data import LabeledImage, SubsetSelection, Tile, load_folder, plan_subset, tile_image
 from engine.errors import DataError, NuDiffError
 from engine.metrics import aji, aji_plus, dice, pq
 from engine.segment import Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
 
 __all__ = ["METRICS", "ARMS", "ExperimentResult", "parse_fractions", "resolve_synthetic", "evaluate_segmenter",
-           "image_metrics", "run_experiment", "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
+           "image_metrics", "run_experiment", "collect_results", "labeled_subset", "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
@@ -188,6 +188,7 @@ def run_experiment(
     device: str = "auto",
     config: SegmenterConfig | None = None,
     synthetic_share: float | None = None,
+    arms: Sequence[str] = ARMS,
     save_models: bool = True,
     resume: bool = True,
     log: Log | None = print,
@@ -207,6 +208,9 @@ def run_experiment(
         steps, size, batch_size, lr, device, config: segmenter training (same for both arms).
         synthetic_share: in the augmented arm, the share of training crops drawn from synthetic pairs
             (e.g. 0.5); None pools real and synthetic pairs (crops area-weighted), as in the paper.
+        arms: which arms to run ("labeled", "augmented"); the table holds the runs of this call only, so
+            runs split over several calls (or processes) into one ``out_dir`` are merged by
+            :func:`collect_results`.
         log: called with one line per event (None: silent). progress: (runs done, runs total).
     Returns:
         ExperimentResult; files results.csv / .md / .png / .json are in ``out_dir``.
@@ -216,6 +220,9 @@ def run_experiment(
         raise NuDiffError(f"synthetic_share must be in (0, 1), got {synthetic_share}")
     if repeats < 1:
         raise NuDiffError(f"repeats must be >= 1, got {repeats}")
+    arms = tuple(dict.fromkeys(arms))
+    if not arms or any(a not in ARMS for a in arms):
+        raise NuDiffError(f"arms must be among {', '.join(ARMS)}, got {', '.join(map(str, arms)) or 'none'}")
     say = log or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -230,15 +237,17 @@ def run_experiment(
                 "tile_size": tile_size, "stride": stride, "n_clusters": n_clusters, "seed": seed,
                 "synthetic_share": synthetic_share,
                 "test": [(t.stem, t.inst.shape, int(t.inst.max())) for t in test_items]}
-    plan = [(f, arm, r) for f in fracs for arm in ARMS for r in range(repeats)
+    plan = [(f, arm, r) for f in fracs for arm in arms for r in range(repeats)
             if arm == "labeled" or synth_dirs[f] is not None]
+    if not plan:
+        raise NuDiffError("nothing to run: the augmented arm needs a synthetic folder for its fractions")
     runs: list[dict[str, Any]] = []
     for f in fracs:
         selection = plan_subset(tiles, f, n_clusters=n_clusters, seed=seed)
         subset = [tiles[i] for i in selection.indices]
         say(f"{_pct(f)}%: {len(subset)} of {len(tiles)} tiles, {selection.fraction_reached:.1%} of nuclei "
             f"({selection.feature_kind} features)")
-        for arm in ARMS:
+        for arm in arms:
             folder = synth_dirs[f]
             if arm == "augmented" and folder is None:
                 continue
@@ -269,6 +278,53 @@ def run_experiment(
     return ExperimentResult(rows, runs, out, files)
 
 
+def labeled_subset(real: str | Path | Sequence[Any], fraction: float | str, *, tile_size: int = 256,
+                   stride: int = 128, n_clusters: int = 6, seed: int = 0) -> tuple[list[Tile], SubsetSelection]:
+    """The subset tiles :func:`run_experiment` trains its segmenters on for ``fraction`` (same tiling,
+    selection and seed), e.g. to train the diffusion models that augment that subset on it alone.
+    Returns (selected tiles in selection order, the SubsetSelection)."""
+    f, = parse_fractions([fraction])
+    tiles = _tiles(_as_items(real, "real training images"), tile_size, stride)
+    selection = plan_subset(tiles, f, n_clusters=n_clusters, seed=seed)
+    return [tiles[i] for i in selection.indices], selection
+
+
+def collect_results(out_dir: str | Path, log: Log | None = print) -> ExperimentResult:
+    """Build the table from every finished run in ``out_dir/runs`` (e.g. arms run by separate processes
+    or calls of :func:`run_experiment` into one folder): writes results.csv / .md / .png / .json.
+
+    Runs whose settings differ from the others (other steps, crop size, test images, ...) would not be
+    comparable: DataError naming them. DataError if no finished run is found.
+    """
+    out = Path(out_dir)
+    runs, keys = [], {}
+    for path in sorted((out / "runs").glob("*/metrics.json")):
+        try:
+            run = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise DataError(f"unreadable run record {path}: {e}") from None
+        runs.append(run)
+        keys[run.get("name", path.parent.name)] = _fingerprint(run.get("settings"))
+    if not runs:
+        raise DataError(f"no finished runs in {out / 'runs'}")
+    if len(set(keys.values())) > 1:
+        raise DataError("runs in " + str(out) + " were made with different settings: "
+                        + ", ".join(sorted(keys)) + " (use one output folder per experiment)")
+    fracs = sorted({float(r["fraction"]) for r in runs})
+    rows = _table_rows(runs, fracs)
+    files = write_table(rows, out)
+    files["png"] = plot_results(rows, out / "results.png")
+    record = {"settings": runs[0].get("settings"), "fractions": fracs,
+              "repeats": max(r["repeats"] for r in rows),
+              "synthetic": {_pct(r["fraction"]): r.get("synthetic") for r in runs if r["arm"] == "augmented"},
+              "test_images": sorted(runs[0].get("per_image", {})), "rows": rows, "runs": runs}
+    atomic_write_bytes(out / "results.json", json.dumps(record, indent=2, default=str).encode())
+    files["json"] = out / "results.json"
+    if log:
+        log(f"results of {len(runs)} runs: {files['md']}")
+    return ExperimentResult(rows, runs, out, files)
+
+
 def _tiles(items: list[LabeledImage], size: int, stride: int) -> list[Tile]:
     """All tiles of the real training images (images smaller than ``size`` become one tile each)."""
     tiles: list[Tile] = []
@@ -291,8 +347,9 @@ def _load_synthetic(folder: Path, cache: dict[Path, list[LabeledImage]]) -> list
 def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: list[LabeledImage],
              test_items: Sequence[LabeledImage], nuclei_fraction: float, *, device: str, cfg: SegmenterConfig,
              save_model: bool, resume: bool, say: Log) -> dict[str, Any]:
-    """Train one segmenter, test it, write runs/<name>/metrics.json; reuse a finished identical run."""
-    key = _fingerprint(spec)
+    """Train one segmenter, test it, write runs/<name>/metrics.json; reuse a finished identical run
+    (same settings, subset and synthetic pairs, wherever the synthetic folder now lies)."""
+    key = _fingerprint({k: v for k, v in spec.items() if k != "synthetic"})
     metrics_path = run_dir / "metrics.json"
     name = run_dir.name
     if resume and metrics_path.is_file():
@@ -317,10 +374,15 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
     run = {"key": key, "name": name, "fraction": spec["fraction"], "arm": spec["arm"], "repeat": spec["repeat"],
            "train_seed": spec["train_seed"], "n_real_tiles": len(subset), "n_synthetic": len(extra),
            "nuclei_fraction": nuclei_fraction, "synthetic": spec["synthetic"], "train_seconds": round(train_s, 1),
-           "final_loss": float(np.mean(loss[-20:])) if loss else None, "mean": mean, "per_image": per_image}
+           "final_loss": float(np.mean(loss[-20:])) if loss else None, "mean": mean, "per_image": per_image,
+           "settings": {k: spec[k] for k in _SHARED if k in spec}}
     atomic_write_bytes(metrics_path, json.dumps(run, indent=2).encode())
     say(f"{name}: " + ", ".join(f"{m} {mean[m]:.4f}" for m in METRICS) + f" ({train_s:.0f} s training)")
     return run
+
+
+_SHARED = ("steps", "size", "batch_size", "lr", "config", "tile_size", "stride", "n_clusters", "seed",
+           "synthetic_share", "test")
 
 
 def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],

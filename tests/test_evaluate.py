@@ -131,3 +131,77 @@ def test_synthetic_share_weights():
     areas = [64 * 64] * 5
     total = sum(a * x for a, x in zip(areas, w))
     assert sum(a * x for a, x in zip(areas[3:], w[3:])) / total == pytest.approx(0.25)
+
+
+def test_arms_split_over_calls_are_collected_into_one_table(experiment, folders, tmp_path):
+    """Arms run separately (as by parallel processes) into one folder give the table of one run."""
+    import shutil
+
+    from engine.evaluate import collect_results
+
+    result, _ = experiment
+    moved = tmp_path / "moved_synth"
+    shutil.copytree(folders["synth"], moved)  # the synthetic folder's location does not matter to resume
+    out = tmp_path / "split"
+    first = run_experiment(folders["real"], None, folders["test"], out, fractions="50,100", arms=["labeled"],
+                           log=None, **FAST)
+    assert [r["training_data"] for r in first.rows] == ["50% labeled", "100% labeled"]
+    lines: list[str] = []
+    second = run_experiment(folders["real"], moved, folders["test"], out, fractions="50,100", arms=["augmented"],
+                            log=lines.append, **FAST)
+    assert [r["training_data"] for r in second.rows] == ["50% augmented", "100% augmented"]
+    assert not any("reusing" in line for line in lines)
+    merged = collect_results(out, log=None)
+    assert merged.rows == result.rows  # same seeds and data: the same numbers as the single call
+    assert (out / "results.md").read_text() == (result.out_dir / "results.md").read_text()
+    lines.clear()
+    run_experiment(folders["real"], moved, folders["test"], result.out_dir, fractions="50,100", log=lines.append,
+                   **FAST)
+    assert sum("reusing finished run" in line for line in lines) == 4
+    with pytest.raises(NuDiffError, match="arms"):
+        run_experiment(folders["real"], None, folders["test"], out, arms=["both"], log=None, **FAST)
+    with pytest.raises(NuDiffError, match="nothing to run"):
+        run_experiment(folders["real"], None, folders["test"], out, arms=["augmented"], log=None, **FAST)
+
+
+def test_collect_refuses_runs_with_different_settings(experiment, folders, tmp_path):
+    import shutil
+
+    from engine.evaluate import collect_results
+
+    result, _ = experiment
+    with pytest.raises(DataError, match="no finished runs"):
+        collect_results(tmp_path / "empty", log=None)
+    out = tmp_path / "mixed"
+    shutil.copytree(result.out_dir / "runs", out / "runs")
+    run_experiment(folders["real"], None, folders["test"], out, fractions="20",
+                   **{**FAST, "steps": 5}, log=None)
+    with pytest.raises(DataError, match="different settings"):
+        collect_results(out, log=None)
+
+
+def test_subset_command_writes_the_evaluated_subset(folders, tmp_path, capsys):
+    from engine.evaluate import labeled_subset
+
+    tiles, sel = labeled_subset(folders["real"], 50, tile_size=64, stride=64)
+    rc = main(["subset", str(folders["real"]), "--fraction", "50", "--out", str(tmp_path / "sub"),
+               "--tile-size", "64", "--stride", "64"])
+    assert rc == 0 and f"wrote {len(tiles)} of 4 tiles" in capsys.readouterr().out
+    items = load_folder(tmp_path / "sub")[0]
+    assert len(items) == len(tiles) == len(sel.indices) < 4
+    for item, tile in zip(sorted(items, key=lambda i: i.stem),
+                          sorted(tiles, key=lambda t: f"{t.stem}_y{t.y}_x{t.x}")):
+        assert item.stem == f"{tile.stem}_y{tile.y}_x{tile.x}"
+        assert np.array_equal(item.image, tile.image)
+        assert int(item.inst.max()) == int(tile.inst.max())  # relabelled 1..n on export
+        assert np.array_equal(item.inst > 0, tile.inst > 0)
+    rc = main(["subset", str(folders["real"]), "--fraction", "50", "--out", str(tmp_path / "sub")])
+    assert rc == 2 and "not empty" in capsys.readouterr().err
+
+
+def test_collect_from_the_cli(experiment, capsys):
+    result, _ = experiment
+    assert main(["evaluate", "--collect", "--out", str(result.out_dir)]) == 0
+    assert "| 100% augmented |" in capsys.readouterr().out
+    assert main(["evaluate", "--out", str(result.out_dir)]) == 2
+    assert "--real and --test" in capsys.readouterr().err
