@@ -95,6 +95,37 @@ def main() -> None:
     print(f"instances_to_structure        {1000 * t_fwd:7.1f} ms")
     print(f"structure_to_instances        {1000 * t_inv:7.1f} ms (target <= 10)")
 
+    print("\n## Diffusion training batch (16 augmented 128 px tiles; the CPU work of every training step)")
+    import torch
+
+    from engine.structure import dihedral
+    from engine.train import TrainingSet
+
+    tiles = [make_tile(128, seed=i) for i in range(32)]
+    data = TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
+    gen = torch.Generator().manual_seed(0)
+    data.batch(list(range(32)), gen)  # structures are computed once, on first use
+
+    def recompute() -> None:  # baseline: the structure of every augmented instance map, every step
+        for i in range(16):
+            k, flip = i % 4, bool(i % 2)
+            img, inst = np.rot90(data.images[i], k), np.rot90(data.insts[i], k)
+            if flip:
+                img, inst = img[:, ::-1], inst[:, ::-1]
+            np.ascontiguousarray(img)
+            instances_to_structure(np.ascontiguousarray(inst))
+
+    def cached() -> None:
+        for i in range(16):
+            dihedral(data.images[i], data.structure(i), i % 4, bool(i % 2))
+
+    t_base = best_of(recompute, args.repeat)
+    t_new = best_of(cached, args.repeat)
+    t_batch = best_of(lambda: data.batch(list(range(16)), gen), args.repeat)
+    print(f"baseline: recompute structures  {1000 * t_base:7.1f} ms")
+    print(f"cached structure + dihedral     {1000 * t_new:7.1f} ms  ({t_base / t_new:5.1f}x faster than baseline)")
+    print(f"TrainingSet.batch (with tensors){1000 * t_batch:7.1f} ms")
+
 
 if __name__ == "__main__":
     main()

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
-from engine.structure import instances_to_structure, structure_to_instances
+from engine.structure import dihedral, instances_to_structure, structure_to_instances
 
 __all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "load_segmenter", "as_image_label_pairs",
            "dihedral", "segmenter_paths", "FORMAT"]
@@ -171,25 +171,6 @@ def as_image_label_pairs(pairs: Sequence[Any], what: str = "training pairs") -> 
     if not out:
         raise DataError(f"no {what}")
     return out
-
-
-def dihedral(image: np.ndarray, structure: np.ndarray, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Apply an optional left-right flip, then ``k`` counter-clockwise quarter turns (``np.rot90``) to an
-    (H, W, C) image and its (H, W, 3) structure, fixing the distance maps so that the result equals
-    ``instances_to_structure`` of the transformed instance map.
-
-    A flip negates the horizontal map; each quarter turn makes (h, v) -> (v, -h).
-    """
-    s = structure
-    if flip:
-        image = image[:, ::-1]
-        s = s[:, ::-1].copy()
-        s[..., 1] = -s[..., 1]
-    for _ in range(k % 4):
-        image = np.rot90(image)
-        s = np.rot90(s)
-        s = np.stack([s[..., 0], s[..., 2], -s[..., 1]], axis=-1)
-    return np.ascontiguousarray(image), np.ascontiguousarray(s)
 
 
 @dataclass

@@ -22,7 +22,7 @@ import numpy as np
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-__all__ = ["instances_to_structure", "structure_to_instances", "relabel"]
+__all__ = ["instances_to_structure", "structure_to_instances", "relabel", "dihedral"]
 
 
 def relabel(inst: np.ndarray) -> np.ndarray:
@@ -64,6 +64,24 @@ def instances_to_structure(inst: np.ndarray) -> np.ndarray:
         hor[sl][ys, xs] = _normalise_sides(dx)
         ver[sl][ys, xs] = _normalise_sides(dy)
     return out
+
+
+def dihedral(image: np.ndarray, structure: np.ndarray, k: int, flip: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Apply an optional left-right flip, then ``k`` counter-clockwise quarter turns (``np.rot90``) to an
+    (H, W, C) image and its (H, W, 3) structure, fixing the distance maps so that the result equals
+    ``instances_to_structure`` of the transformed instance map.
+
+    A flip negates the horizontal map; each quarter turn makes (h, v) -> (v, -h).
+    """
+    k %= 4
+    if flip:
+        image, structure = image[:, ::-1], structure[:, ::-1]
+    image, s = np.rot90(image, k), np.rot90(structure, k)  # views; one copy each below
+    h, v = (-s[..., 1], s[..., 2]) if flip else (s[..., 1], s[..., 2])
+    h, v = ((h, v), (v, -h), (-h, -v), (-v, h))[k]  # k quarter turns of (h, v) -> (v, -h)
+    out = np.empty(s.shape, np.result_type(structure.dtype, np.float32))
+    out[..., 0], out[..., 1], out[..., 2] = s[..., 0], h, v
+    return np.ascontiguousarray(image), out
 
 
 def _object_slices(inst: np.ndarray):

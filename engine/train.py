@@ -22,7 +22,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,7 +36,7 @@ from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_infe
 from engine.config import DiffusionConfig, TrainConfig, preset
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, TrainingError
-from engine.structure import instances_to_structure, structure_to_instances
+from engine.structure import dihedral, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
 __all__ = ["TrainingSet", "Trainer", "train", "read_status"]
@@ -44,11 +44,18 @@ __all__ = ["TrainingSet", "Trainer", "train", "read_status"]
 
 @dataclass
 class TrainingSet:
-    """Tiles held in memory: images (N, S, S, 3) uint8 and instance maps (N, S, S) int32."""
+    """Tiles held in memory: images (N, S, S, 3) uint8 and instance maps (N, S, S) int32.
+
+    The nuclei structure of each tile is computed once, on first use, and kept as float16 (N, S, S, 3);
+    augmented batches transform it with :func:`engine.structure.dihedral`, which gives exactly the
+    structure of the transformed instance map without recomputing the distance maps every step.
+    """
 
     images: np.ndarray
     insts: np.ndarray
     fingerprint: str
+    structures: np.ndarray | None = field(default=None, repr=False)
+    _have: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def from_arrays(cls, images: list[np.ndarray], insts: list[np.ndarray]) -> "TrainingSet":
@@ -78,21 +85,29 @@ class TrainingSet:
     def __len__(self) -> int:
         return len(self.images)
 
+    def structure(self, i: int) -> np.ndarray:
+        """(S, S, 3) float32 structure of tile i (computed once, kept as float16)."""
+        if self.structures is None:
+            self.structures = np.zeros(self.images.shape[:3] + (3,), np.float16)
+            self._have = np.zeros(len(self.images), bool)
+        if not self._have[i]:
+            self.structures[i] = instances_to_structure(self.insts[i])
+            self._have[i] = True
+        return self.structures[i].astype(np.float32)
+
     def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Augmented batch: images (B, 3, S, S) and structures (B, 3, S, S), float32 in [-1, 1].
 
-        The same random flip / 90-degree rotation is applied to image and instance map; the structure
-        is computed after augmentation, so its distance maps stay correct.
+        The same random flip / 90-degree rotation is applied to image and structure (distance maps
+        transformed with it, engine.structure.dihedral), so they stay aligned and exact.
         """
         ims, sts = [], []
         for i in idx:
             k = int(torch.randint(0, 4, (1,), generator=gen))
             flip = bool(torch.randint(0, 2, (1,), generator=gen))
-            im, inst = np.rot90(self.images[i], k), np.rot90(self.insts[i], k)
-            if flip:
-                im, inst = im[:, ::-1], inst[:, ::-1]
-            ims.append(np.ascontiguousarray(im))
-            sts.append(instances_to_structure(np.ascontiguousarray(inst)))
+            im, st = dihedral(self.images[i], self.structure(i), k, flip)
+            ims.append(im)
+            sts.append(st)
         x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
         y = torch.from_numpy(np.stack(sts)).permute(0, 3, 1, 2).contiguous()
         return x, y
