@@ -7,7 +7,7 @@ synthetic pairs are generated, and a segmenter is trained on subset + pairs; for
 the three held-out images of bench/evaluate_monuseg.py; the table is collected into WORK/evaluate.
 
 Each step is a ``python -m engine`` command (logs in WORK/logs); independent steps run concurrently
-(--parallel), which on one GPU keeps it busy with these small models. Running again resumes: finished
+(--parallel). Running again resumes: finished
 steps are skipped, interrupted trainings resume.
 
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 \\
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seg-depth", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=None,
-                    help="concurrent jobs (default: 8 with a GPU, 1 on CPU)")
+                    help="concurrent jobs (default: 4 with a GPU, 1 on CPU; 16 jobs on one H100 with 16 cores "
+                         "starved each other, docs/benchmarks.md section 6)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
     return ap
 
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.evaluate import collect_results
 
     gpu = torch.cuda.is_available()
-    parallel = args.parallel or (8 if gpu else 1)
+    parallel = args.parallel or (4 if gpu else 1)
     threads = max(1, (os.cpu_count() or 2) // parallel)
     args.work.mkdir(parents=True, exist_ok=True)
     real, test = prepare_split(args.data, args.work)
