@@ -49,12 +49,15 @@ def pair_view(sess: Session, opacity: float) -> tuple:
     return side, over, text
 
 
-def _exported_items(sess: Session, include_pending: bool) -> list:
-    """Basket items an export would contain: accepted ones, plus those not reviewed yet if asked."""
+def _exported_items(sess: Session, include_pending: bool, action: str = "export") -> list:
+    """Basket items an export would contain: accepted ones, plus those not reviewed yet if asked.
+
+    ``action`` names what the user asked for ("export", "assess") in the error raised when there are none.
+    """
     keep = {"accepted", "pending"} if include_pending else {"accepted"}
     items = [it for it in sess.basket.items if it.status in keep]
     if not items:
-        raise NuDiffError("nothing to export: no accepted pairs in the basket"
+        raise NuDiffError(f"nothing to {action}: no accepted pairs in the basket"
                           + ("" if include_pending else " (tick 'Include pairs not reviewed yet'?)"))
     return items
 
@@ -191,7 +194,7 @@ def wire(ctx: AppContext, ui) -> None:
         from engine.quality import format_quality_markdown, quality_report
 
         sess = ctx.session(sid, request)
-        pairs = [sess.basket.arrays(it.id) for it in _exported_items(sess, include_pending)]
+        pairs = [sess.basket.arrays(it.id) for it in _exported_items(sess, include_pending, "assess")]
         real = (real or "").strip()
         real_dir = Path(real).expanduser() if real else None
         if real_dir is not None and not real_dir.is_dir():

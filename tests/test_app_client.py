@@ -173,6 +173,11 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
 def test_wrong_kind_checkpoint_and_errors_keep_the_basket(studio, tiny_checkpoints):
     c = Client(studio[1], verbose=False)
     s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    # a new session's basket is empty: each action says so in its own words
+    report = c.predict(True, "", "", api_name="/basket_quality")
+    assert report.startswith("**Error:**") and "nothing to assess" in report
+    status, _ = c.predict([], True, api_name="/export_zip")
+    assert status.startswith("**Error:**") and "nothing to export" in status
     status, _ = c.predict(i_ckpt, 2, "dpm++", 3, 0, api_name="/sample_structures")
     assert status.startswith("**Error:**") and "image model" in status and "structure model is needed" in status
     status, _ = c.predict("/nonexistent/model.json", 2, "dpm++", 3, 0, api_name="/sample_structures")
