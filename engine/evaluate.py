@@ -39,7 +39,8 @@ from engine.metrics import aji, aji_plus, dice, pq
 from engine.segment import Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
 
 __all__ = ["METRICS", "ARMS", "ExperimentResult", "parse_fractions", "resolve_synthetic", "evaluate_segmenter",
-           "image_metrics", "run_experiment", "collect_results", "labeled_subset", "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
+           "image_metrics", "run_experiment", "collect_results", "labeled_subset", "format_markdown", "write_table",
+           "plot_results", "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")

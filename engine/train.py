@@ -310,9 +310,11 @@ class Trainer:
             return c.finetune_lr, c.finetune_drop_rate
         return c.lr, c.drop_rate if c.kind == "image" else 0.0
 
+    def _out_of_time(self) -> bool:
+        return self.time_limit is not None and time.time() - self._started >= self.time_limit
+
     def _should_stop(self) -> bool:
-        local = (bool(self.stop_requested()) or (self.run_dir / "STOP").exists()
-                 or (self.time_limit is not None and time.time() - self._started >= self.time_limit))
+        local = bool(self.stop_requested()) or (self.run_dir / "STOP").exists() or self._out_of_time()
         flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0) if self.acc.num_processes > 1 else local
 
@@ -394,7 +396,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         out = self.export() if self.main else self.run_dir / "model.json"
         if stopped:
-            why = " (time limit)" if self.time_limit is not None and time.time() - self._started >= self.time_limit else ""
+            why = " (time limit)" if self._out_of_time() else ""
             self._status("stopped", f"stopped at step {self.step}{why}; run again to resume")
         else:
             if self.main and c.preview_every:
