@@ -75,10 +75,15 @@ def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
 
     if threading.current_thread() is not threading.main_thread():
         pytest.skip("SIGINT is delivered to the main thread")
-    t = threading.Thread(target=interrupt)
-    t.start()
-    run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
-    t.join()
+    # a shell's background job (`cmd &`) starts with SIGINT ignored; Ctrl-C is what is being tested
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        t = threading.Thread(target=interrupt)
+        t.start()
+        run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
+        t.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert jobs[0].state == "interrupted" and jobs[1].state == "waiting"
     assert jobs[0].proc.returncode not in (None, 0)  # stopped by the signal, not run to its end
     assert "KeyboardInterrupt" in (tmp_path / "logs" / "sleeper.log").read_text()
