@@ -14,4 +14,4 @@ Modules, one concept each:
     pipeline    generation API shared by the CLI and the studio
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -191,20 +191,30 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
 
 
 def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True,
-                     extra: dict[str, Any] | None = None) -> Path:
-    """Write the EMA weights of a training checkpoint as a small inference checkpoint (fp16 if half).
+                     extra: dict[str, Any] | None = None, reference: torch.Tensor | None = None) -> Path:
+    """Write the EMA weights of a training (or inference) checkpoint as a small inference checkpoint
+    (fp16 if half). Tensors ``reference.*`` (a structure model's layout reference, engine.curate) are
+    copied as they are.
 
     extra: more record fields, e.g. ``sample_size`` (default tile size for sampling).
+    reference: (N, 5) float32 layout features to store as ``reference.layout``, replacing any copied one.
     """
     ck = load_checkpoint(src)
     sd = ck.weights_for_inference()
     dtype = torch.float16 if half else torch.float32
     tensors = {f"model.{k}": v.to(dtype) for k, v in sd.items()}
+    tensors.update({k: v for k, v in ck.tensors.items() if k.startswith("reference.")})
+    if reference is not None:
+        tensors["reference.layout"] = torch.as_tensor(reference, dtype=torch.float32)
     keep = {k: v for k, v in ck.record.items()
             if k not in ("format", "kind", "contents", "engine_version", "created", "step", "model",
                          "diffusion", "weights_file", "weights_sha256")}
     keep.pop("optimizer", None)
-    keep["exported_from"] = {"path": str(ck.path.name), "sha256": ck.sha256}
+    source = {"path": str(ck.path.name), "sha256": ck.sha256}
+    if ck.record.get("contents") == "inference" and "exported_from" in keep:
+        keep["reexported_from"] = source  # keep the training checkpoint it first came from
+    else:
+        keep["exported_from"] = source
     keep.update(extra or {})
     return save_checkpoint(dst, tensors, kind=ck.kind, model=ck.model_config, diffusion=ck.diffusion_config,
                            contents="inference", step=ck.step, extra=keep)

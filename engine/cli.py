@@ -60,6 +60,23 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = N
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+def _add_curation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--oversample", type=float, default=1.0,
+                   help="layout realism filter: sample this many times more structures and keep those whose "
+                        "layouts best follow the real ones (1 = off; 2-4 typical)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="real labeled images for the filter (default: the reference stored in the structure model)")
+
+
+def _reference(args: argparse.Namespace, model) -> "np.ndarray | None":
+    """Layout reference from --reference DIR at the sampling size, or None (use the model's)."""
+    if not getattr(args, "reference", None):
+        return None
+    from engine.curate import reference_from_folder
+
+    return reference_from_folder(args.reference, args.size or model.image_size)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -89,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="tile size (default: the model's)")
     p.add_argument("--out", required=True, help="output folder: labels/*.tif, structures/*.npy, previews/*.png")
     _add_sampling_args(p)
+    _add_curation_args(p)
 
     p = sub.add_parser("synthesize", help="synthesize images for given label maps with guidance scale w")
     p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
@@ -106,14 +124,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="tile size in px (default: the image model's)")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
     _add_sampling_args(p)
+    _add_curation_args(p)
 
     p = sub.add_parser("export-model", help="write the EMA weights of a training run as a small checkpoint")
-    p.add_argument("src", help="training checkpoint (e.g. RUN/latest.json)")
+    p.add_argument("src", help="training checkpoint (e.g. RUN/latest.json), or an inference one to re-export")
     p.add_argument("dst", help="output stem, e.g. checkpoints/structure")
     p.add_argument("--fp32", action="store_true", help="keep fp32 (default fp16 storage)")
     p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
+    p.add_argument("--reference", default=None, metavar="DIR",
+                   help="structure model: store the layout reference of these real labeled images (the training "
+                        "data) for the realism filter (generate --oversample)")
     _add_benchmark_commands(sub)
     return ap
 
@@ -297,7 +319,9 @@ def _collect_labels(items: list[str]) -> list[Path]:
 
 def _generate(args: argparse.Namespace) -> int:
     """Sample pairs; under `accelerate launch` / torchrun the n pairs are split across the processes
-    (pair i always uses seed + i, so the result equals a single-process run) and the main process writes."""
+    (pair i always uses seed + i, so the result equals a single-process run) and the main process writes.
+    With --oversample each process filters its own share of the candidates, so the kept set depends on the
+    number of processes."""
     from accelerate import PartialState
 
     from engine import pipeline
@@ -316,7 +340,8 @@ def _generate(args: argparse.Namespace) -> int:
         bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
         pairs = pipeline.generate_pairs(smodel, imodel, stop - start, w=args.w, sampler=args.sampler,
                                         steps=args.steps, seed=args.seed + start, batch_size=args.batch_size,
-                                        size=args.size, progress=cb)
+                                        size=args.size, oversample=args.oversample,
+                                        reference=_reference(args, imodel), progress=cb)
         bar.close()
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -378,7 +403,17 @@ def _run(args: argparse.Namespace) -> int:
             if not sep or not key:
                 raise NuDiffError(f"--meta expects KEY=VALUE, got {item!r}")
             extra[key] = value
-        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra))
+        reference = None
+        if args.reference:
+            from engine.checkpoint import load_checkpoint
+            from engine.curate import reference_from_folder
+
+            ck = load_checkpoint(args.src)
+            if ck.kind != "structure":
+                raise NuDiffError("--reference applies to structure models only")
+            size = args.sample_size or ck.record.get("sample_size") or ck.model_config.image_size
+            reference = reference_from_folder(args.reference, int(size))
+        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference))
         return 0
 
     import numpy as np
@@ -394,7 +429,8 @@ def _run(args: argparse.Namespace) -> int:
         model = pipeline.load_model(_checkpoint(args.checkpoint, "structure"), kind="structure", device=args.device)
         bar, cb = _progress_bar("structures")
         samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                             size=args.size, batch_size=args.batch_size, progress=cb)
+                                             size=args.size, batch_size=args.batch_size, oversample=args.oversample,
+                                             reference=_reference(args, model), progress=cb)
         bar.close()
         out = Path(args.out)
         for sub in ("labels", "structures", "previews"):

@@ -16,13 +16,14 @@ import torch
 
 from engine.checkpoint import load_checkpoint
 from engine.config import DiffusionConfig, UNetConfig
+from engine.curate import REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
-           "generate_pairs", "resolve_device", "Progress"]
+           "generate_pairs", "resolve_device", "Progress", "curate_structures"]
 
 Progress = Callable[[int, int], None]
 
@@ -45,6 +46,7 @@ class LoadedModel:
     sha256: str
     step: int
     sample_size: int | None = None
+    layout_reference: np.ndarray | None = None  # (N, 5) float32 engine.curate features of the training tiles
 
     @property
     def image_size(self) -> int:
@@ -66,8 +68,9 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
         raise CheckpointError(f"{ck.path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
     dev = resolve_device(device)
     model.to(dev).eval().requires_grad_(False)
+    ref = ck.tensors.get(REFERENCE_KEY)
     return LoadedModel(ck.kind, model, ck.model_config, ck.diffusion_config, ck.path, ck.sha256, ck.step,
-                       ck.record.get("sample_size"))
+                       ck.record.get("sample_size"), None if ref is None else ref.float().numpy())
 
 
 @dataclass
@@ -134,25 +137,49 @@ def sample_structures(
     seed: int = 0,
     size: int | None = None,
     batch_size: int = 8,
+    oversample: float = 1.0,
+    reference: np.ndarray | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[StructureSample]:
-    """Sample n nuclei structures (seeds seed..seed+n-1) and their instance maps (watershed)."""
+    """Sample n nuclei structures and their instance maps (watershed).
+
+    oversample > 1 turns on the layout realism filter (engine.curate): ceil(n * oversample) structures
+    are sampled (seeds seed, seed+1, ...) and n of them kept, those whose layout statistics best follow
+    ``reference`` ((N, 5) engine.curate.layout_features of real tiles; default: the one stored in the
+    checkpoint). Without it, sample i uses seed + i.
+    """
     if model.kind != "structure":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
     if n < 1:
         raise NuDiffError("number of structures must be at least 1")
+    if not oversample >= 1.0 or oversample > 100:
+        raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
+    total = max(n, int(np.ceil(n * oversample - 1e-9)))
+    ref = reference if reference is not None else model.layout_reference
+    if total > n and ref is None:
+        raise NuDiffError(f"{model.path.name} stores no layout reference for the realism filter: give a folder "
+                          f"of real labeled tiles as reference, re-export the model with one, or set oversample to 1")
     steps = _check_sampler(sampler, steps)
     size = _check_size(model, size)
-    counter = _StepCounter(progress, steps * ((n + batch_size - 1) // batch_size))
+    counter = _StepCounter(progress, steps * ((total + batch_size - 1) // batch_size))
     out: list[StructureSample] = []
-    for start in range(0, n, batch_size):
-        seeds = [seed + i for i in range(start, min(n, start + batch_size))]
+    for start in range(0, total, batch_size):
+        seeds = [seed + i for i in range(start, min(total, start + batch_size))]
         x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
                    diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel)
         for s, arr in zip(seeds, x.permute(0, 2, 3, 1).float().cpu().numpy()):
             out.append(StructureSample(arr.astype(np.float32), structure_to_instances(arr), s))
+    if total > n:
+        out = curate_structures(out, n, ref, seed=seed)
     return out
+
+
+def curate_structures(samples: list[StructureSample], keep: int, reference: np.ndarray,
+                      seed: int = 0) -> list[StructureSample]:
+    """The `keep` samples accepted by the layout realism filter against `reference` (engine.curate)."""
+    idx = curate(reference, layout_features([s.inst for s in samples]), keep, seed=seed)
+    return [samples[i] for i in idx]
 
 
 def as_structure(item: np.ndarray) -> np.ndarray:
@@ -175,6 +202,7 @@ def synthesize(
     seed: int = 0,
     variants: int = 1,
     batch_size: int = 4,
+    seeds: list[int] | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[np.ndarray]:
@@ -182,7 +210,7 @@ def synthesize(
 
     structures: each (H, W, 3) float structure or (H, W) instance map, H = W = a size the model takes.
     Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major; variant v of
-    structure j uses seed + j * variants + v.
+    structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are given.
     """
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
@@ -192,6 +220,8 @@ def synthesize(
         raise NuDiffError(f"guidance scale w must be between 0 and 50, got {w}")
     if variants < 1:
         raise NuDiffError("variants must be at least 1")
+    if seeds is not None and len(seeds) != len(structures):
+        raise NuDiffError(f"{len(seeds)} seeds for {len(structures)} structures")
     steps = _check_sampler(sampler, steps)
     conds = [as_structure(s) for s in structures]
     size = conds[0].shape[0]
@@ -206,8 +236,8 @@ def synthesize(
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         cond = torch.stack([torch.from_numpy(conds[j]).permute(2, 0, 1) for j, _ in chunk]).to(dev)
-        seeds = [seed + j * variants + v for j, v in chunk]
-        x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
+        chunk_seeds = [(seed + j * variants if seeds is None else int(seeds[j])) + v for j, v in chunk]
+        x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
                    cancel=cancel)
         arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
@@ -228,6 +258,8 @@ def generate_pairs(
     batch_size: int = 4,
     min_nuclei: int = 1,
     size: int | None = None,
+    oversample: float = 1.0,
+    reference: np.ndarray | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[Pair]:
@@ -235,12 +267,14 @@ def generate_pairs(
 
     ``size``: tile side in px (default: the image model's sampling size; a multiple of the U-Net's
     downsampling factor). Structures with fewer than min_nuclei nuclei are kept but flagged in
-    meta['n_nuclei'].
+    meta['n_nuclei']. ``oversample`` / ``reference``: the layout realism filter of
+    :func:`sample_structures`; images are synthesized for the kept structures only.
     """
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
     size = _check_size(image_model, size)
-    share = structure_steps / (structure_steps + steps)  # fraction of the work spent on structures
+    share = (structure_steps * max(1.0, oversample)
+             / (structure_steps * max(1.0, oversample) + steps))  # fraction of the work spent on structures
 
     def scaled(lo: float, hi: float) -> Progress | None:
         """Report a sub-task's (i, m) as permille of the whole generation."""
@@ -249,14 +283,17 @@ def generate_pairs(
         return lambda i, m: progress(int(1000 * (lo + (hi - lo) * i / max(m, 1))), 1000)
 
     structs = sample_structures(structure_model, n, sampler=sampler, steps=structure_steps, seed=seed,
-                                size=size, batch_size=batch_size, progress=scaled(0, share), cancel=cancel)
+                                size=size, batch_size=batch_size, oversample=oversample, reference=reference,
+                                progress=scaled(0, share), cancel=cancel)
     imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
-                      seed=seed, batch_size=batch_size, progress=scaled(share, 1), cancel=cancel)
+                      seeds=[s.seed for s in structs], batch_size=batch_size, progress=scaled(share, 1),
+                      cancel=cancel)
     pairs = []
     for s, img in zip(structs, imgs):
         pairs.append(Pair(img, s.inst, {
             "seed": s.seed, "w": float(w), "sampler": sampler, "steps": steps, "structure_steps": structure_steps,
             "structure_checkpoint": structure_model.path.name, "structure_sha256": structure_model.sha256,
             "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
-            "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei}))
+            "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei,
+            "oversample": float(oversample)}))
     return pairs

@@ -34,6 +34,7 @@ from engine import render
 from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_inference, load_checkpoint,
                                save_checkpoint)
 from engine.config import DiffusionConfig, TrainConfig, preset
+from engine.curate import REFERENCE_KEY, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, TrainingError
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
@@ -166,6 +167,7 @@ class Trainer:
         if data.images.shape[1] != size:
             raise DataError(f"training tiles are {data.images.shape[1]} px but the model is {size} px")
         self.data = data
+        self._reference: np.ndarray | None = None
         self.diffusion = DiffusionConfig()
         self.schedule = NoiseSchedule(self.diffusion)
         torch.manual_seed(cfg.seed)
@@ -222,10 +224,18 @@ class Trainer:
         for idx, st in sd["state"].items():
             for name, v in st.items():
                 tensors[f"optim.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        if self.cfg.kind == "structure":
+            tensors[REFERENCE_KEY] = torch.from_numpy(self._layout_reference())
         gen_states = self.acc.gather(self.gen.get_state().to(self.acc.device)[None]).cpu()
         for r in range(gen_states.shape[0]):
             tensors[f"rng.gen.{r}"] = gen_states[r]
         return tensors, {"param_groups": sd["param_groups"]}
+
+    def _layout_reference(self) -> np.ndarray:
+        """(N, 5) layout features of (up to 1000 of) the training tiles, computed once (engine.curate)."""
+        if self._reference is None:
+            self._reference = reference_from_insts(list(self.data.insts), seed=self.cfg.seed)
+        return self._reference
 
     def save(self) -> Path | None:
         """Write latest (atomic) and a snapshot hard link; prune old snapshots. Main process only."""

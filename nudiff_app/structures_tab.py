@@ -41,6 +41,8 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
                                 elem_id="st-steps")
         ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")
+        ui.st_oversample = gr.Slider(1, 4, value=1, step=0.5, elem_id="st-oversample",
+                                     label="Realism filter: sample ×k, keep the layouts most like the training data's (1 = off)")
     with gr.Row():
         ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
         ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
@@ -65,15 +67,18 @@ def wire(ctx: AppContext, ui) -> None:
     ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
 
     @ui_action(2)
-    def sample(sid, ckpt, n, sampler, steps, seed, request: gr.Request, progress=gr.Progress()):
+    def sample(sid, ckpt, n, sampler, steps, seed, oversample=1.0, request: gr.Request = None,
+               progress=gr.Progress()):
         from engine.pipeline import sample_structures
 
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         model = ctx.model(ckpt, "structure")
         progress(0, desc="Sampling structures")
+        oversample = float(oversample or 1.0)
         samples = sample_structures(model, int(n), sampler=sampler, steps=int(steps), seed=int(seed),
-                                    batch_size=8, progress=lambda i, t: progress((i, t), desc="Denoising"),
+                                    batch_size=8, oversample=oversample,
+                                    progress=lambda i, t: progress((i, t), desc="Denoising"),
                                     cancel=sess.cancel.is_set)
         with sess.lock:
             sess.samples = samples
@@ -82,10 +87,15 @@ def wire(ctx: AppContext, ui) -> None:
             sess.selected_sample = 0
         gallery = [(structure_thumb(s.inst, s.structure), f"#{i} · seed {s.seed} · {s.n_nuclei} nuclei")
                    for i, s in enumerate(samples)]
+        kept = ""
+        if oversample > 1:
+            total = max(int(n), int(np.ceil(int(n) * oversample - 1e-9)))
+            kept = f" Realism filter: kept {len(samples)} of {total} sampled layouts."
         return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
-                f"({sampler}, {int(steps)} steps, {model.image_size} px)."), gallery
+                f"({sampler}, {int(steps)} steps, {model.image_size} px).{kept}"), gallery
 
-    ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed],
+    ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed,
+                                     ui.st_oversample],
                             [ui.st_status, ui.st_gallery], api_name="sample_structures",
                             concurrency_id="compute", concurrency_limit=1)
 

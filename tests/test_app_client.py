@@ -170,6 +170,23 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     assert report.startswith("**Error:**") and "real folder not found" in report
 
 
+def test_realism_filter_through_the_api(studio, tiny_checkpoints, tmp_path):
+    from engine.checkpoint import load_checkpoint, save_checkpoint
+
+    c = Client(studio[1], verbose=False)
+    s_ckpt = str(tiny_checkpoints[0])
+    status, gallery = c.predict(s_ckpt, 3, "ddim", 2, 4, 2.0, api_name="/sample_structures")
+    assert status.startswith("Sampled 3 structures") and "kept 3 of 6 sampled layouts" in status
+    seeds = [int(g["caption"].split("seed ")[1].split(" ")[0]) for g in gallery]
+    assert len(gallery) == 3 and all(4 <= s < 10 for s in seeds) and seeds == sorted(seeds)
+    # a structure model that stores no layout reference: a readable message, not a traceback
+    ck = load_checkpoint(s_ckpt)
+    save_checkpoint(tmp_path / "bare", {k: v for k, v in ck.tensors.items() if k.startswith("model.")},
+                    kind="structure", model=ck.model_config, diffusion=ck.diffusion_config)
+    status, _ = c.predict(str(tmp_path / "bare.json"), 2, "ddim", 2, 0, 2.0, api_name="/sample_structures")
+    assert status.startswith("**Error:**") and "no layout reference" in status
+
+
 def test_wrong_kind_checkpoint_and_errors_keep_the_basket(studio, tiny_checkpoints):
     c = Client(studio[1], verbose=False)
     s_ckpt, i_ckpt = map(str, tiny_checkpoints)
