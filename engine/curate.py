@@ -42,6 +42,8 @@ def layout_features(insts: Sequence[np.ndarray]) -> np.ndarray:
     """(N, 5) float32 layout statistics (LAYOUT_FEATURES) of N (H, W) integer instance maps."""
     from skimage.measure import regionprops
 
+    from engine.quality import _solidity
+
     rows = []
     for inst in insts:
         inst = np.asarray(inst)
@@ -75,14 +77,6 @@ def reference_from_folder(folder: str, size: int, max_tiles: int = 1000, seed: i
 
     tiles, _ = load_tiles(folder, size=size, stride=max(1, size // 2))
     return reference_from_insts([t.inst for t in tiles], max_tiles, seed)
-
-
-def _solidity(region) -> float:
-    try:
-        v = float(region.solidity)
-    except Exception:  # noqa: BLE001 - qhull fails on collinear pixels
-        return 1.0
-    return v if np.isfinite(v) else 1.0
 
 
 def realism_ratio(reference: np.ndarray, candidates: np.ndarray) -> np.ndarray:

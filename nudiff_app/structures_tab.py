@@ -41,8 +41,8 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
                                 elem_id="st-steps")
         ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")
-        ui.st_oversample = gr.Slider(1, 4, value=1, step=0.5, elem_id="st-oversample",
-                                     label="Realism filter: sample ×k, keep the layouts most like the training data's (1 = off)")
+        ui.st_oversample = gr.Slider(1, 4, value=1, step=0.5, elem_id="st-oversample", label="Realism filter ×k",
+                                     info="sample k× more, keep the layouts most like the training data's (1 = off)")
     with gr.Row():
         ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
         ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
