@@ -23,7 +23,7 @@ from engine.structure import instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
-           "generate_pairs", "resolve_device", "Progress", "curate_structures"]
+           "generate_pairs", "resolve_device", "Progress", "curate_structures", "candidate_count"]
 
 Progress = Callable[[int, int], None]
 
@@ -128,6 +128,11 @@ class _StepCounter:
         return cb
 
 
+def candidate_count(n: int, oversample: float) -> int:
+    """Structures sampled to keep n with the realism filter at factor oversample (n when it is off)."""
+    return max(n, int(np.ceil(n * oversample - 1e-9)))
+
+
 def sample_structures(
     model: LoadedModel,
     n: int,
@@ -155,7 +160,7 @@ def sample_structures(
         raise NuDiffError("number of structures must be at least 1")
     if not oversample >= 1.0 or oversample > 100:
         raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
-    total = max(n, int(np.ceil(n * oversample - 1e-9)))
+    total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     if total > n and ref is None:
         raise NuDiffError(f"{model.path.name} stores no layout reference for the realism filter: give a folder "

@@ -69,7 +69,7 @@ def wire(ctx: AppContext, ui) -> None:
     @ui_action(2)
     def sample(sid, ckpt, n, sampler, steps, seed, oversample=1.0, request: gr.Request = None,
                progress=gr.Progress()):
-        from engine.pipeline import sample_structures
+        from engine.pipeline import candidate_count, sample_structures
 
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
@@ -89,8 +89,7 @@ def wire(ctx: AppContext, ui) -> None:
                    for i, s in enumerate(samples)]
         kept = ""
         if oversample > 1:
-            total = max(int(n), int(np.ceil(int(n) * oversample - 1e-9)))
-            kept = f" Realism filter: kept {len(samples)} of {total} sampled layouts."
+            kept = f" Realism filter: kept {len(samples)} of {candidate_count(int(n), oversample)} sampled layouts."
         return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
                 f"({sampler}, {int(steps)} steps, {model.image_size} px).{kept}"), gallery
 
