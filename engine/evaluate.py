@@ -254,7 +254,10 @@ def run_experiment(
                 continue
             extra = [] if arm == "labeled" else _load_synthetic(folder, synth_cache)
             for r in range(repeats):
-                spec = {**settings, "fraction": f, "arm": arm, "repeat": r, "train_seed": seed + r,
+                # the share only shapes the augmented arm: labeled runs stay reusable across shares
+                share = synthetic_share if arm == "augmented" else None
+                spec = {**settings, "synthetic_share": share, "fraction": f, "arm": arm, "repeat": r,
+                        "train_seed": seed + r,
                         "subset": [(tiles[i].stem, tiles[i].y, tiles[i].x, int(tiles[i].inst.max()))
                                    for i in selection.indices],
                         "synthetic": None if folder is None else str(folder.resolve()),

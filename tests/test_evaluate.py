@@ -88,6 +88,23 @@ def test_finished_runs_are_reused(experiment, folders):
     assert again.rows == result.rows
 
 
+def test_a_new_synthetic_share_retrains_only_the_augmented_arms(experiment, folders, tmp_path):
+    import shutil
+
+    result, _ = experiment
+    out = tmp_path / "share"
+    shutil.copytree(result.out_dir / "runs", out / "runs")
+    lines: list[str] = []
+    shared = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="50,100",
+                            synthetic_share=0.5, log=lines.append, **FAST)
+    reused = sorted(line.split(":")[0] for line in lines if "reusing finished run" in line)
+    trained = sorted(line.split(":")[0] for line in lines if "training on" in line)
+    assert reused == ["100pct_labeled_r0", "50pct_labeled_r0"]
+    assert trained == ["100pct_augmented_r0", "50pct_augmented_r0"]
+    labeled = [r for r in shared.rows if r["arm"] == "labeled"]
+    assert labeled == [r for r in result.rows if r["arm"] == "labeled"]
+
+
 def test_synthetic_specs_and_fractions(tmp_path):
     assert parse_fractions("10,20,50,100") == [0.1, 0.2, 0.5, 1.0]
     assert parse_fractions([0.5, 10, "20%"]) == [0.1, 0.2, 0.5]
