@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
@@ -191,15 +192,25 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
 
 
 def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True,
-                     extra: dict[str, Any] | None = None, reference: torch.Tensor | None = None) -> Path:
+                     extra: dict[str, Any] | None = None,
+                     reference: torch.Tensor | np.ndarray | str | os.PathLike | None = None) -> Path:
     """Write the EMA weights of a training (or inference) checkpoint as a small inference checkpoint
     (fp16 if half). Tensors ``reference.*`` (a structure model's layout reference, engine.curate) are
     copied as they are.
 
     extra: more record fields, e.g. ``sample_size`` (default tile size for sampling).
-    reference: (N, 5) float32 layout features to store as ``reference.layout``, replacing any copied one.
+    reference: layout reference to store as ``reference.layout`` (structure models only), replacing any
+    copied one: (N, 5) float32 layout features, or a folder of real labeled images whose tiles of the
+    model's sampling size give them (engine.curate.reference_from_folder).
     """
     ck = load_checkpoint(src)
+    if reference is not None and ck.kind != "structure":
+        raise CheckpointError("a layout reference applies to structure models only")
+    if isinstance(reference, (str, os.PathLike)):
+        from engine.curate import reference_from_folder
+
+        size = (extra or {}).get("sample_size") or ck.record.get("sample_size") or ck.model_config.image_size
+        reference = reference_from_folder(reference, int(size))
     sd = ck.weights_for_inference()
     dtype = torch.float16 if half else torch.float32
     tensors = {f"model.{k}": v.to(dtype) for k, v in sd.items()}

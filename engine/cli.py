@@ -403,17 +403,7 @@ def _run(args: argparse.Namespace) -> int:
             if not sep or not key:
                 raise NuDiffError(f"--meta expects KEY=VALUE, got {item!r}")
             extra[key] = value
-        reference = None
-        if args.reference:
-            from engine.checkpoint import load_checkpoint
-            from engine.curate import reference_from_folder
-
-            ck = load_checkpoint(args.src)
-            if ck.kind != "structure":
-                raise NuDiffError("--reference applies to structure models only")
-            size = args.sample_size or ck.record.get("sample_size") or ck.model_config.image_size
-            reference = reference_from_folder(args.reference, int(size))
-        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference))
+        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=args.reference))
         return 0
 
     import numpy as np

@@ -215,7 +215,9 @@ def synthesize(
 
     structures: each (H, W, 3) float structure or (H, W) instance map, H = W = a size the model takes.
     Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major; variant v of
-    structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are given.
+    structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are given. An image
+    depends only on its structure and seed, up to float rounding (at most 1 gray level) when it is batched
+    with different neighbours.
     """
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
