@@ -66,6 +66,9 @@ def _add_curation_args(p: argparse.ArgumentParser) -> None:
                         "layouts best follow the real ones (1 = off; 2-4 typical)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="real labeled images for the filter (default: the reference stored in the structure model)")
+    p.add_argument("--merge-fragments", type=float, default=0.0, metavar="FRAC",
+                   help="merge label pieces under FRAC x the median nucleus area that touch another nucleus into it "
+                        "(watershed fragments of sampled structures; 0 = off, the paper's watershed; 0.2 removes most)")
 
 
 def _reference(args: argparse.Namespace, model) -> "np.ndarray | None":
@@ -341,7 +344,8 @@ def _generate(args: argparse.Namespace) -> int:
         pairs = pipeline.generate_pairs(smodel, imodel, stop - start, w=args.w, sampler=args.sampler,
                                         steps=args.steps, seed=args.seed + start, batch_size=args.batch_size,
                                         size=args.size, oversample=args.oversample,
-                                        reference=_reference(args, imodel), progress=cb)
+                                        reference=_reference(args, imodel), merge_below=args.merge_fragments,
+                                        progress=cb)
         bar.close()
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -420,7 +424,8 @@ def _run(args: argparse.Namespace) -> int:
         bar, cb = _progress_bar("structures")
         samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                              size=args.size, batch_size=args.batch_size, oversample=args.oversample,
-                                             reference=_reference(args, model), progress=cb)
+                                             reference=_reference(args, model), merge_below=args.merge_fragments,
+                                             progress=cb)
         bar.close()
         out = Path(args.out)
         for sub in ("labels", "structures", "previews"):

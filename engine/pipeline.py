@@ -144,6 +144,7 @@ def sample_structures(
     batch_size: int = 8,
     oversample: float = 1.0,
     reference: np.ndarray | None = None,
+    merge_below: float = 0.0,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[StructureSample]:
@@ -152,7 +153,10 @@ def sample_structures(
     oversample > 1 turns on the layout realism filter (engine.curate): ceil(n * oversample) structures
     are sampled (seeds seed, seed+1, ...) and n of them kept, those whose layout statistics best follow
     ``reference`` ((N, 5) engine.curate.layout_features of real tiles; default: the one stored in the
-    checkpoint). Without it, sample i uses seed + i.
+    checkpoint). Without it, sample i uses seed + i. ``merge_below``: fragments under this fraction of the
+    median nucleus area that touch another nucleus join it in the instance map (0 = off, the paper's
+    watershed; 0.2 removes most watershed fragments, docs/benchmarks.md §6d). The structure itself, on
+    which images are conditioned, is left as sampled.
     """
     if model.kind != "structure":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
@@ -160,6 +164,8 @@ def sample_structures(
         raise NuDiffError("number of structures must be at least 1")
     if not oversample >= 1.0 or oversample > 100:
         raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
+    if not 0.0 <= merge_below < 1.0:
+        raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     if total > n and ref is None:
@@ -174,7 +180,8 @@ def sample_structures(
         x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
                    diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel)
         for s, arr in zip(seeds, x.permute(0, 2, 3, 1).float().cpu().numpy()):
-            out.append(StructureSample(arr.astype(np.float32), structure_to_instances(arr), s))
+            inst = structure_to_instances(arr, merge_below=merge_below)
+            out.append(StructureSample(arr.astype(np.float32), inst, s))
     if total > n:
         out = curate_structures(out, n, ref, seed=seed)
     return out
@@ -267,6 +274,7 @@ def generate_pairs(
     size: int | None = None,
     oversample: float = 1.0,
     reference: np.ndarray | None = None,
+    merge_below: float = 0.0,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[Pair]:
@@ -275,7 +283,8 @@ def generate_pairs(
     ``size``: tile side in px (default: the image model's sampling size; a multiple of the U-Net's
     downsampling factor). Structures with fewer than min_nuclei nuclei are kept but flagged in
     meta['n_nuclei']. ``oversample`` / ``reference``: the layout realism filter of
-    :func:`sample_structures`; images are synthesized for the kept structures only.
+    :func:`sample_structures`; images are synthesized for the kept structures only. ``merge_below``: the
+    fragment merge of :func:`sample_structures`.
     """
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
@@ -291,7 +300,7 @@ def generate_pairs(
 
     structs = sample_structures(structure_model, n, sampler=sampler, steps=structure_steps, seed=seed,
                                 size=size, batch_size=batch_size, oversample=oversample, reference=reference,
-                                progress=scaled(0, share), cancel=cancel)
+                                merge_below=merge_below, progress=scaled(0, share), cancel=cancel)
     imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
                       seeds=[s.seed for s in structs], batch_size=batch_size, progress=scaled(share, 1),
                       cancel=cancel)
@@ -302,5 +311,5 @@ def generate_pairs(
             "structure_checkpoint": structure_model.path.name, "structure_sha256": structure_model.sha256,
             "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
             "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei,
-            "oversample": float(oversample)}))
+            "oversample": float(oversample), "merge_below": float(merge_below)}))
     return pairs

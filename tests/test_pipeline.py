@@ -37,6 +37,23 @@ def test_sample_structures_shapes_and_seeds(models):
     np.testing.assert_allclose(again[0].structure, out[1].structure, atol=1e-3)  # batch size changes float sums
 
 
+def test_sampled_layouts_merge_watershed_fragments(models):
+    from engine.structure import merge_fragments, structure_to_instances
+
+    smodel, imodel = models
+    raw = pipeline.sample_structures(smodel, 4, steps=4, seed=20)   # default: the paper's watershed alone
+    merged = pipeline.sample_structures(smodel, 4, steps=4, seed=20, merge_below=0.2)
+    for a, b in zip(raw, merged):
+        np.testing.assert_array_equal(a.structure, b.structure)   # the structure stays as sampled
+        np.testing.assert_array_equal(a.inst, structure_to_instances(a.structure))
+        np.testing.assert_array_equal(b.inst, merge_fragments(a.inst, 0.2))
+    assert sum(s.n_nuclei for s in merged) <= sum(s.n_nuclei for s in raw)
+    pairs = pipeline.generate_pairs(smodel, imodel, 1, steps=2, merge_below=0.3)
+    assert pairs[0].meta["merge_below"] == 0.3
+    with pytest.raises(NuDiffError, match="merge_below"):
+        pipeline.sample_structures(smodel, 1, steps=2, merge_below=1.5)
+
+
 def test_synthesize_variants_and_reproducible(models):
     _, imodel = models
     inst = np.zeros((32, 32), np.int32)
@@ -100,6 +117,13 @@ def test_cli_end_to_end(tmp_path, labeled_folder):
     assert r.returncode == 0, r.stderr
     labels = sorted((tmp_path / "st" / "labels").glob("*.tif"))
     assert len(labels) == 2 and tifffile.imread(labels[0]).dtype == np.uint16
+    r = _cli("sample-structures", "--checkpoint", str(s), "--n", "2", "--steps", "3", "--merge-fragments", "0.3",
+             "--out", str(tmp_path / "st-merged"))
+    assert r.returncode == 0, r.stderr
+    from engine.structure import merge_fragments
+
+    for raw, merged in zip(labels, sorted((tmp_path / "st-merged" / "labels").glob("*.tif"))):
+        np.testing.assert_array_equal(merge_fragments(tifffile.imread(raw), 0.3), tifffile.imread(merged))
     r = _cli("synthesize", "--checkpoint", str(i), "--labels", str(tmp_path / "st"), "--steps", "3",
              "--out", str(tmp_path / "syn"))
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine.metrics import aji
-from engine.structure import instances_to_structure, relabel, structure_to_instances
+from engine.structure import instances_to_structure, merge_fragments, relabel, structure_to_instances
 from engine.synthetic import make_tile
 
 REAL_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "monuseg" / "train" / "labels"
@@ -101,3 +101,46 @@ def test_round_trip_real_tiles():
                 t = lab[y:y + 256, x:x + 256]
                 scores.append(aji(t, structure_to_instances(instances_to_structure(t))))
     assert np.mean(scores) >= 0.95
+
+
+def _layout_with_fragments() -> np.ndarray:
+    """Four 12x12 nuclei (144 px); a 3x3 fragment on nucleus 1's right edge; a 10 px fragment between
+    nuclei 2 and 3 that borders 3 more than 2; an isolated 3x3 nucleus."""
+    inst = np.zeros((64, 64), np.int32)
+    inst[2:14, 2:14] = 1
+    inst[2:14, 30:42] = 2
+    inst[18:30, 30:42] = 3
+    inst[40:52, 40:52] = 4
+    inst[6:9, 14:17] = 5            # fragment touching nucleus 1 only
+    inst[14:17, 36:38] = 6          # fragment in the 4-row gap between 2 (ends row 13) and 3 (row 18 on),
+    inst[17, 35:39] = 6             # wider at the bottom: 6 boundary pixels in 3, 4 in 2
+    inst[50:53, 5:8] = 7            # isolated small nucleus
+    return inst
+
+
+def test_merge_fragments_joins_pieces_to_their_nucleus_and_keeps_isolated_ones():
+    inst = _layout_with_fragments()
+    out = merge_fragments(inst, below=0.2)   # median area 144 -> fragments under 28.8 px
+    assert out.dtype == np.int32 and out.max() == 5
+    # the fragment on nucleus 1 now carries nucleus 1's id; the isolated one keeps an id of its own
+    assert len(np.unique(out[2:14, 2:14])) == 1 and out[7, 15] == out[5, 5]
+    assert out[51, 6] > 0 and out[51, 6] not in (out[5, 5], out[8, 35], out[24, 35], out[45, 45])
+    # the fragment between 2 and 3 joins 3, with which it shares more boundary
+    assert out[14, 36] == out[17, 35] == out[24, 35] != out[8, 35]
+    # nothing but ids changes: the foreground is the same
+    np.testing.assert_array_equal(out > 0, inst > 0)
+    # off, or a threshold below every fragment: only renumbering
+    np.testing.assert_array_equal(merge_fragments(inst, 0.0), relabel(inst))
+    np.testing.assert_array_equal(merge_fragments(inst, 0.01), relabel(inst))
+    assert merge_fragments(np.zeros((8, 8), np.int32)).max() == 0
+
+
+def test_structure_to_instances_merges_fragments_on_request():
+    inst = _layout_with_fragments()
+    s = instances_to_structure(inst)
+    tiny = dict(min_size=1, min_marker=1)  # keep even 9 px pieces
+    exact = structure_to_instances(s, **tiny)
+    assert exact.max() == 7 and aji(inst, exact) == pytest.approx(1.0)   # the exact structure keeps every piece
+    merged = structure_to_instances(s, merge_below=0.2, **tiny)
+    assert merged.max() == 5
+    np.testing.assert_array_equal(merged, merge_fragments(exact, 0.2))
