@@ -182,13 +182,10 @@ def wire(ctx: AppContext, ui) -> None:
 
     ui.ed_clean.click(clean, [ui.sid, ui.ed_min], outs, api_name="edit_clean")
 
-    @ui_action(5)
-    def delete(sid, evt: gr.SelectData, request: gr.Request):
-        sess = _sess(sid, request)
+    def delete_nucleus(sess, row: int, col: int):
+        """Delete the nucleus at (row, col) of the label map (undoable); the tab's outputs."""
         cur = _require(sess)
-        x, y = (int(v) for v in evt.index[:2])
-        s = editing.display_scale(max(cur.inst.shape))
-        new, k = editing.delete_at(cur.inst, y // s, x // s, radius=2)
+        new, k = editing.delete_at(cur.inst, row, col, radius=2)
         if not k:
             return ("No nucleus there.", *(gr.skip(),) * 4)
         with sess.lock:
@@ -196,21 +193,19 @@ def wire(ctx: AppContext, ui) -> None:
             cur.inst = new
             cur.meta["edited"] = True
         return (f"Deleted a nucleus ({int(new.max())} left).", *view(sess))
+
+    @ui_action(5)
+    def delete(sid, evt: gr.SelectData, request: gr.Request):
+        sess = _sess(sid, request)
+        x, y = (int(v) for v in evt.index[:2])
+        s = editing.display_scale(max(_require(sess).inst.shape))
+        return delete_nucleus(sess, y // s, x // s)
 
     ui.ed_labels.select(delete, ui.sid, outs, api_visibility="private")
 
     @ui_action(5)
     def delete_xy(sid, x, y, request: gr.Request):
-        sess = _sess(sid, request)
-        cur = _require(sess)
-        new, k = editing.delete_at(cur.inst, int(y), int(x), radius=2)
-        if not k:
-            return ("No nucleus there.", *(gr.skip(),) * 4)
-        with sess.lock:
-            sess.push_undo()
-            cur.inst = new
-            cur.meta["edited"] = True
-        return (f"Deleted a nucleus ({int(new.max())} left).", *view(sess))
+        return delete_nucleus(_sess(sid, request), int(y), int(x))
 
     ui.ed_del_x = gr.Number(visible=False, precision=0)
     ui.ed_del_y = gr.Number(visible=False, precision=0)

@@ -43,8 +43,12 @@ def _preview_grid(folder: str, size: int) -> np.ndarray | None:
     return render.grid(pics, cols=4)
 
 
-def _loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame:
-    return pd.DataFrame(points or [], columns=["step", "loss"]).astype({"step": int, "loss": float})
+def _loss_frame(points: list[tuple[int, float]]) -> pd.DataFrame | None:
+    """The loss curve's data, or None before the first logged step: a plot first drawn from an empty frame
+    keeps the axis margins of that empty frame and clips its tick labels once data arrives."""
+    if not points:
+        return None
+    return pd.DataFrame(points, columns=["step", "loss"]).astype({"step": int, "loss": float})
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -86,7 +90,7 @@ def build(ctx: AppContext, ui) -> None:
             ui.train_resume = gr.Button("Resume last run")
     ui.train_job = gr.Markdown("No training run yet.", elem_id="train-job")
     with gr.Row():
-        ui.train_loss = gr.LinePlot(_loss_frame([]), x="step", y="loss", title="Training loss", height=260,
+        ui.train_loss = gr.LinePlot(None, x="step", y="loss", title="Training loss", height=260,
                                     scale=3)
         ui.train_sample = gr.Image(label="Latest preview samples", interactive=False, scale=2, format="png",
                                    height=260)
