@@ -208,12 +208,13 @@ def merge_fragments(inst: np.ndarray, below: float = 0.2) -> np.ndarray:
         return relabel(inst)
     limit = below * float(np.median(areas[present]))
     h, w = inst.shape
+    boxes = {k: (sl[0].start, sl[0].stop, sl[1].start, sl[1].stop)
+             for k, sl in enumerate(ndimage.find_objects(inst), start=1) if sl is not None}
     for k in present[np.argsort(areas[present], kind="stable")]:
         if areas[k] >= limit or areas[k] == 0:
             continue
-        ys, xs = np.nonzero(inst == k)
-        y0, y1, x0, x1 = max(0, ys.min() - 1), min(h, ys.max() + 2), max(0, xs.min() - 1), min(w, xs.max() + 2)
-        sub = inst[y0:y1, x0:x1]
+        y0, y1, x0, x1 = boxes[k]
+        sub = inst[max(0, y0 - 1):min(h, y1 + 1), max(0, x0 - 1):min(w, x1 + 1)]
         mine = sub == k
         ring = ndimage.binary_dilation(mine, structure=np.ones((3, 3), bool)) & ~mine
         neighbours = sub[ring]
@@ -225,6 +226,8 @@ def merge_fragments(inst: np.ndarray, below: float = 0.2) -> np.ndarray:
         sub[mine] = into
         areas[into] += areas[k]
         areas[k] = 0
+        a = boxes[into]
+        boxes[into] = (min(a[0], y0), max(a[1], y1), min(a[2], x0), max(a[3], x1))
     return relabel(inst)
 
 

@@ -133,6 +133,13 @@ def test_merge_fragments_joins_pieces_to_their_nucleus_and_keeps_isolated_ones()
     np.testing.assert_array_equal(merge_fragments(inst, 0.0), relabel(inst))
     np.testing.assert_array_equal(merge_fragments(inst, 0.01), relabel(inst))
     assert merge_fragments(np.zeros((8, 8), np.int32)).max() == 0
+    # a chain: the smallest piece joins a bigger fragment, which then joins the nucleus, whole
+    chain = inst.copy()
+    chain[60:62, 20:22] = 8                 # 4 px, touches only the 9 px piece 9
+    chain[57:60, 19:22] = 9                 # 9 px, touches nucleus 10
+    chain[45:57, 15:27] = 10
+    out = merge_fragments(chain, below=0.2)
+    assert out[61, 21] == out[58, 20] == out[50, 20] > 0 and out.max() == 6
 
 
 def test_structure_to_instances_merges_fragments_on_request():
