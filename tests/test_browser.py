@@ -25,6 +25,7 @@ CHROMIUM = "/usr/bin/chromium"
 SHOTS = Path(__file__).resolve().parents[1] / "docs" / "screenshots"
 TIMEOUT = 180_000  # ms; CPU sampling on a busy 2-core machine
 STEPS = 20 if os.environ.get("NUDIFF_SCREENSHOTS") == "1" else 4  # denoising steps
+TRAIN_STEPS = 60 if os.environ.get("NUDIFF_SCREENSHOTS") == "1" else 6  # a loss curve worth a picture
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +120,7 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     page.get_by_role("button", name="Inspect folder").click()
     assert "3 images" in _text(page, "train-status", "images")
     page.locator("#train-run textarea, #train-run input").first.fill("browser-run")
-    _set_number(page, "train-steps", 6)
+    _set_number(page, "train-steps", TRAIN_STEPS)
     _set_number(page, "train-batch", 2)
     page.get_by_role("button", name="Train structure model").click()
     _text(page, "train-status", "Started structure training")
@@ -127,7 +128,7 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     page.locator("#st-sample").wait_for()
     _tab(page, "Train")
     job = _text(page, "train-job", "finished")
-    assert "browser-run" in job and "step 6 / 6" in job
+    assert "browser-run" in job and f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in job
     # the folder chosen before the reload is still there: inspect it again beside the finished run
     page.get_by_role("button", name="Inspect folder").click()
     assert "3 images" in _text(page, "train-status", "images")
