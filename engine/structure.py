@@ -185,9 +185,7 @@ def structure_to_instances(
         extra[extra > 0] += int(inst.max())
         inst = np.where(missed, extra, inst)
     inst = _remove_small_labels(inst, min_size)
-    if merge_below > 0:
-        inst = merge_fragments(inst, merge_below)
-    return relabel(inst)
+    return merge_fragments(inst, merge_below) if merge_below > 0 else relabel(inst)
 
 
 def merge_fragments(inst: np.ndarray, below: float = 0.2) -> np.ndarray:
