@@ -321,10 +321,9 @@ def _collect_labels(items: list[str]) -> list[Path]:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    """Sample pairs; under `accelerate launch` / torchrun the n pairs are split across the processes
-    (pair i always uses seed + i, so the result equals a single-process run) and the main process writes.
-    With --oversample each process filters its own share of the candidates, so the kept set depends on the
-    number of processes."""
+    """Sample pairs; under `accelerate launch` / torchrun the work is split across the processes (candidate
+    i always uses seed + i and the realism filter of --oversample runs once over all candidates, so the
+    result equals a single-process run) and the main process writes."""
     from accelerate import PartialState
 
     from engine import pipeline
@@ -335,24 +334,25 @@ def _generate(args: argparse.Namespace) -> int:
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure", device=device)
     imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=device)
-    per = -(-args.n // state.num_processes)
-    start = min(args.n, state.process_index * per)
-    stop = min(args.n, start + per)
-    pairs = []
-    if stop > start:
-        bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
-        pairs = pipeline.generate_pairs(smodel, imodel, stop - start, w=args.w, sampler=args.sampler,
-                                        steps=args.steps, seed=args.seed + start, batch_size=args.batch_size,
-                                        size=args.size, oversample=args.oversample,
-                                        reference=_reference(args, imodel), merge_below=args.merge_fragments,
-                                        progress=cb)
-        bar.close()
+    all_gather = None
     if state.num_processes > 1:
         import torch.distributed as dist
 
-        gathered: list = [None] * state.num_processes
-        dist.all_gather_object(gathered, pairs)  # in-memory arrays of our own processes
-        pairs = [p for part in gathered for p in part]
+        def all_gather(obj):
+            gathered: list = [None] * state.num_processes
+            dist.all_gather_object(gathered, obj)  # in-memory arrays of our own processes
+            return gathered
+
+    bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
+    pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
+                                    seed=args.seed, batch_size=args.batch_size, size=args.size,
+                                    oversample=args.oversample, reference=_reference(args, imodel),
+                                    merge_below=args.merge_fragments,
+                                    shard=(state.process_index, state.num_processes), all_gather=all_gather,
+                                    progress=cb)
+    bar.close()
+    if all_gather is not None:
+        pairs = [p for part in all_gather(pairs) for p in part]
     if state.is_main_process:
         _save_pairs(pairs, args.out)
     state.wait_for_everyone()

@@ -23,7 +23,8 @@ from engine.structure import instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
-           "generate_pairs", "resolve_device", "Progress", "curate_structures", "candidate_count"]
+           "generate_pairs", "resolve_device", "Progress", "curate_structures", "candidate_count",
+           "shard_range"]
 
 Progress = Callable[[int, int], None]
 
@@ -158,19 +159,10 @@ def sample_structures(
     watershed; 0.2 removes most watershed fragments, docs/benchmarks.md §6d). The structure itself, on
     which images are conditioned, is left as sampled.
     """
-    if model.kind != "structure":
-        raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
-    if n < 1:
-        raise NuDiffError("number of structures must be at least 1")
-    if not oversample >= 1.0 or oversample > 100:
-        raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
-    if not 0.0 <= merge_below < 1.0:
-        raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
+    _check_structure_args(model, n, oversample, merge_below)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
-    if total > n and ref is None:
-        raise NuDiffError(f"{model.path.name} stores no layout reference for the realism filter: give a folder "
-                          f"of real labeled tiles as reference, re-export the model with one, or set oversample to 1")
+    _require_reference(model, ref, total > n)
     steps = _check_sampler(sampler, steps)
     size = _check_size(model, size)
     counter = _StepCounter(progress, steps * ((total + batch_size - 1) // batch_size))
@@ -187,11 +179,31 @@ def sample_structures(
     return out
 
 
+def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_below: float) -> None:
+    if model.kind != "structure":
+        raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
+    if n < 1:
+        raise NuDiffError("number of structures must be at least 1")
+    if not oversample >= 1.0 or oversample > 100:
+        raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
+    if not 0.0 <= merge_below < 1.0:
+        raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
+
+
+def _require_reference(model: LoadedModel, ref: np.ndarray | None, filtering: bool) -> None:
+    if filtering and ref is None:
+        raise NuDiffError(f"{model.path.name} stores no layout reference for the realism filter: give a folder "
+                          f"of real labeled tiles as reference, re-export the model with one, or set oversample to 1")
+
+
+def _filter_indices(samples: list[StructureSample], keep: int, reference: np.ndarray, seed: int) -> list[int]:
+    return [int(i) for i in curate(reference, layout_features([s.inst for s in samples]), keep, seed=seed)]
+
+
 def curate_structures(samples: list[StructureSample], keep: int, reference: np.ndarray,
                       seed: int = 0) -> list[StructureSample]:
     """The `keep` samples accepted by the layout realism filter against `reference` (engine.curate)."""
-    idx = curate(reference, layout_features([s.inst for s in samples]), keep, seed=seed)
-    return [samples[i] for i in idx]
+    return [samples[i] for i in _filter_indices(samples, keep, reference, seed)]
 
 
 def as_structure(item: np.ndarray) -> np.ndarray:
@@ -259,6 +271,13 @@ def synthesize(
     return images
 
 
+def shard_range(n: int, index: int, count: int) -> tuple[int, int]:
+    """[lo, hi) of shard ``index`` of ``count`` when n items are split into contiguous, near-equal shards."""
+    per = -(-n // count)
+    lo = min(n, index * per)
+    return lo, min(n, lo + per)
+
+
 def generate_pairs(
     structure_model: LoadedModel,
     image_model: LoadedModel,
@@ -275,6 +294,8 @@ def generate_pairs(
     oversample: float = 1.0,
     reference: np.ndarray | None = None,
     merge_below: float = 0.0,
+    shard: tuple[int, int] = (0, 1),
+    all_gather: Callable[[object], list] | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
 ) -> list[Pair]:
@@ -285,10 +306,25 @@ def generate_pairs(
     meta['n_nuclei']. ``oversample`` / ``reference``: the layout realism filter of
     :func:`sample_structures`; images are synthesized for the kept structures only. ``merge_below``: the
     fragment merge of :func:`sample_structures`.
+
+    ``shard=(index, count)`` with ``all_gather`` (object -> list of every shard's object, e.g.
+    torch.distributed.all_gather_object) splits the work over ``count`` processes: each samples its share
+    of the candidate structures, the realism filter runs once on all of them (shard 0 decides), and each
+    synthesizes its share of the kept ones. Returns this shard's pairs; concatenated in shard order they
+    equal a single-process call (up to float rounding between batch compositions).
     """
+    index, count = shard
+    if not 0 <= index < count:
+        raise NuDiffError(f"shard {index} of {count} does not exist")
+    if count > 1 and all_gather is None:
+        raise NuDiffError("a sharded generation needs all_gather")
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
     size = _check_size(image_model, size)
+    _check_structure_args(structure_model, n, oversample, merge_below)
+    total = candidate_count(n, oversample)
+    ref = reference if reference is not None else structure_model.layout_reference
+    _require_reference(structure_model, ref, total > n)
     share = (structure_steps * max(1.0, oversample)
              / (structure_steps * max(1.0, oversample) + steps))  # fraction of the work spent on structures
 
@@ -298,9 +334,21 @@ def generate_pairs(
             return None
         return lambda i, m: progress(int(1000 * (lo + (hi - lo) * i / max(m, 1))), 1000)
 
-    structs = sample_structures(structure_model, n, sampler=sampler, steps=structure_steps, seed=seed,
-                                size=size, batch_size=batch_size, oversample=oversample, reference=reference,
-                                merge_below=merge_below, progress=scaled(0, share), cancel=cancel)
+    lo, hi = shard_range(total, index, count)
+    structs = sample_structures(structure_model, hi - lo, sampler=sampler, steps=structure_steps, seed=seed + lo,
+                                size=size, batch_size=batch_size, merge_below=merge_below,
+                                progress=scaled(0, share), cancel=cancel) if hi > lo else []
+    if count > 1:
+        structs = [s for part in all_gather(structs) for s in part]
+    if total > n:
+        keep = _filter_indices(structs, n, ref, seed) if index == 0 else None
+        if count > 1:
+            keep = all_gather(keep)[0]
+        structs = [structs[i] for i in keep]
+    lo, hi = shard_range(n, index, count)
+    structs = structs[lo:hi]
+    if not structs:
+        return []
     imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
                       seeds=[s.seed for s in structs], batch_size=batch_size, progress=scaled(share, 1),
                       cancel=cancel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
@@ -40,10 +41,13 @@ def test_two_process_training_and_resume(tmp_path, labeled_folder):
     assert load_checkpoint(tmp_path / "latest").step == 6
 
 
-def test_two_process_generation_equals_single_process(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--oversample", "2.5"]], ids=["plain", "realism-filter"])
+def test_two_process_generation_equals_single_process(tmp_path, extra):
+    """Split over two processes, generation gives the pairs of one process, with the realism filter too
+    (it runs once over all candidates, not per process: 8 candidates for 3 pairs, 4 sampled by each)."""
     s, i = standin_checkpoints()
     args = ["generate", "--structure-checkpoint", str(s), "--image-checkpoint", str(i), "--n", "3", "--steps", "3",
-            "--seed", "7"]
+            "--seed", "7", *extra]
     r = _launch(*args, "--out", str(tmp_path / "two"))
     assert r.returncode == 0, r.stderr[-3000:]
     r1 = subprocess.run([sys.executable, "-m", "engine", *args, "--out", str(tmp_path / "one")], cwd=ROOT,
@@ -55,3 +59,6 @@ def test_two_process_generation_equals_single_process(tmp_path):
     for a, b in zip(one, two):
         assert a.name == b.name
         np.testing.assert_array_equal(tifffile.imread(a), tifffile.imread(b))
+    seeds = [int(row["seed"]) for row in csv.DictReader(open(tmp_path / "two" / "manifest.csv"))]
+    assert seeds == [int(row["seed"]) for row in csv.DictReader(open(tmp_path / "one" / "manifest.csv"))]
+    assert len(set(seeds)) == 3 and all(7 <= x < 7 + (8 if extra else 3) for x in seeds)
