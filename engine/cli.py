@@ -64,6 +64,9 @@ def _add_curation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oversample", type=float, default=1.0,
                    help="layout realism filter: sample this many times more structures and keep those whose "
                         "layouts best follow the real ones (1 = off; 2-4 typical)")
+    p.add_argument("--filter-mode", default="sample", choices=["sample", "top"],
+                   help="how the realism filter keeps layouts: 'sample' (rejection sampling, keeps a training set "
+                        "diverse) or 'top' (the most realistic ones, deterministic; the studio's choice)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="real labeled images for the filter (default: the reference stored in the structure model)")
     p.add_argument("--merge-fragments", type=float, default=0.0, metavar="FRAC",
@@ -136,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
+    p.add_argument("--filter-mode", default="sample", choices=["sample", "top"],
+                   help="how the realism filter keeps layouts: 'sample' (rejection sampling, keeps a training set "
+                        "diverse) or 'top' (the most realistic ones, deterministic; the studio's choice)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="structure model: store the layout reference of these real labeled images (the training "
                         "data) for the realism filter (generate --oversample)")
@@ -347,7 +353,7 @@ def _generate(args: argparse.Namespace) -> int:
     pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
                                     seed=args.seed, batch_size=args.batch_size, size=args.size,
                                     oversample=args.oversample, reference=_reference(args, imodel),
-                                    merge_below=args.merge_fragments,
+                                    filter_mode=args.filter_mode, merge_below=args.merge_fragments,
                                     shard=(state.process_index, state.num_processes), all_gather=all_gather,
                                     progress=cb)
     bar.close()
@@ -424,7 +430,8 @@ def _run(args: argparse.Namespace) -> int:
         bar, cb = _progress_bar("structures")
         samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                              size=args.size, batch_size=args.batch_size, oversample=args.oversample,
-                                             reference=_reference(args, model), merge_below=args.merge_fragments,
+                                             reference=_reference(args, model), filter_mode=args.filter_mode,
+                                             merge_below=args.merge_fragments,
                                              progress=cb)
         bar.close()
         out = Path(args.out)

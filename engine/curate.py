@@ -12,6 +12,11 @@ al. 2019) on five layout statistics:
   the raw samples do, without collapsing onto the single most typical layout (as keeping the top-ranked
   would).
 
+Mode ``"sample"`` (the default, for building a training set) is that rejection sampling; mode ``"top"``
+keeps the candidates with the highest ratio, deterministically: what a person previewing a handful of
+layouts expects from "keep the most realistic" (the studio's Structures tab), at the cost of diversity
+in a large set.
+
 Sampling ``oversample`` times more structures than needed and keeping the accepted ones is cheap next to
 image synthesis, which runs only on the kept layouts (engine.pipeline.generate_pairs).
 
@@ -28,8 +33,8 @@ import numpy as np
 
 from engine.errors import NuDiffError
 
-__all__ = ["LAYOUT_FEATURES", "layout_features", "realism_ratio", "curate", "REFERENCE_KEY", "reference_from_insts",
-           "reference_from_folder"]
+__all__ = ["LAYOUT_FEATURES", "layout_features", "realism_ratio", "curate", "CURATE_MODES", "REFERENCE_KEY",
+           "reference_from_insts", "reference_from_folder"]
 
 #: Per-layout statistics, all independent of the tile size (so a reference of 64 px training tiles can
 #: judge 128 px samples): nuclei per 100x100 px (log1p), foreground fraction, log mean nucleus area (px),
@@ -104,19 +109,30 @@ def realism_ratio(reference: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     return np.exp(np.clip(logit, -30, 30))  # balanced classes: odds = density ratio
 
 
-def curate(reference: np.ndarray, candidates: np.ndarray, keep: int, seed: int = 0) -> np.ndarray:
-    """Indices (sorted, int64, length keep) of the candidates kept by discriminator rejection sampling.
+#: Ways of choosing the kept candidates: rejection sampling, or the highest realism ratios.
+CURATE_MODES = ("sample", "top")
 
-    Candidate i is accepted with probability a_i = min(1, r_i / M), with M such that sum(a) = keep; if
-    the draw accepts more than keep, a random subset of them is kept, if fewer, the rejected candidates
-    with the highest ratio fill the gap. Deterministic for a given seed.
+
+def curate(reference: np.ndarray, candidates: np.ndarray, keep: int, seed: int = 0,
+           mode: str = "sample") -> np.ndarray:
+    """Indices (sorted, int64, length keep) of the candidates kept by the realism filter.
+
+    mode "sample" (discriminator rejection sampling): candidate i is accepted with probability
+    a_i = min(1, r_i / M), with M such that sum(a) = keep; if the draw accepts more than keep, a random
+    subset of them is kept, if fewer, the rejected candidates with the highest ratio fill the gap.
+    Deterministic for a given seed. mode "top": the keep candidates with the highest ratio r_i (ties: the
+    earlier candidate), independent of the seed.
     """
+    if mode not in CURATE_MODES:
+        raise NuDiffError(f"unknown realism filter mode {mode!r}; choose one of {', '.join(CURATE_MODES)}")
     n = len(candidates)
     if not 1 <= keep <= n:
         raise NuDiffError(f"cannot keep {keep} of {n} candidates")
     if keep == n:
         return np.arange(n, dtype=np.int64)
     r = realism_ratio(reference, candidates)
+    if mode == "top":
+        return np.sort(np.argsort(-r, kind="stable")[:keep]).astype(np.int64)
     r = np.maximum(r, 1e-12)
     lo, hi = 0.0, float(r.max()) * n / keep + 1.0  # sum(min(1, r/M)) decreases in M
     for _ in range(100):

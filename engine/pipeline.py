@@ -16,7 +16,7 @@ import torch
 
 from engine.checkpoint import load_checkpoint
 from engine.config import DiffusionConfig, UNetConfig
-from engine.curate import REFERENCE_KEY, curate, layout_features
+from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
@@ -145,6 +145,7 @@ def sample_structures(
     batch_size: int = 8,
     oversample: float = 1.0,
     reference: np.ndarray | None = None,
+    filter_mode: str = "sample",
     merge_below: float = 0.0,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
@@ -154,12 +155,13 @@ def sample_structures(
     oversample > 1 turns on the layout realism filter (engine.curate): ceil(n * oversample) structures
     are sampled (seeds seed, seed+1, ...) and n of them kept, those whose layout statistics best follow
     ``reference`` ((N, 5) engine.curate.layout_features of real tiles; default: the one stored in the
-    checkpoint). Without it, sample i uses seed + i. ``merge_below``: fragments under this fraction of the
+    checkpoint); ``filter_mode`` "sample" (rejection sampling, keeps the set diverse) or "top" (the n most
+    realistic, deterministic), engine.curate. Without it, sample i uses seed + i. ``merge_below``: fragments under this fraction of the
     median nucleus area that touch another nucleus join it in the instance map (0 = off, the paper's
     watershed; 0.2 removes most watershed fragments, docs/benchmarks.md §6d). The structure itself, on
     which images are conditioned, is left as sampled.
     """
-    _check_structure_args(model, n, oversample, merge_below)
+    _check_structure_args(model, n, oversample, merge_below, filter_mode)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     _require_reference(model, ref, total > n)
@@ -175,11 +177,12 @@ def sample_structures(
             inst = structure_to_instances(arr, merge_below=merge_below)
             out.append(StructureSample(arr.astype(np.float32), inst, s))
     if total > n:
-        out = curate_structures(out, n, ref, seed=seed)
+        out = curate_structures(out, n, ref, seed=seed, mode=filter_mode)
     return out
 
 
-def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_below: float) -> None:
+def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_below: float,
+                          filter_mode: str) -> None:
     if model.kind != "structure":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
     if n < 1:
@@ -188,6 +191,8 @@ def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_b
         raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
     if not 0.0 <= merge_below < 1.0:
         raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
+    if filter_mode not in CURATE_MODES:
+        raise NuDiffError(f"unknown realism filter mode {filter_mode!r}; choose one of {', '.join(CURATE_MODES)}")
 
 
 def _require_reference(model: LoadedModel, ref: np.ndarray | None, filtering: bool) -> None:
@@ -196,14 +201,16 @@ def _require_reference(model: LoadedModel, ref: np.ndarray | None, filtering: bo
                           f"of real labeled tiles as reference, re-export the model with one, or set oversample to 1")
 
 
-def _filter_indices(samples: list[StructureSample], keep: int, reference: np.ndarray, seed: int) -> list[int]:
-    return [int(i) for i in curate(reference, layout_features([s.inst for s in samples]), keep, seed=seed)]
+def _filter_indices(samples: list[StructureSample], keep: int, reference: np.ndarray, seed: int,
+                    mode: str) -> list[int]:
+    feats = layout_features([s.inst for s in samples])
+    return [int(i) for i in curate(reference, feats, keep, seed=seed, mode=mode)]
 
 
 def curate_structures(samples: list[StructureSample], keep: int, reference: np.ndarray,
-                      seed: int = 0) -> list[StructureSample]:
-    """The `keep` samples accepted by the layout realism filter against `reference` (engine.curate)."""
-    return [samples[i] for i in _filter_indices(samples, keep, reference, seed)]
+                      seed: int = 0, mode: str = "sample") -> list[StructureSample]:
+    """The `keep` samples kept by the layout realism filter against `reference` (engine.curate)."""
+    return [samples[i] for i in _filter_indices(samples, keep, reference, seed, mode)]
 
 
 def as_structure(item: np.ndarray) -> np.ndarray:
@@ -293,6 +300,7 @@ def generate_pairs(
     size: int | None = None,
     oversample: float = 1.0,
     reference: np.ndarray | None = None,
+    filter_mode: str = "sample",
     merge_below: float = 0.0,
     shard: tuple[int, int] = (0, 1),
     all_gather: Callable[[object], list] | None = None,
@@ -303,7 +311,7 @@ def generate_pairs(
 
     ``size``: tile side in px (default: the image model's sampling size; a multiple of the U-Net's
     downsampling factor). Structures with fewer than min_nuclei nuclei are kept but flagged in
-    meta['n_nuclei']. ``oversample`` / ``reference``: the layout realism filter of
+    meta['n_nuclei']. ``oversample`` / ``reference`` / ``filter_mode``: the layout realism filter of
     :func:`sample_structures`; images are synthesized for the kept structures only. ``merge_below``: the
     fragment merge of :func:`sample_structures`.
 
@@ -321,7 +329,7 @@ def generate_pairs(
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
     size = _check_size(image_model, size)
-    _check_structure_args(structure_model, n, oversample, merge_below)
+    _check_structure_args(structure_model, n, oversample, merge_below, filter_mode)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else structure_model.layout_reference
     _require_reference(structure_model, ref, total > n)
@@ -341,7 +349,7 @@ def generate_pairs(
     if count > 1:
         structs = [s for part in all_gather(structs) for s in part]
     if total > n:
-        keep = _filter_indices(structs, n, ref, seed) if index == 0 else None
+        keep = _filter_indices(structs, n, ref, seed, filter_mode) if index == 0 else None
         if count > 1:
             keep = all_gather(keep)[0]
         structs = [structs[i] for i in keep]
@@ -359,5 +367,6 @@ def generate_pairs(
             "structure_checkpoint": structure_model.path.name, "structure_sha256": structure_model.sha256,
             "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
             "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei,
-            "oversample": float(oversample), "merge_below": float(merge_below)}))
+            "oversample": float(oversample), "filter_mode": filter_mode if total > n else None,
+            "merge_below": float(merge_below)}))
     return pairs

@@ -77,7 +77,7 @@ def wire(ctx: AppContext, ui) -> None:
         progress(0, desc="Sampling structures")
         oversample = float(oversample or 1.0)
         samples = sample_structures(model, int(n), sampler=sampler, steps=int(steps), seed=int(seed),
-                                    batch_size=8, oversample=oversample,
+                                    batch_size=8, oversample=oversample, filter_mode="top",
                                     progress=lambda i, t: progress((i, t), desc="Denoising"),
                                     cancel=sess.cancel.is_set)
         with sess.lock:
@@ -89,7 +89,8 @@ def wire(ctx: AppContext, ui) -> None:
                    for i, s in enumerate(samples)]
         kept = ""
         if oversample > 1:
-            kept = f" Realism filter: kept {len(samples)} of {candidate_count(int(n), oversample)} sampled layouts."
+            kept = (f" Realism filter: kept the {len(samples)} of {candidate_count(int(n), oversample)} sampled "
+                    f"layouts most like the training data's.")
         return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
                 f"({sampler}, {int(steps)} steps, {model.image_size} px).{kept}"), gallery
 

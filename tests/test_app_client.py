@@ -175,10 +175,20 @@ def test_realism_filter_through_the_api(studio, tiny_checkpoints, tmp_path):
 
     c = Client(studio[1], verbose=False)
     s_ckpt = str(tiny_checkpoints[0])
-    status, gallery = c.predict(s_ckpt, 3, "ddim", 2, 4, 2.0, api_name="/sample_structures")
-    assert status.startswith("Sampled 3 structures") and "kept 3 of 6 sampled layouts" in status
+    status, gallery = c.predict(s_ckpt, 3, "ddim", 2, 0, 2.0, api_name="/sample_structures")
+    assert status.startswith("Sampled 3 structures") and "kept the 3 of 6 sampled layouts most like" in status
     seeds = [int(g["caption"].split("seed ")[1].split(" ")[0]) for g in gallery]
-    assert len(gallery) == 3 and all(4 <= s < 10 for s in seeds) and seeds == sorted(seeds)
+    assert len(gallery) == 3 and all(0 <= s < 6 for s in seeds) and seeds == sorted(seeds)
+    # the studio keeps the most realistic layouts (filter mode "top"): the 3 of the 6 candidates (seeds 0..5)
+    # with the highest realism ratio against the model's stored reference (rejection sampling, the CLI's
+    # default, keeps another set for these seeds)
+    from engine import pipeline
+    from engine.curate import layout_features, realism_ratio
+
+    model = pipeline.load_model(s_ckpt, device="cpu")
+    cands = pipeline.sample_structures(model, 6, steps=2, seed=0, batch_size=8)
+    ratio = realism_ratio(model.layout_reference, layout_features([x.inst for x in cands]))
+    assert seeds == sorted(cands[i].seed for i in np.argsort(-ratio, kind="stable")[:3])
     # a structure model that stores no layout reference: a readable message, not a traceback
     ck = load_checkpoint(s_ckpt)
     save_checkpoint(tmp_path / "bare", {k: v for k, v in ck.tensors.items() if k.startswith("model.")},

@@ -141,7 +141,7 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     _set_number(page, "st-oversample", 2)  # realism filter: sample 8, keep the 4 most like the training data
     page.locator("#st-sample").click()
     status = _text(page, "st-status", "structures from")
-    assert "4 structures" in status and "kept 4 of 8 sampled layouts" in status
+    assert "4 structures" in status and "kept the 4 of 8 sampled layouts" in status
     thumbs = page.locator("#st-gallery button.thumbnail-item, #st-gallery .thumbnail-item")
     assert thumbs.count() >= 4
     thumbs.nth(1).click()

@@ -81,6 +81,19 @@ def test_curate_keeps_realistic_layouts(groups):
         curate(ref, cand, 0)
 
 
+def test_top_mode_keeps_the_highest_ratios(groups):
+    ref, like, dense = groups
+    cand = np.concatenate([dense[:10], like[:10]])  # the realistic ones last, so order alone cannot pass
+    r = realism_ratio(ref, cand)
+    idx = curate(ref, cand, 5, mode="top")
+    assert idx.dtype == np.int64 and np.all(np.diff(idx) > 0)
+    assert r[idx].min() >= np.delete(r, idx).max()  # nothing rejected is more realistic than what is kept
+    assert (idx >= 10).all()
+    np.testing.assert_array_equal(idx, curate(ref, cand, 5, seed=123, mode="top"))  # no randomness
+    with pytest.raises(NuDiffError, match="mode"):
+        curate(ref, cand, 5, mode="best")
+
+
 def test_structure_checkpoints_store_a_reference(tmp_path):
     s, i = standin_checkpoints()
     smodel = pipeline.load_model(s, kind="structure", device="cpu")
@@ -106,7 +119,11 @@ def test_oversampled_generation(tmp_path):
     pairs = pipeline.generate_pairs(smodel, imodel, 3, steps=2, seed=5, oversample=2.5)
     seeds = [p.meta["seed"] for p in pairs]
     assert len(pairs) == 3 and seeds == sorted(seeds) and set(seeds) <= set(range(5, 13))
-    assert all(p.meta["oversample"] == 2.5 for p in pairs)
+    assert all(p.meta["oversample"] == 2.5 and p.meta["filter_mode"] == "sample" for p in pairs)
+    top = pipeline.generate_pairs(smodel, imodel, 3, steps=2, seed=5, oversample=2.5, filter_mode="top")
+    assert all(p.meta["filter_mode"] == "top" for p in top) and set(p.meta["seed"] for p in top) <= set(range(5, 13))
+    with pytest.raises(NuDiffError, match="filter mode"):
+        pipeline.sample_structures(smodel, 2, steps=2, oversample=2, filter_mode="best")
     # a kept pair is reproduced from its recorded seed alone
     again = pipeline.generate_pairs(smodel, imodel, 1, steps=2, seed=seeds[-1])[0]
     np.testing.assert_array_equal(again.inst, pairs[-1].inst)
@@ -147,7 +164,7 @@ def test_cli_oversample_and_reference(tmp_path):
     assert r.returncode == 0, r.stderr
     assert len(list((tmp_path / "gen" / "labels").glob("*.tif"))) == 2
     r = _cli("sample-structures", "--checkpoint", str(s), "--n", "2", "--steps", "2", "--oversample", "2",
-             "--reference", str(real), "--out", str(tmp_path / "st"))
+             "--reference", str(real), "--filter-mode", "top", "--out", str(tmp_path / "st"))
     assert r.returncode == 0, r.stderr
     labels = sorted((tmp_path / "st" / "labels").glob("*.tif"))
     assert len(labels) == 2 and tifffile.imread(labels[0]).shape == (32, 32)
