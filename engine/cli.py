@@ -139,9 +139,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-size", type=int, default=None, help="default sampling tile size to record")
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
-    p.add_argument("--filter-mode", default="sample", choices=["sample", "top"],
-                   help="how the realism filter keeps layouts: 'sample' (rejection sampling, keeps a training set "
-                        "diverse) or 'top' (the most realistic ones, deterministic; the studio's choice)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="structure model: store the layout reference of these real labeled images (the training "
                         "data) for the realism filter (generate --oversample)")

@@ -156,10 +156,10 @@ def sample_structures(
     are sampled (seeds seed, seed+1, ...) and n of them kept, those whose layout statistics best follow
     ``reference`` ((N, 5) engine.curate.layout_features of real tiles; default: the one stored in the
     checkpoint); ``filter_mode`` "sample" (rejection sampling, keeps the set diverse) or "top" (the n most
-    realistic, deterministic), engine.curate. Without it, sample i uses seed + i. ``merge_below``: fragments under this fraction of the
-    median nucleus area that touch another nucleus join it in the instance map (0 = off, the paper's
-    watershed; 0.2 removes most watershed fragments, docs/benchmarks.md §6d). The structure itself, on
-    which images are conditioned, is left as sampled.
+    realistic, deterministic), engine.curate. Without it, sample i uses seed + i. ``merge_below``:
+    fragments under this fraction of the median nucleus area that touch another nucleus join it in the
+    instance map (0 = off, the paper's watershed; 0.2 removes most watershed fragments,
+    docs/benchmarks.md §6d). The structure itself, on which images are conditioned, is left as sampled.
     """
     _check_structure_args(model, n, oversample, merge_below, filter_mode)
     total = candidate_count(n, oversample)

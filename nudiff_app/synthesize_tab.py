@@ -42,7 +42,7 @@ def build(ctx: AppContext, ui) -> None:
                                          allow_custom_value=True, scale=4)
                 ui.sy_refresh = gr.Button("↻", scale=0, min_width=40)
             ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.25, label="Guidance scale w",
-                                info="how strictly the image follows the nuclei layout; 2 = the paper's. "
+                                info="how strictly the image follows the nuclei layout; 2 = the paper's; "
                                      "near 0 nuclei can fade, and the label then no longer fits its image")
             with gr.Row():
                 ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
