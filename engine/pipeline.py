@@ -201,16 +201,11 @@ def _require_reference(model: LoadedModel, ref: np.ndarray | None, filtering: bo
                           f"of real labeled tiles as reference, re-export the model with one, or set oversample to 1")
 
 
-def _filter_indices(samples: list[StructureSample], keep: int, reference: np.ndarray, seed: int,
-                    mode: str) -> list[int]:
-    feats = layout_features([s.inst for s in samples])
-    return [int(i) for i in curate(reference, feats, keep, seed=seed, mode=mode)]
-
-
 def curate_structures(samples: list[StructureSample], keep: int, reference: np.ndarray,
                       seed: int = 0, mode: str = "sample") -> list[StructureSample]:
     """The `keep` samples kept by the layout realism filter against `reference` (engine.curate)."""
-    return [samples[i] for i in _filter_indices(samples, keep, reference, seed, mode)]
+    idx = curate(reference, layout_features([s.inst for s in samples]), keep, seed=seed, mode=mode)
+    return [samples[i] for i in idx]
 
 
 def as_structure(item: np.ndarray) -> np.ndarray:
@@ -316,10 +311,11 @@ def generate_pairs(
     fragment merge of :func:`sample_structures`.
 
     ``shard=(index, count)`` with ``all_gather`` (object -> list of every shard's object, e.g.
-    torch.distributed.all_gather_object) splits the work over ``count`` processes: each samples its share
-    of the candidate structures, the realism filter runs once on all of them (shard 0 decides), and each
-    synthesizes its share of the kept ones. Returns this shard's pairs; concatenated in shard order they
-    equal a single-process call (up to float rounding between batch compositions).
+    torch.distributed.all_gather_object) splits the work over ``count`` processes: each samples a
+    contiguous share of the candidate structures, the realism filter runs once on all candidates' layout
+    features (shard 0 decides), and each synthesizes images for its own kept candidates. Returns this
+    shard's pairs; concatenated in shard order they equal a single-process call (up to float rounding
+    between batch compositions).
     """
     index, count = shard
     if not 0 <= index < count:
@@ -346,15 +342,15 @@ def generate_pairs(
     structs = sample_structures(structure_model, hi - lo, sampler=sampler, steps=structure_steps, seed=seed + lo,
                                 size=size, batch_size=batch_size, merge_below=merge_below,
                                 progress=scaled(0, share), cancel=cancel) if hi > lo else []
-    if count > 1:
-        structs = [s for part in all_gather(structs) for s in part]
-    if total > n:
-        keep = _filter_indices(structs, n, ref, seed, filter_mode) if index == 0 else None
+    if total > n:  # filter on every shard's layout features (5 numbers each), never moving the structures
+        feats = layout_features([s.inst for s in structs])
+        if count > 1:
+            feats = np.concatenate(all_gather(feats))
+        keep = curate(ref, feats, n, seed=seed, mode=filter_mode) if index == 0 else None
         if count > 1:
             keep = all_gather(keep)[0]
-        structs = [structs[i] for i in keep]
-    lo, hi = shard_range(n, index, count)
-    structs = structs[lo:hi]
+        kept = {int(i) for i in keep}
+        structs = [s for j, s in enumerate(structs) if lo + j in kept]
     if not structs:
         return []
     imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
