@@ -95,19 +95,19 @@ def main() -> None:
     print(f"instances_to_structure        {1000 * t_fwd:7.1f} ms")
     print(f"structure_to_instances        {1000 * t_inv:7.1f} ms (target <= 10)")
 
-    print("\n## Diffusion training batch (16 augmented 128 px tiles; the CPU work of every training step)")
+    print("\n## Diffusion training batch (augmented 128 px tiles; the CPU work of every training step)")
     import torch
 
     from engine.structure import dihedral
     from engine.train import TrainingSet
 
-    tiles = [make_tile(128, seed=i) for i in range(32)]
+    tiles = [make_tile(128, seed=i) for i in range(64)]
     data = TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
     gen = torch.Generator().manual_seed(0)
-    data.batch(list(range(32)), gen)  # structures are computed once, on first use
+    data.batch(list(range(64)), gen)  # structures are computed once, on first use
 
-    def recompute() -> None:  # baseline: the structure of every augmented instance map, every step
-        for i in range(16):
+    def recompute(n: int) -> None:  # baseline: the structure of every augmented instance map, every step
+        for i in range(n):
             k, flip = i % 4, bool(i % 2)
             img, inst = np.rot90(data.images[i], k), np.rot90(data.insts[i], k)
             if flip:
@@ -115,16 +115,25 @@ def main() -> None:
             np.ascontiguousarray(img)
             instances_to_structure(np.ascontiguousarray(inst))
 
-    def cached() -> None:
-        for i in range(16):
-            dihedral(data.images[i], data.structure(i), i % 4, bool(i % 2))
+    def per_tile(n: int) -> None:  # cached structure, numpy dihedral per tile, then one tensor per batch
+        ims, sts = zip(*(dihedral(data.images[i], data.structure(i), i % 4, bool(i % 2)) for i in range(n)))
+        torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
+        torch.from_numpy(np.stack(sts)).permute(0, 3, 1, 2).contiguous()
 
-    t_base = best_of(recompute, args.repeat)
-    t_new = best_of(cached, args.repeat)
-    t_batch = best_of(lambda: data.batch(list(range(16)), gen), args.repeat)
-    print(f"baseline: recompute structures  {1000 * t_base:7.1f} ms")
-    print(f"cached structure + dihedral     {1000 * t_new:7.1f} ms  ({t_base / t_new:5.1f}x faster than baseline)")
-    print(f"TrainingSet.batch (with tensors){1000 * t_batch:7.1f} ms")
+    for n in (16, 64):
+        idx = list(range(n))
+        t_base = best_of(lambda: recompute(n), args.repeat) if n == 16 else None
+        t_tile = best_of(lambda: per_tile(n), args.repeat)
+        t_batch = best_of(lambda: data.batch(idx, gen), args.repeat)
+        t_noise = best_of(lambda: torch.randn((n, 3, 128, 128), generator=gen), args.repeat)
+        if t_base is not None:
+            print(f"batch {n:3d}: baseline, structures recomputed   {1000 * t_base:7.1f} ms")
+        print(f"batch {n:3d}: cached, numpy dihedral per tile   {1000 * t_tile:7.1f} ms"
+              + (f"  ({t_base / t_tile:5.1f}x faster than baseline)" if t_base else ""))
+        print(f"batch {n:3d}: TrainingSet.batch (dihedral_batch) {1000 * t_batch:7.1f} ms"
+              f"  ({t_tile / t_batch:5.1f}x faster than per tile)")
+        print(f"batch {n:3d}: the step's noise drawn on the host  {1000 * t_noise:7.1f} ms"
+              " (now drawn on the training device)")
 
 
 if __name__ == "__main__":

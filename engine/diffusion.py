@@ -48,14 +48,16 @@ class NoiseSchedule:
         """Simple loss (mean squared error on eps) for a batch x0 (B, C, H, W) in [-1, 1].
 
         cond: (B, 3, H, W) structure for a conditional model; each sample's condition is replaced by the
-        null condition with probability drop_rate (classifier-free training).
+        null condition with probability drop_rate (classifier-free training). Timesteps and noise are
+        drawn from `generator` on its own device (a CUDA generator keeps them on the GPU).
         """
         b = x0.shape[0]
         dev = x0.device
-        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device="cpu").to(dev)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(dev, x0.dtype)
+        gdev = generator.device if generator is not None else dev  # draw where the generator lives
+        t = torch.randint(0, self.num_timesteps, (b,), generator=generator, device=gdev).to(dev)
+        noise = torch.randn(x0.shape, generator=generator, device=gdev).to(dev, x0.dtype)
         if cond is not None and drop_rate > 0:
-            drop = (torch.rand((b,), generator=generator, device="cpu") < drop_rate).to(dev)
+            drop = (torch.rand((b,), generator=generator, device=gdev) < drop_rate).to(dev)
             cond = torch.where(drop[:, None, None, None], null_condition(cond), cond)
         pred = model(self.q_sample(x0, t, noise), t, cond)
         return F.mse_loss(pred.float(), noise.float())

@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
-__all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "relabel", "dihedral"]
+__all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "relabel", "dihedral",
+           "dihedral_batch"]
 
 
 def relabel(inst: np.ndarray) -> np.ndarray:
@@ -82,6 +84,38 @@ def dihedral(image: np.ndarray, structure: np.ndarray, k: int, flip: bool) -> tu
     out = np.empty(s.shape, np.result_type(structure.dtype, np.float32))
     out[..., 0], out[..., 1], out[..., 2] = s[..., 0], h, v
     return np.ascontiguousarray(image), out
+
+
+def _quarter_turns(structure: torch.Tensor, turns: int) -> torch.Tensor:
+    """Rotate (B, 3, H, W) structures by `turns` (1 or 2) counter-clockwise quarter turns, maps fixed."""
+    s = torch.rot90(structure, turns, dims=(-2, -1))
+    h, v = s[:, 1], s[:, 2]
+    h, v = (v, -h) if turns == 1 else (-h, -v)
+    return torch.stack((s[:, 0], h, v), dim=1)
+
+
+def dihedral_batch(images: torch.Tensor, structures: torch.Tensor, k: torch.Tensor,
+                   flip: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`dihedral` for a batch of tensors on any device, each sample with its own transform.
+
+    images (B, C, H, W) and structures (B, 3, H, W), any dtype; k (B,) integer quarter turns, flip (B,)
+    bool. Sample b gets the left-right flip if flip[b], then k[b] counter-clockwise quarter turns, exactly
+    as ``dihedral``. Branch-free (``torch.where`` over the whole batch), so on a GPU it needs no
+    synchronisation with the host. Needs H == W.
+    """
+    if images.shape[-1] != images.shape[-2]:
+        raise ValueError(f"dihedral_batch needs square tiles, got {tuple(images.shape[-2:])}")
+    sel = lambda m: m.reshape(-1, 1, 1, 1)  # noqa: E731
+    flip, k = flip.to(images.device, torch.bool), k.to(images.device) % 4
+    flipped = structures.flip(-1)
+    flipped = torch.stack((flipped[:, 0], -flipped[:, 1], flipped[:, 2]), dim=1)
+    images = torch.where(sel(flip), images.flip(-1), images)
+    structures = torch.where(sel(flip), flipped, structures)
+    for turns, bit in ((1, 1), (2, 2)):
+        on = sel((k & bit) > 0)
+        images = torch.where(on, torch.rot90(images, turns, dims=(-2, -1)), images)
+        structures = torch.where(on, _quarter_turns(structures, turns), structures)
+    return images, structures
 
 
 def _object_slices(inst: np.ndarray):

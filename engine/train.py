@@ -24,7 +24,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -37,19 +37,22 @@ from engine.config import DiffusionConfig, TrainConfig, preset
 from engine.curate import REFERENCE_KEY, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, TrainingError
-from engine.structure import dihedral, instances_to_structure, structure_to_instances
+from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "train", "read_status"]
+__all__ = ["TrainingSet", "Trainer", "train", "read_status", "MAX_DEVICE_BYTES"]
+
+STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
+MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU (TrainingSet.tensors)
 
 
 @dataclass
 class TrainingSet:
     """Tiles held in memory: images (N, S, S, 3) uint8 and instance maps (N, S, S) int32.
 
-    The nuclei structure of each tile is computed once, on first use, and kept as float16 (N, S, S, 3);
-    augmented batches transform it with :func:`engine.structure.dihedral`, which gives exactly the
-    structure of the transformed instance map without recomputing the distance maps every step.
+    The nuclei structure of each tile is computed once and kept as float16; augmented batches transform
+    it with :func:`engine.structure.dihedral_batch`, which gives exactly the structure of the transformed
+    instance map without recomputing the distance maps every step, on the training device.
     """
 
     images: np.ndarray
@@ -57,6 +60,7 @@ class TrainingSet:
     fingerprint: str
     structures: np.ndarray | None = field(default=None, repr=False)
     _have: np.ndarray | None = field(default=None, repr=False)
+    _tensors: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_arrays(cls, images: list[np.ndarray], insts: list[np.ndarray]) -> "TrainingSet":
@@ -96,22 +100,44 @@ class TrainingSet:
             self._have[i] = True
         return self.structures[i].astype(np.float32)
 
-    def batch(self, idx: list[int], gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """Augmented batch: images (B, 3, S, S) and structures (B, 3, S, S), float32 in [-1, 1].
+    def tensors(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """All tiles as tensors: images (N, 3, S, S) uint8 and structures (N, 3, S, S) float16.
 
-        The same random flip / 90-degree rotation is applied to image and structure (distance maps
-        transformed with it, engine.structure.dihedral), so they stay aligned and exact.
+        Built once per device and kept there, so that a training step on a GPU gathers and augments its
+        batch on the GPU (no per-step host work or copies). A set larger than ``MAX_DEVICE_BYTES`` stays in
+        host memory and its batches are copied to the device.
         """
-        ims, sts = [], []
-        for i in idx:
-            k = int(torch.randint(0, 4, (1,), generator=gen))
-            flip = bool(torch.randint(0, 2, (1,), generator=gen))
-            im, st = dihedral(self.images[i], self.structure(i), k, flip)
-            ims.append(im)
-            sts.append(st)
-        x = torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).float() / 127.5 - 1
-        y = torch.from_numpy(np.stack(sts)).permute(0, 3, 1, 2).contiguous()
-        return x, y
+        device = torch.device(device)
+        if device.type != "cpu" and self.images.nbytes * 3 > MAX_DEVICE_BYTES:  # uint8 + float16 maps
+            device = torch.device("cpu")
+        key = str(device)
+        if key not in self._tensors:
+            sts = np.stack([self.structure(i) for i in range(len(self))]).astype(np.float16)
+            self._tensors[key] = (torch.from_numpy(self.images).permute(0, 3, 1, 2).contiguous().to(device),
+                                  torch.from_numpy(sts).permute(0, 3, 1, 2).contiguous().to(device))
+        return self._tensors[key]
+
+    def batch(self, idx: Sequence[int] | torch.Tensor, gen: torch.Generator | None = None, *,
+              k: torch.Tensor | None = None, flip: torch.Tensor | None = None,
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented batch: images (B, 3, S, S) and structures (B, 3, S, S), float32 in [-1, 1], on `device`.
+
+        The same flip / quarter turns (given, or drawn from `gen`) are applied to image and structure
+        (distance maps transformed with them, engine.structure.dihedral_batch), so they stay aligned
+        and exact.
+        """
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        if k is None or flip is None:
+            if gen is None:
+                raise ValueError("give k and flip, or a generator to draw them")
+            k = torch.randint(0, 4, (len(idx),), generator=gen)
+            flip = torch.randint(0, 2, (len(idx),), generator=gen).bool()
+        images, structures = self.tensors(device)
+        home = images.device
+        x, y = dihedral_batch(images.index_select(0, idx.to(home)), structures.index_select(0, idx.to(home)),
+                              k.to(home), flip.to(home))
+        x = x.to(device, non_blocking=True).float() / 127.5 - 1
+        return x, y.to(device, non_blocking=True).float()
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
@@ -176,6 +202,7 @@ class Trainer:
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.gen = torch.Generator().manual_seed(cfg.seed * 1009 + self.acc.process_index)
+        self.noise_gen = torch.Generator(device=self.acc.device)  # re-seeded from self.gen every step
         self._load_start(model, opt)
         self.model, self.opt = self.acc.prepare(model, opt)
         self.ema.to(self.acc.device)
@@ -324,6 +351,10 @@ class Trainer:
         return self.time_limit is not None and time.time() - self._started >= self.time_limit
 
     def _should_stop(self) -> bool:
+        """Stop asked (callback, STOP file) or time up: polled every step; with many processes every
+        ``STOP_POLL_STEPS`` steps, when all of them agree (a collective, which waits for the devices)."""
+        if self.acc.num_processes > 1 and self.step % STOP_POLL_STEPS:
+            return False
         local = bool(self.stop_requested()) or (self.run_dir / "STOP").exists() or self._out_of_time()
         flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0) if self.acc.num_processes > 1 else local
@@ -332,10 +363,32 @@ class Trainer:
     def _update_ema(self) -> None:
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         model = self.acc.unwrap_model(self.model)
-        for e, p in zip(self.ema.parameters(), model.parameters()):
-            e.lerp_(p.detach().to(e.dtype), 1 - decay)
+        ema, live = list(self.ema.parameters()), [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema, live, 1 - decay)  # one fused update instead of a kernel per tensor
         for e, b in zip(self.ema.buffers(), model.buffers()):
             e.copy_(b)
+
+    def _check_losses(self, unchecked: list[torch.Tensor]) -> list[float]:
+        """Read back the losses of the steps since the last check (all processes'); empties `unchecked`.
+
+        Returns this process's values; raises TrainingError naming the first step whose loss (on any
+        process) was not finite. Called before every save, so no checkpoint holds weights it reached.
+        """
+        if not unchecked:
+            return []
+        vals = torch.stack(unchecked)[None]
+        unchecked.clear()
+        rows = (self.acc.gather(vals) if self.acc.num_processes > 1 else vals).cpu()  # (processes, steps)
+        finite = torch.isfinite(rows).all(0)
+        if not bool(finite.all()):
+            first = int((~finite).nonzero()[0, 0])
+            bad = rows[:, first][~torch.isfinite(rows[:, first])][0].item()
+            step = self.step - rows.shape[1] + first + 1
+            msg = (f"loss became {bad} at step {step}; stopped. The last good checkpoint "
+                   f"(step {self._last_saved_step()}) is intact; try a lower learning rate.")
+            self._status("failed", msg)
+            raise TrainingError(msg)
+        return rows[self.acc.process_index if self.acc.num_processes > 1 else 0].tolist()
 
     def run(self) -> Path:
         """Train to cfg.total_steps (or until stopped); returns the inference checkpoint's record path."""
@@ -352,7 +405,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not (self.main and self.show_progress),
                    desc=f"train {c.kind}", dynamic_ncols=True)
         self._status("running", "training")
-        losses: list[float] = []
+        window: list[float] = []  # checked losses of this process since the last log line
+        unchecked: list[torch.Tensor] = []  # losses on the device, read back (one sync) every log/save
         t0 = time.time()
         stopped = False
         try:
@@ -363,19 +417,15 @@ class Trainer:
                 lr, drop = self._stage()
                 for g in self.opt.param_groups:
                     g["lr"] = lr
-                idx = torch.randint(0, len(self.data), (c.batch_size,), generator=self.gen).tolist()
-                x, y = self.data.batch(idx, self.gen)
-                x, y = x.to(self.acc.device), y.to(self.acc.device)
+                idx = torch.randint(0, len(self.data), (c.batch_size,), generator=self.gen)
+                x, y = self.data.batch(idx, self.gen, device=self.acc.device)
                 x0, cond = (x, y) if c.kind == "image" else (y, None)
+                # timesteps and noise are drawn on the device, from a seed drawn from self.gen (saved, so
+                # resume is exact) -- no host-to-device copy of a batch of noise every step
+                self.noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
                 self.model.train()
                 with self.acc.autocast():
-                    loss = self.schedule.loss(self.model, x0, cond, drop_rate=drop, generator=self.gen)
-                check = self.acc.gather(loss.detach()[None]) if self.acc.num_processes > 1 else loss.detach()
-                if not torch.isfinite(check).all():
-                    msg = (f"loss became {loss.item()} at step {self.step + 1}; stopped. The last good checkpoint "
-                           f"(step {self._last_saved_step()}) is intact; try a lower learning rate.")
-                    self._status("failed", msg)
-                    raise TrainingError(msg)
+                    loss = self.schedule.loss(self.model, x0, cond, drop_rate=drop, generator=self.noise_gen)
                 self.opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss)
                 if c.grad_clip > 0:
@@ -383,11 +433,12 @@ class Trainer:
                 self.opt.step()
                 self.step += 1
                 self._update_ema()
-                losses.append(float(loss.item()))
+                unchecked.append(loss.detach().float())
                 bar.update(1)
                 if self.step % c.log_every == 0 or self.step == total:
-                    mean = float(np.mean(losses))
-                    losses.clear()
+                    window += self._check_losses(unchecked)
+                    mean = float(np.mean(window))
+                    window.clear()
                     bar.set_postfix(loss=f"{mean:.4f}")
                     if self.main:
                         with open(self.run_dir / "log.jsonl", "a") as f:
@@ -395,6 +446,7 @@ class Trainer:
                                                 "elapsed": round(time.time() - t0, 2)}) + "\n")
                     self._status("running", "training", mean)
                 if self.step % c.save_every == 0 and self.step < total:
+                    window += self._check_losses(unchecked)
                     self.save()
                 if c.preview_every and self.step % c.preview_every == 0:
                     self.preview()
@@ -402,6 +454,7 @@ class Trainer:
             stopped = True
         finally:
             bar.close()
+        self._check_losses(unchecked)  # never save weights that a non-finite loss has reached
         self.save()
         self.acc.wait_for_everyone()
         out = self.export() if self.main else self.run_dir / "model.json"

@@ -6,9 +6,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from engine.metrics import aji
-from engine.structure import instances_to_structure, merge_fragments, relabel, structure_to_instances
+from engine.structure import (dihedral, dihedral_batch, instances_to_structure, merge_fragments, relabel,
+                              structure_to_instances)
 from engine.synthetic import make_tile
 
 REAL_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "monuseg" / "train" / "labels"
@@ -151,3 +153,25 @@ def test_structure_to_instances_merges_fragments_on_request():
     merged = structure_to_instances(s, merge_below=0.2, **tiny)
     assert merged.max() == 5
     np.testing.assert_array_equal(merged, merge_fragments(exact, 0.2))
+
+
+def test_dihedral_batch_equals_dihedral_for_every_transform():
+    tiles = [make_tile(40, seed=20 + i) for i in range(8)]
+    images = np.stack([t[0] for t in tiles])
+    structures = np.stack([instances_to_structure(t[1]) for t in tiles])
+    k = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    flip = torch.tensor([False] * 4 + [True] * 4)
+    # (B, C, H, W) tensors; uint8 images and float16 structures, as training keeps them
+    bi, bs = dihedral_batch(torch.from_numpy(images).permute(0, 3, 1, 2),
+                            torch.from_numpy(structures).half().permute(0, 3, 1, 2), k, flip)
+    assert bi.dtype == torch.uint8 and bs.dtype == torch.float16
+    for b in range(8):
+        img, st = dihedral(images[b], structures[b], int(k[b]), bool(flip[b]))
+        np.testing.assert_array_equal(bi[b].permute(1, 2, 0).numpy(), img)
+        np.testing.assert_allclose(bs[b].permute(1, 2, 0).float().numpy(), st, atol=1e-3)
+        # and it is the structure of the transformed instance map
+        moved = np.rot90(tiles[b][1][:, ::-1] if flip[b] else tiles[b][1], int(k[b]))
+        np.testing.assert_allclose(bs[b].permute(1, 2, 0).float().numpy(),
+                                   instances_to_structure(np.ascontiguousarray(moved)), atol=1e-3)
+    with pytest.raises(ValueError, match="square"):
+        dihedral_batch(torch.zeros(1, 3, 8, 6), torch.zeros(1, 3, 8, 6), k[:1], flip[:1])

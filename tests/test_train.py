@@ -12,6 +12,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import TrainConfig
 from engine.errors import CheckpointError, TrainingError
 from engine.synthetic import make_tile
+from engine.structure import instances_to_structure
 from engine.train import Trainer, TrainingSet, read_status
 
 
@@ -37,6 +38,20 @@ def test_batch_augmentation_keeps_image_and_structure_aligned(data):
     for i in range(8):
         nuc = y[i, 0] > 0
         assert x[i].mean(0)[nuc].mean() < x[i].mean(0)[~nuc].mean()
+
+
+def test_batch_is_the_tile_transformed_exactly(data):
+    idx = torch.tensor([3, 3, 5, 0])
+    k, flip = torch.tensor([1, 2, 3, 0]), torch.tensor([True, False, True, True])
+    x, y = data.batch(idx, k=k, flip=flip)
+    assert x.dtype == y.dtype == torch.float32
+    for b in range(4):
+        i, kk, ff = int(idx[b]), int(k[b]), bool(flip[b])
+        moved_img = np.rot90(data.images[i][:, ::-1] if ff else data.images[i], kk)
+        moved_inst = np.rot90(data.insts[i][:, ::-1] if ff else data.insts[i], kk)
+        np.testing.assert_allclose(x[b].permute(1, 2, 0).numpy(), moved_img / 127.5 - 1, atol=1e-6)
+        np.testing.assert_allclose(y[b].permute(1, 2, 0).numpy(),
+                                   instances_to_structure(np.ascontiguousarray(moved_inst)), atol=1e-3)
 
 
 def test_loss_goes_down(data, tmp_path):
@@ -107,6 +122,23 @@ def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data, tmp_path):
     with pytest.raises(TrainingError, match="step 5"):
         t.run()
     assert load_checkpoint(tmp_path / "latest").step == 5
+    assert read_status(tmp_path)["state"] == "failed"
+
+
+def test_nan_loss_between_checks_is_never_saved(data, tmp_path):
+    # losses are read back every log_every steps; a stop in between must not save the weights a NaN reached
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > 4
+
+    t = Trainer(cfg(steps=20, save_every=100, log_every=10), tmp_path, data, stop=stop, show_progress=False)
+    orig = t.schedule.loss
+    t.schedule.loss = lambda *a, **k: orig(*a, **k) * (float("nan") if t.step == 2 else 1.0)
+    with pytest.raises(TrainingError, match="at step 3"):
+        t.run()
+    assert not (tmp_path / "latest.json").exists()
     assert read_status(tmp_path)["state"] == "failed"
 
 
