@@ -20,8 +20,10 @@ SAMPLER_HELP = "sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M), or d
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--data", required=True, help="folder of labeled tiles (images/ + labels/ or masks/)")
     p.add_argument("--run-dir", required=True, help="run folder; running again on it resumes training")
-    p.add_argument("--preset", default="cpu", choices=["test", "cpu", "paper"], help="model size (default cpu)")
-    p.add_argument("--image-size", type=int, default=None, help="training tile size in px (default: the preset's)")
+    p.add_argument("--preset", default=None, choices=["test", "cpu", "paper"],
+                   help="model size (default cpu, or that of the --init-from model)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="training tile size in px (default: the preset's, or that of the --init-from model)")
     p.add_argument("--tile-stride", type=int, default=None, help="stride between training tiles (default size/2)")
     p.add_argument("--fraction", type=float, default=1.0,
                    help="use the paper's subset with this fraction of nuclei (0.1, 0.2, 0.5, 1)")
@@ -43,7 +45,12 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
-    p.add_argument("--init-from", default=None, help="start from this checkpoint's weights (fresh optimizer)")
+    p.add_argument("--init-from", default=None,
+                   help="fine-tune: start from this checkpoint's weights (fresh optimizer; its licence is kept)")
+    p.add_argument("--warmup-steps", type=int, default=None,
+                   help="raise the learning rate linearly over the first N steps (default: 100 with "
+                        "--init-from, where a fresh optimizer's first full-size steps would upset the "
+                        "trained weights; else 0)")
     p.add_argument("--sample-size", type=int, default=None,
                    help="default tile size for sampling recorded in the exported model (default: image size)")
     p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
@@ -240,6 +247,23 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
     return 0
 
 
+DEFAULT_WARMUP = 100  # learning-rate warm-up steps when fine-tuning (--init-from)
+
+
+def _model_shape(args: argparse.Namespace, kind: str) -> tuple[str, int | None]:
+    """(preset, image size) of a training run: as given, else those of the --init-from model, else cpu's."""
+    if not args.init_from or (args.preset and args.image_size):
+        return args.preset or "cpu", args.image_size
+    from engine.checkpoint import load_checkpoint
+    from engine.config import preset_of
+
+    ck = load_checkpoint(args.init_from, kind=kind)
+    name = preset_of(ck.model_config)
+    if name is None and not args.preset:
+        raise NuDiffError(f"{args.init_from} is not one of the presets; give --preset and --image-size")
+    return args.preset or name, args.image_size or ck.model_config.image_size
+
+
 def _train(args: argparse.Namespace, kind: str) -> int:
     import torch
 
@@ -248,22 +272,25 @@ def _train(args: argparse.Namespace, kind: str) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = TrainConfig(
-        kind=kind, preset=args.preset, image_size=args.image_size, data=str(args.data),
-        tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
-        finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
-        finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
-        ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
-        preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
-        mixed_precision=args.mixed_precision, init_from=args.init_from,
-        extra={"sample_size": args.sample_size} if args.sample_size else {})
+    warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
+    total = args.steps + (getattr(args, "finetune_steps", 0) if kind == "image" else 0)
     try:
         if args.time_limit is not None and not args.time_limit > 0:
             raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+        preset, size = _model_shape(args, kind)
+        cfg = TrainConfig(
+            kind=kind, preset=preset, image_size=size, data=str(args.data), warmup_steps=warmup,
+            tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
+            finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
+            finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
+            ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
+            preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
+            mixed_precision=args.mixed_precision, init_from=args.init_from,
+            extra={"sample_size": args.sample_size} if args.sample_size else {})
         trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet,
                           time_limit=None if args.time_limit is None else args.time_limit * 60.0)
     except NuDiffError as e:  # let a watching studio see why the job never started
-        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": cfg.total_steps,
+        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": total,
                                     "message": str(e)})
         raise
     out = trainer.run()

@@ -103,6 +103,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def preset_of(config: UNetConfig) -> str | None:
+    """Name of the preset that `config` is (at its own image size), or None."""
+    kind = "image" if config.cond_channels else "structure"
+    for name in PRESETS:
+        if preset(name, kind, config.image_size) == config:
+            return name
+    return None
+
+
 def preset(name: str, kind: str, image_size: int | None = None) -> UNetConfig:
     """UNetConfig of preset `name` for model `kind` ('structure': unconditional, 'image': SPADE)."""
     if name not in PRESETS:
@@ -148,6 +157,7 @@ class TrainConfig:
     seed: int = 0
     mixed_precision: str = "auto"
     init_from: str | None = None
+    warmup_steps: int = 0  # learning rate rises linearly over the run's first steps (for init_from)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

@@ -42,6 +42,7 @@ from engine.unet import UNet
 
 __all__ = ["TrainingSet", "Trainer", "train", "read_status", "MAX_DEVICE_BYTES"]
 
+INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
 STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
 MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU (TrainingSet.tensors)
 
@@ -201,6 +202,7 @@ class Trainer:
         self.ema = copy.deepcopy(model).requires_grad_(False).eval()
         opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
+        self._inherited: dict = {}  # record fields carried from the checkpoint this run started from
         self.gen = torch.Generator().manual_seed(cfg.seed * 1009 + self.acc.process_index)
         self.noise_gen = torch.Generator(device=self.acc.device)  # re-seeded from self.gen every step
         self._load_start(model, opt)
@@ -232,6 +234,7 @@ class Trainer:
             if rng is None:
                 rng = ck.tensors["rng.gen.0"]
             self.gen.set_state(rng.to(torch.uint8))
+            self._inherited = {k: ck.record[k] for k in INHERITED if k in ck.record}
             if self.main:
                 self._log_event(f"resumed from step {self.step}")
         elif self.cfg.init_from:
@@ -242,6 +245,10 @@ class Trainer:
             sd = ck.weights_for_inference()
             model.load_state_dict(sd)
             self.ema.load_state_dict(sd)
+            # a model fine-tuned from another is derived from it (and from its training data): its licence
+            # travels with it, and the record says which weights it started from
+            self._inherited = {k: ck.record[k] for k in INHERITED if k in ck.record}
+            self._inherited["init_from_sha256"] = ck.sha256
 
     def _training_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         model = self.acc.unwrap_model(self.model)
@@ -269,8 +276,8 @@ class Trainer:
         tensors, optim = self._training_tensors()
         if not self.main:
             return None
-        extra = {"train": self.cfg.to_dict(), "optimizer": optim, "data_fingerprint": self.data.fingerprint,
-                 "num_processes": self.acc.num_processes}
+        extra = {**self._inherited, "train": self.cfg.to_dict(), "optimizer": optim,
+                 "data_fingerprint": self.data.fingerprint, "num_processes": self.acc.num_processes}
         path = save_checkpoint(self.run_dir / "latest", tensors, kind=self.cfg.kind, model=self.model_cfg,
                                diffusion=self.diffusion, contents="training", step=self.step, extra=extra)
         snap = self.run_dir / f"step_{self.step:07d}"
@@ -341,11 +348,13 @@ class Trainer:
     # --- loop --------------------------------------------------------------------------------------
 
     def _stage(self) -> tuple[float, float]:
-        """(lr, drop_rate) at the current step: stage 1, then the classifier-free fine-tune."""
+        """(lr, drop_rate) at the current step: stage 1, then the classifier-free fine-tune; the lr is
+        warmed up linearly over the run's first ``warmup_steps`` (whichever stage they fall in)."""
         c = self.cfg
+        warm = min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
         if c.kind == "image" and self.step >= c.steps:
-            return c.finetune_lr, c.finetune_drop_rate
-        return c.lr, c.drop_rate if c.kind == "image" else 0.0
+            return c.finetune_lr * warm, c.finetune_drop_rate
+        return c.lr * warm, c.drop_rate if c.kind == "image" else 0.0
 
     def _out_of_time(self) -> bool:
         return self.time_limit is not None and time.time() - self._started >= self.time_limit

@@ -81,7 +81,10 @@ class TrainingJobs:
         return None
 
     def start(self, kind: str, *, data: str, run_name: str, preset: str, image_size: int | None,
-              fraction: float, steps: int, finetune_steps: int, batch_size: int) -> dict:
+              fraction: float, steps: int, finetune_steps: int, batch_size: int,
+              init_from: str | None = None) -> dict:
+        """Launch `python -m engine train-<kind>` in the background; init_from: fine-tune that checkpoint
+        (its preset and tile size then replace `preset` and `image_size`)."""
         if kind not in ("structure", "image"):
             raise TrainingError(f"unknown model kind {kind!r}")
         if not data or not Path(data).is_dir():
@@ -89,10 +92,12 @@ class TrainingJobs:
         if steps < 1 or batch_size < 1:
             raise TrainingError("steps and batch size must be at least 1")
         run_dir = self.run_dir(run_name, kind)
-        args = ["--data", str(Path(data).resolve()), "--run-dir", str(run_dir), "--preset", preset,
+        args = ["--data", str(Path(data).resolve()), "--run-dir", str(run_dir),
                 "--steps", str(int(steps)), "--batch-size", str(int(batch_size)), "--fraction", f"{fraction:g}"]
-        if image_size:
-            args += ["--image-size", str(int(image_size))]
+        if init_from:
+            args += ["--init-from", str(init_from)]
+        else:
+            args += ["--preset", preset] + (["--image-size", str(int(image_size))] if image_size else [])
         if kind == "image":
             args += ["--finetune-steps", str(int(finetune_steps))]
         every = max(1, min(500, int(steps) // 10 or 1))

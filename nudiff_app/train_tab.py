@@ -19,6 +19,7 @@ from nudiff_app.editing import zoom_to
 from nudiff_app.state import AppContext, ui_action
 
 FRACTIONS = {"100%": 1.0, "50%": 0.5, "20%": 0.2, "10%": 0.1}
+START_FROM = ("scratch", "default model")
 PREVIEW_TILES = 8
 
 
@@ -83,6 +84,10 @@ def build(ctx: AppContext, ui) -> None:
                                           label="Image fine-tune steps (classifier-free)", scale=1)
             ui.train_batch = gr.Number(value=4, precision=0, minimum=1, maximum=256, label="Batch size", scale=1,
                                        elem_id="train-batch")
+            ui.train_start_from = gr.Radio(list(START_FROM), value="scratch", label="Start from", scale=2,
+                                           elem_id="train-start-from",
+                                           info="fine-tuning the default model needs far fewer steps; "
+                                                "its preset and tile size are then used")
         with gr.Row():
             ui.train_start_structure = gr.Button("Train structure model", variant="primary")
             ui.train_start_image = gr.Button("Train image model", variant="primary")
@@ -140,17 +145,20 @@ def wire(ctx: AppContext, ui) -> None:
     ui.train_preset.change(_preset_size, ui.train_preset, ui.train_size, api_visibility="private")
 
     start_inputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_size, ui.train_fraction,
-                    ui.train_steps, ui.train_finetune, ui.train_batch]
+                    ui.train_steps, ui.train_finetune, ui.train_batch, ui.train_start_from]
 
     def _start(kind):
         @ui_action(1)
-        def start(folder, run, preset, size, fraction, steps, finetune, batch):
+        def start(folder, run, preset, size, fraction, steps, finetune, batch, start_from="scratch"):
             size = int(size) if size else None
+            base = ctx.default_checkpoint(kind) if start_from == "default model" else None
             rec = ctx.jobs.start(kind, data=(folder or "").strip(), run_name=run, preset=preset,
                                  image_size=size if size != PRESETS[preset]["image_size"] else None,
                                  fraction=FRACTIONS.get(fraction, 1.0), steps=int(steps or 0),
-                                 finetune_steps=int(finetune or 0), batch_size=int(batch or 0))
-            return f"Started {kind} training in `{rec['run_dir']}`."
+                                 finetune_steps=int(finetune or 0), batch_size=int(batch or 0),
+                                 init_from=str(base) if base else None)
+            how = f", fine-tuning `{base.stem}` (its preset and tile size)" if base else ""
+            return f"Started {kind} training in `{rec['run_dir']}`{how}."
         return start
 
     ui.train_start_structure.click(_start("structure"), start_inputs, ui.train_status,

@@ -247,6 +247,23 @@ def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
     assert "not found" in client.predict(*bad.values(), api_name="/train_image")
 
 
+def test_fine_tune_the_default_model(client, labeled_folder, studio, tiny_checkpoints):
+    # preset and size given here (cpu, 128) are replaced by the default model's (test, 32 px)
+    args = [str(labeled_folder), "ft", "cpu", 128, "100%", 4, 0, 2, "default model"]
+    status = client.predict(*args, api_name="/train_structure")
+    assert status.startswith("Started structure training") and "fine-tuning" in status, status
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        text, _ = client.predict(api_name="/training_status")
+        if "**finished**" in text or "**failed**" in text:
+            break
+        time.sleep(1)
+    assert "**finished**" in text, text
+    rec = json.loads((studio[2] / "runs" / "ft" / "structure" / "model.json").read_text())
+    assert rec["train"]["init_from"] == str(tiny_checkpoints[0]) and rec["model"]["image_size"] == 32
+    assert rec["train"]["warmup_steps"] > 0
+
+
 def test_cancel_a_long_sampling_job(studio, tiny_checkpoints):
     c = Client(studio[1], verbose=False)
     job = c.submit(str(tiny_checkpoints[0]), 4, "ddpm", 1000, 0, api_name="/sample_structures")

@@ -143,6 +143,29 @@ def test_cli_end_to_end(tmp_path, labeled_folder):
     assert r.returncode == 2 and "multiple of" in r.stderr and not (tmp_path / "gen49").exists()
 
 
+def test_cli_fine_tune_takes_the_models_shape_warms_up_and_keeps_its_licence(tmp_path, labeled_folder):
+    from engine.checkpoint import export_inference, load_checkpoint
+
+    s, _ = standin_checkpoints()
+    src = export_inference(s, tmp_path / "src", half=False, extra={"license": "CC BY-NC-SA 4.0", "sample_size": 48})
+    # no --preset / --image-size: those of the source model (test preset, 32 px)
+    r = _cli("train-structure", "--data", str(labeled_folder), "--run-dir", str(tmp_path / "ft"), "--init-from",
+             str(src), "--steps", "4", "--log-every", "1", "--preview-every", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "ft" / "model.json").read_text())
+    assert rec["model"]["image_size"] == 32 and rec["train"]["preset"] == "test"
+    assert rec["license"] == "CC BY-NC-SA 4.0" and rec["sample_size"] == 48
+    assert rec["init_from_sha256"] == load_checkpoint(src).sha256 and rec["train"]["warmup_steps"] == 100
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()
+           if '"lr"' in line]
+    assert lrs == pytest.approx([1e-4 * k / 100 for k in (1, 2, 3, 4)])
+    # a source of the other kind, or none: a readable error, and the studio sees why
+    r = _cli("train-image", "--data", str(labeled_folder), "--run-dir", str(tmp_path / "bad"), "--init-from",
+             str(src), "--steps", "2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "structure model" in r.stderr
+    assert json.loads((tmp_path / "bad" / "status.json").read_text())["state"] == "failed"
+
+
 def test_cli_errors_are_readable(tmp_path):
     s, i = standin_checkpoints()
     r = _cli("synthesize", "--checkpoint", str(s), "--labels", str(tmp_path), "--out", str(tmp_path / "o"))

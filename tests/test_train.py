@@ -157,6 +157,13 @@ def test_init_from_loads_weights(data, tmp_path):
         assert torch.equal(v, ema[k])
 
 
+def test_warmup_raises_the_lr_of_whichever_stage_the_run_starts_in(data, tmp_path):
+    Trainer(cfg("image", steps=0, finetune_steps=3, warmup_steps=4, log_every=1, finetune_lr=2e-5), tmp_path,
+            data, show_progress=False).run()
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "log.jsonl").read_text().splitlines() if '"lr"' in line]
+    assert lrs == pytest.approx([2e-5 / 4, 2e-5 * 2 / 4, 2e-5 * 3 / 4])
+
+
 def test_time_limit_stops_saves_and_resumes(data, tmp_path):
     t = Trainer(cfg(steps=10_000, save_every=10_000), tmp_path, data, show_progress=False, time_limit=1.0)
     out = t.run()
