@@ -223,6 +223,16 @@ def test_wrong_kind_checkpoint_and_errors_keep_the_basket(studio, tiny_checkpoin
     assert status.startswith("Exported") and "1 pairs" in status
 
 
+def _wait_until_done(client, timeout: float = 120) -> str:
+    """The training status text once the job has finished or failed (or the timeout passed)."""
+    deadline = time.time() + timeout
+    while True:
+        text, _ = client.predict(api_name="/training_status")
+        if "**finished**" in text or "**failed**" in text or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
 def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
     args = dict(folder=str(labeled_folder), run="t1", preset="test", size=32, fraction="100%", steps=6,
                 finetune=2, batch=2)
@@ -230,12 +240,7 @@ def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
     assert status.startswith("Started structure training")
     status = client.predict(*args.values(), api_name="/train_image")
     assert "already running" in status
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        text, _ = client.predict(api_name="/training_status")
-        if "**finished**" in text or "**failed**" in text:
-            break
-        time.sleep(1)
+    text = _wait_until_done(client)
     assert "**finished**" in text and "step 6 / 6" in text, text
     run = studio[2] / "runs" / "t1" / "structure"
     assert (run / "model.json").exists() and (run / "log.jsonl").exists()
@@ -252,12 +257,7 @@ def test_fine_tune_the_default_model(client, labeled_folder, studio, tiny_checkp
     args = [str(labeled_folder), "ft", "cpu", 128, "100%", 4, 0, 2, "default model"]
     status = client.predict(*args, api_name="/train_structure")
     assert status.startswith("Started structure training") and "fine-tuning" in status, status
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        text, _ = client.predict(api_name="/training_status")
-        if "**finished**" in text or "**failed**" in text:
-            break
-        time.sleep(1)
+    text = _wait_until_done(client)
     assert "**finished**" in text, text
     rec = json.loads((studio[2] / "runs" / "ft" / "structure" / "model.json").read_text())
     assert rec["train"]["init_from"] == str(tiny_checkpoints[0]) and rec["model"]["image_size"] == 32
