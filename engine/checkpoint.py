@@ -32,8 +32,8 @@ from engine.config import KINDS, DiffusionConfig, UNetConfig
 from engine.errors import CheckpointError
 
 FORMAT = 1
-__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "checkpoint_paths", "atomic_write_bytes",
-           "file_sha256", "export_inference"]
+__all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "read_record", "checkpoint_paths",
+           "atomic_write_bytes", "file_sha256", "export_inference"]
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -152,11 +152,11 @@ def save_checkpoint(
     return record_path
 
 
-def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Checkpoint:
-    """Read a checkpoint (no pickle). Raises CheckpointError with a readable message on any problem.
+def read_record(path: str | os.PathLike, *, kind: str | None = None) -> tuple[Path, dict]:
+    """(weights path, record) of a checkpoint, its record checked but its weights not read.
 
-    kind: when given, the checkpoint must be of this kind ('structure' or 'image').
-    verify: check the weights file against the SHA-256 in the record (detects torn or swapped files).
+    kind: when given, the checkpoint must be of this kind ('structure' or 'image'). Raises CheckpointError
+    with a readable message on any problem.
     """
     weights, record_path = checkpoint_paths(path)
     if not record_path.exists() and not weights.exists():
@@ -177,6 +177,20 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
         raise CheckpointError(
             f"{weights.name} is a{'n' if record['kind'] == 'image' else ''} {record['kind']} model, but "
             f"a{'n' if kind == 'image' else ''} {kind} model is needed here")
+    try:
+        UNetConfig.from_dict(record["model"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_path}: invalid model config: {e}") from None
+    return weights, record
+
+
+def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Checkpoint:
+    """Read a checkpoint (no pickle). Raises CheckpointError with a readable message on any problem.
+
+    kind: when given, the checkpoint must be of this kind ('structure' or 'image').
+    verify: check the weights file against the SHA-256 in the record (detects torn or swapped files).
+    """
+    weights, record = read_record(path, kind=kind)
     if verify and record.get("weights_sha256"):
         if file_sha256(weights) != record["weights_sha256"]:
             raise CheckpointError(f"{weights} does not match its record (corrupt or replaced file)")
@@ -184,10 +198,6 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
         tensors = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read weights {weights}: {e}") from None
-    try:
-        UNetConfig.from_dict(record["model"])
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"{record_path}: invalid model config: {e}") from None
     return Checkpoint(path=weights, record=record, tensors=tensors)
 
 

@@ -254,14 +254,14 @@ def _model_shape(args: argparse.Namespace, kind: str) -> tuple[str, int | None]:
     """(preset, image size) of a training run: as given, else those of the --init-from model, else cpu's."""
     if not args.init_from or (args.preset and args.image_size):
         return args.preset or "cpu", args.image_size
-    from engine.checkpoint import load_checkpoint
-    from engine.config import preset_of
+    from engine.checkpoint import read_record
+    from engine.config import UNetConfig, preset_of
 
-    ck = load_checkpoint(args.init_from, kind=kind)
-    name = preset_of(ck.model_config)
+    config = UNetConfig.from_dict(read_record(args.init_from, kind=kind)[1]["model"])  # weights read later
+    name = preset_of(config)
     if name is None and not args.preset:
         raise NuDiffError(f"{args.init_from} is not one of the presets; give --preset and --image-size")
-    return args.preset or name, args.image_size or ck.model_config.image_size
+    return args.preset or name, args.image_size or config.image_size
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:

@@ -111,8 +111,8 @@ def dihedral_batch(images: torch.Tensor, structures: torch.Tensor, k: torch.Tens
     flipped = torch.stack((flipped[:, 0], -flipped[:, 1], flipped[:, 2]), dim=1)
     images = torch.where(sel(flip), images.flip(-1), images)
     structures = torch.where(sel(flip), flipped, structures)
-    for turns, bit in ((1, 1), (2, 2)):
-        on = sel((k & bit) > 0)
+    for turns in (1, 2):  # k = 3 is one turn, then two
+        on = sel((k & turns) > 0)
         images = torch.where(on, torch.rot90(images, turns, dims=(-2, -1)), images)
         structures = torch.where(on, _quarter_turns(structures, turns), structures)
     return images, structures
