@@ -9,6 +9,7 @@ exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -273,24 +274,24 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
-    total = args.steps + (getattr(args, "finetune_steps", 0) if kind == "image" else 0)
+    cfg = TrainConfig(
+        kind=kind, preset=args.preset or "cpu", image_size=args.image_size, data=str(args.data),
+        warmup_steps=warmup, tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
+        finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
+        finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
+        preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
+        mixed_precision=args.mixed_precision, init_from=args.init_from,
+        extra={"sample_size": args.sample_size} if args.sample_size else {})
     try:
         if args.time_limit is not None and not args.time_limit > 0:
             raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
         preset, size = _model_shape(args, kind)
-        cfg = TrainConfig(
-            kind=kind, preset=preset, image_size=size, data=str(args.data), warmup_steps=warmup,
-            tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
-            finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
-            finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
-            ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
-            preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
-            mixed_precision=args.mixed_precision, init_from=args.init_from,
-            extra={"sample_size": args.sample_size} if args.sample_size else {})
+        cfg = dataclasses.replace(cfg, preset=preset, image_size=size)
         trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet,
                           time_limit=None if args.time_limit is None else args.time_limit * 60.0)
     except NuDiffError as e:  # let a watching studio see why the job never started
-        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": total,
+        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": cfg.total_steps,
                                     "message": str(e)})
         raise
     out = trainer.run()

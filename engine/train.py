@@ -397,7 +397,7 @@ class Trainer:
                    f"(step {self._last_saved_step()}) is intact; try a lower learning rate.")
             self._status("failed", msg)
             raise TrainingError(msg)
-        return rows[self.acc.process_index if self.acc.num_processes > 1 else 0].tolist()
+        return rows[self.acc.process_index].tolist()
 
     def run(self) -> Path:
         """Train to cfg.total_steps (or until stopped); returns the inference checkpoint's record path."""
