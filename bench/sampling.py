@@ -3,6 +3,7 @@ training throughput, and what the fast sampler keeps versus 1000-step DDPM.
 
     python bench/sampling.py                       # cost figures (a few minutes on 2 CPU cores)
     python bench/sampling.py --quality --n 8       # + fast sampler vs DDPM-1000 (slow: ~10 min at 64 px)
+    python bench/sampling.py --quality-only --samplers ddim:20,dpm++:20,dpm++sde:20   # quality rows only
 
 Prints figures (ratios against the paper's recipe measured in the same run); no pass/fail.
 Uses the demo checkpoints when present (engine.demo.default_checkpoints), else randomly initialised
@@ -133,8 +134,11 @@ def training_throughput() -> None:
                       f"incl. the final checkpoint write)")
 
 
-def quality(smodel, imodel, real_dir: Path | None, n: int, size: int) -> None:
-    """Fast samplers (DDIM 20, DPM-Solver++ 20, DDIM 50) vs the paper's DDPM-1000 on the same seeds."""
+QUALITY_SAMPLERS = "ddim:20,dpm++:20,dpm++sde:20,ddim:50,ddpm:1000"
+
+
+def quality(smodel, imodel, real_dir: Path | None, n: int, size: int, samplers: str = QUALITY_SAMPLERS) -> None:
+    """Samplers (``name:steps`` list; default: the fast ones vs the paper's DDPM-1000) on the same seeds."""
     from engine import quality as q
 
     print(f"\n## Fast sampler vs DDPM-1000 ({n} pairs, {size}px, same seeds)")
@@ -144,14 +148,14 @@ def quality(smodel, imodel, real_dir: Path | None, n: int, size: int) -> None:
 
         tiles, _ = load_tiles(real_dir, size=size, stride=size)
         real = [t.inst for t in tiles]
-    for sampler, steps in (("ddim", 20), ("dpm++", 20), ("ddim", 50), ("ddpm", 1000)):
+    for sampler, steps in ((a, int(b)) for a, b in (item.split(":") for item in samplers.split(","))):
         t0 = time.perf_counter()
         st = pipeline.sample_structures(smodel, n, sampler=sampler, steps=steps, size=size, seed=100)
         imgs = pipeline.synthesize(imodel, [s.structure for s in st], sampler=sampler, steps=steps, seed=100)
         dt = time.perf_counter() - t0
         insts = [s.inst for s in st]
         align = q.alignment_score(imgs, insts)
-        line = (f"{sampler:<5} {steps:4d} steps: {dt / n:6.1f} s/pair  nuclei/tile {np.mean([s.n_nuclei for s in st]):5.1f}"
+        line = (f"{sampler:<8} {steps:4d} steps: {dt / n:6.1f} s/pair  nuclei/tile {np.mean([s.n_nuclei for s in st]):5.1f}"
                 f"  hematoxylin Dice {align['hematoxylin_dice']:.3f}  darker fraction {align['darker_fraction']:.3f}")
         if real:
             dist = q.morphology_distance(real, insts)
@@ -170,7 +174,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=int, default=128, help="pair size for the wall-time figure")
     ap.add_argument("--quality", action="store_true", help="also compare samplers' quality (slow)")
+    ap.add_argument("--quality-only", action="store_true", help="only the quality comparison (no cost figures)")
     ap.add_argument("--quality-size", type=int, default=64)
+    ap.add_argument("--samplers", default=QUALITY_SAMPLERS, help="quality rows as sampler:steps,... (default: %(default)s)")
     ap.add_argument("--n", type=int, default=8)
     ap.add_argument("--real", type=Path,
                     default=Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train")
@@ -187,6 +193,11 @@ def main() -> None:
     else:
         smodel = imodel = None
         print("models: demo checkpoints absent, timing randomly initialised cpu-preset networks")
+    if args.quality_only:
+        if smodel is None:
+            sys.exit("--quality-only needs the demo checkpoints")
+        quality(smodel, imodel, args.real, args.n, args.quality_size, args.samplers)
+        return
     nfe_per_pair()
     presets(args.size, args.paper_latency)
     if smodel is None:
@@ -208,7 +219,7 @@ def main() -> None:
     if not args.skip_training:
         training_throughput()
     if args.quality and quality_ok:
-        quality(smodel, imodel, args.real, args.n, args.quality_size)
+        quality(smodel, imodel, args.real, args.n, args.quality_size, args.samplers)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from engine.errors import NuDiffError
 
-SAMPLER_HELP = "sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M), or ddpm (ancestral; paper: 1000 steps)"
+SAMPLER_HELP = ("sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M, deterministic), dpm++sde (its "
+                "stochastic variant), or ddpm (ancestral; paper: 1000 steps)")
 
 
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
@@ -61,8 +62,8 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "ddpm"], help=SAMPLER_HELP)
-    p.add_argument("--steps", type=int, default=steps_default, help="denoising steps (default: 20 for ddim and dpm++, 1000 for ddpm)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++sde", "ddpm"], help=SAMPLER_HELP)
+    p.add_argument("--steps", type=int, default=steps_default, help="denoising steps (default: 20 for ddim, dpm++ and dpm++sde, 1000 for ddpm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")

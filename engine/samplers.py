@@ -3,8 +3,11 @@
 * ``ddim``  — DDIM (Song et al. 2021), the default: 20 steps, eta = 1 (DDPM's variance; eta = 0 is
   deterministic). On the demo models 20 DDIM steps give nuclei morphology as close to real as 1000 DDPM
   steps, at 50x fewer network evaluations (docs/benchmarks.md, section 4).
-* ``dpm++`` — DPM-Solver++(2M) (Lu et al. 2022), x0 clipped to [-1, 1]. Known issue: with the small demo
-  structure model it leaves speckle that the watershed splits into fragments; prefer ddim there.
+* ``dpm++`` — DPM-Solver++(2M) (Lu et al. 2022), x0 clipped to [-1, 1]; deterministic. Known issue: like
+  deterministic DDIM (eta = 0), it leaves speckle in the structures of briefly trained structure models,
+  which the watershed splits into fragments (docs/benchmarks.md, section 4); prefer ddim or dpm++sde there.
+* ``dpm++sde`` — SDE-DPM-Solver++(2M) (Lu et al. 2022, the stochastic variant), x0 clipped to [-1, 1]: a
+  second-order solver that injects fresh noise each step, as DDIM with eta = 1 does, and keeps the layouts.
 * ``ddpm``  — ancestral DDPM (paper eq. 5); faithful with all T steps, usable with fewer.
 
 Reproducibility: every sample of a batch has its own ``torch.Generator`` (seed + index), used for its
@@ -25,8 +28,8 @@ from engine.errors import NuDiffError
 
 __all__ = ["SAMPLERS", "make_scheduler", "sample", "Cancelled"]
 
-SAMPLERS: tuple[str, ...] = ("ddim", "dpm++", "ddpm")
-DEFAULT_STEPS = {"ddim": 20, "dpm++": 20, "ddpm": 1000}
+SAMPLERS: tuple[str, ...] = ("ddim", "dpm++", "dpm++sde", "ddpm")
+DEFAULT_STEPS = {"ddim": 20, "dpm++": 20, "dpm++sde": 20, "ddpm": 1000}
 
 
 class Cancelled(NuDiffError):
@@ -42,10 +45,11 @@ def make_scheduler(name: str, cfg: DiffusionConfig | None = None):
         return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small", timestep_spacing="trailing")
     if name == "ddim":
         return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
-    if name == "dpm++":
+    if name in ("dpm++", "dpm++sde"):
         # thresholding with max 1.0 clips each x0 prediction to the data range [-1, 1], as DDIM's
         # clip_sample does; without it the first steps (alpha_bar ~ 4e-5) amplify eps errors wildly.
-        return DPMSolverMultistepScheduler(**common, algorithm_type="dpmsolver++", solver_order=2,
+        algorithm = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
+        return DPMSolverMultistepScheduler(**common, algorithm_type=algorithm, solver_order=2,
                                            timestep_spacing="trailing", lower_order_final=True,
                                            thresholding=True, sample_max_value=1.0)
     raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
@@ -105,6 +109,9 @@ def sample(
             # per-sample noise for the stochastic part, from each sample's own generator
             noise = _batched_noise(shape, gens, device, torch.float32)
             x = sched.step(eps, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
+        elif sampler == "dpm++sde":
+            noise = _batched_noise(shape, gens, device, torch.float32)
+            x = sched.step(eps, t, x, variance_noise=noise).prev_sample
         elif sampler == "ddpm":
             x = sched.step(eps, t, x, generator=gens).prev_sample  # one generator per sample
         else:

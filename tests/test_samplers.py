@@ -53,7 +53,7 @@ def test_ddim_eta1_full_steps_equals_ddpm(model):
     assert a.std() > 0.1
 
 
-@pytest.mark.parametrize("sampler", ["dpm++", "ddim", "ddpm"])
+@pytest.mark.parametrize("sampler", ["dpm++", "dpm++sde", "ddim", "ddpm"])
 def test_seed_reproducible_and_batch_independent(model, sampler):
     c = torch.rand(3, 3, 32, 32) * 2 - 1
     a = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0)
@@ -64,6 +64,29 @@ def test_seed_reproducible_and_batch_independent(model, sampler):
     other = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[99], cond=c[1:2], w=2.0)
     assert not torch.allclose(other, b)
     assert a.min() >= -1 and a.max() <= 1
+
+
+def test_sde_solver_injects_noise_the_deterministic_one_does_not(model):
+    """dpm++sde starts from the same seeded noise as dpm++ but adds fresh per-sample noise at each step:
+    same seed, different result; and the stochastic part of each sample comes from its own seed."""
+    c = torch.rand(2, 3, 32, 32) * 2 - 1
+    det = sample(model, (2, 3, 32, 32), sampler="dpm++", steps=8, seeds=[3, 4], cond=c, w=2.0)
+    sde = sample(model, (2, 3, 32, 32), sampler="dpm++sde", steps=8, seeds=[3, 4], cond=c, w=2.0)
+    assert (det - sde).abs().mean() > 0.05
+    # with one step the solver is first order: both reduce to the clipped x0 prediction of the start noise
+    det1 = sample(model, (2, 3, 32, 32), sampler="dpm++", steps=1, seeds=[3, 4], cond=c, w=2.0)
+    sde1 = sample(model, (2, 3, 32, 32), sampler="dpm++sde", steps=1, seeds=[3, 4], cond=c, w=2.0)
+    assert torch.allclose(det1, sde1, atol=1e-5)
+
+
+def test_cli_offers_every_sampler():
+    from engine.cli import build_parser
+    from engine.samplers import SAMPLERS
+
+    sub = next(a for a in build_parser()._actions if a.choices and "sample-structures" in a.choices)
+    for command in ("sample-structures", "synthesize", "generate"):
+        opt = next(a for a in sub.choices[command]._actions if "--sampler" in a.option_strings)
+        assert tuple(opt.choices) == SAMPLERS
 
 
 def test_progress_and_cancel(model):
