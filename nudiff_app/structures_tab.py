@@ -24,6 +24,10 @@ def structure_thumb(inst: np.ndarray, structure: np.ndarray | None = None) -> np
     return big
 
 
+SAMPLER_INFO = ("ddim: default · dpm++sde: stochastic 2nd order · dpm++: deterministic, can fragment layouts · "
+                "ddpm: the paper's, 1000 steps")
+
+
 def sampler_steps(sampler: str) -> int:
     return DEFAULT_STEPS.get(sampler, 20)
 
@@ -37,7 +41,7 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_refresh = gr.Button("↻", scale=0, min_width=40)
     with gr.Row():
         ui.st_n = gr.Slider(1, 32, value=8, step=1, label="Number of structures", elem_id="st-n")
-        ui.st_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+        ui.st_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", info=SAMPLER_INFO)
         ui.st_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
                                 elem_id="st-steps")
         ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")

@@ -8,7 +8,7 @@ from engine.errors import NuDiffError
 from engine.samplers import SAMPLERS
 from nudiff_app.editing import label_view, zoom_to
 from nudiff_app.state import AppContext, Result, Session, ui_action
-from nudiff_app.structures_tab import sampler_steps
+from nudiff_app.structures_tab import SAMPLER_INFO, sampler_steps
 
 
 def current_view(sess: Session) -> tuple:
@@ -45,7 +45,7 @@ def build(ctx: AppContext, ui) -> None:
                                 info="how strictly the image follows the nuclei layout; 2 = the paper's; "
                                      "near 0 nuclei can fade, and the label then no longer fits its image")
             with gr.Row():
-                ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler")
+                ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", info=SAMPLER_INFO)
                 ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
                                         elem_id="sy-steps")
             with gr.Row():

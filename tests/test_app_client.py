@@ -118,7 +118,7 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     out = client.predict(editor, "keep as separate nuclei", 5, api_name="/edit_to_synthesize")
     assert "sent to Synthesize" in out[0]
 
-    status, results = client.predict(i_ckpt, 2.0, "ddim", 4, 11, 2, api_name="/synthesize")
+    status, results = client.predict(i_ckpt, 2.0, "dpm++sde", 4, 11, 2, api_name="/synthesize")
     assert status.startswith("Synthesized 2 image(s)") and len(results) == 2
     assert "seed 11" in results[0]["caption"] and "seed 12" in results[1]["caption"]
     out = client.predict(1, 0.8, api_name="/add_to_basket")
@@ -146,7 +146,7 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
             lab = tifffile.imread(io.BytesIO(zf.read(row["label"])))
             assert img.shape[:2] == lab.shape == (32, 32)
             assert row["edited"] == "true" and int(row["n_nuclei"]) == int(lab.max()) == 1
-            assert row["sampler"] == "ddim" and row["steps"] == "4" and float(row["w"]) == 2.0
+            assert row["sampler"] == "dpm++sde" and row["steps"] == "4" and float(row["w"]) == 2.0
             assert row["image_sha256"] and row["seed"] in ("11", "12")
             hv = np.load(io.BytesIO(zf.read(row["hovernet"])))
             assert np.array_equal(hv[..., 3], lab)
