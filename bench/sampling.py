@@ -141,7 +141,7 @@ def quality(smodel, imodel, real_dir: Path | None, n: int, size: int, samplers: 
     """Samplers (``name:steps`` list; default: the fast ones vs the paper's DDPM-1000) on the same seeds."""
     from engine import quality as q
 
-    print(f"\n## Fast sampler vs DDPM-1000 ({n} pairs, {size}px, same seeds)")
+    print(f"\n## Samplers on the same seeds ({n} pairs, {size}px): {samplers}")
     real = None
     if real_dir is not None and real_dir.is_dir():
         from engine.data import load_tiles

@@ -79,6 +79,17 @@ def test_sde_solver_injects_noise_the_deterministic_one_does_not(model):
     assert torch.allclose(det1, sde1, atol=1e-5)
 
 
+
+def test_first_order_sde_solver_is_ddim_eta1(model):
+    """With 2 steps both of dpm++sde's steps are first order, where SDE-DPM-Solver++ equals DDIM with
+    eta = 1; the same per-sample noise must then give the same samples."""
+    c = torch.rand(2, 3, 32, 32) * 2 - 1
+    sde = sample(model, (2, 3, 32, 32), sampler="dpm++sde", steps=2, seeds=[8, 9], cond=c, w=2.0)
+    ddim = sample(model, (2, 3, 32, 32), sampler="ddim", steps=2, seeds=[8, 9], cond=c, w=2.0, eta=1.0)
+    assert torch.allclose(sde, ddim, atol=1e-4)
+    assert not torch.allclose(sde, sample(model, (2, 3, 32, 32), sampler="dpm++", steps=2, seeds=[8, 9],
+                                          cond=c, w=2.0), atol=1e-2)
+
 def test_cli_offers_every_sampler():
     from engine.cli import build_parser
     from engine.samplers import SAMPLERS
