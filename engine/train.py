@@ -6,7 +6,8 @@ A run lives in one folder:
     latest.safetensors / latest.json     full training state (model, EMA, AdamW, RNG, step), atomic
     step_0001000.safetensors / .json     snapshots, the last `keep_last` kept (hard links of latest)
     model.safetensors / model.json       EMA weights for inference, written at the end (or on stop)
-    log.jsonl                            one line per `log_every` steps: step, loss, lr, drop_rate, time
+    log.jsonl                            one line per `log_every` steps: step, loss, lr, drop_rate, time;
+                                         structure runs: one per preview, layout statistics vs the data
     previews/step_0000500.png, latest.png   samples from the EMA model every `preview_every` steps
     status.json                          state (running/finished/stopped/failed), step, total, message
     STOP                                 create this file to ask a running job to save and stop
@@ -34,7 +35,7 @@ from engine import render
 from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_inference, load_checkpoint,
                                save_checkpoint)
 from engine.config import DiffusionConfig, TrainConfig, preset
-from engine.curate import REFERENCE_KEY, reference_from_insts
+from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, TrainingError
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
@@ -311,8 +312,15 @@ class Trainer:
         with open(self.run_dir / "log.jsonl", "a") as f:
             f.write(json.dumps({"step": self.step, "event": message, "time": time.time()}) + "\n")
 
-    def preview(self, n: int = 4) -> Path | None:
-        """Sample n tiles from the EMA model (DDIM, 10 steps) and save them as a PNG grid."""
+    def preview(self, n: int | None = None) -> Path | None:
+        """Sample n tiles from the EMA model as the CLI and studio do (DDIM 20 steps, eta = 1; the image
+        model with w = 2 on the structures of the first n training tiles) and save them as a PNG grid,
+        previews/step_*.png and latest.png. Default n: 8 layouts for a structure run, 4 images otherwise.
+
+        A structure run also appends a ``preview`` line to log.jsonl: the layouts' mean nuclei per tile
+        and foreground fraction, next to the training tiles' (``real``). Too many nuclei per tile is how an
+        undertrained structure model shows (docs/benchmarks.md §6i); the Train tab prints the comparison.
+        """
         from PIL import Image
 
         from engine.samplers import sample
@@ -320,30 +328,46 @@ class Trainer:
         if not self.main:
             return None
         size = self.model_cfg.image_size
-        n = min(n, len(self.data))
+        structure = self.cfg.kind == "structure"
+        n = min(n or (8 if structure else 4), len(self.data))
         cond = None
-        if self.cfg.kind == "image":
+        if not structure:
             cond = torch.stack([torch.from_numpy(instances_to_structure(self.data.insts[i])).permute(2, 0, 1)
                                 for i in range(n)])
-        x = sample(self.ema, (n, 3, size, size), sampler="ddim", steps=10, seeds=list(range(n)), cond=cond,
-                   w=2.0 if self.cfg.kind == "image" else 0.0, eta=0.0, diffusion=self.diffusion)
-        pics = []
+        x = sample(self.ema, (n, 3, size, size), sampler="ddim", seeds=list(range(n)), cond=cond,
+                   w=0.0 if structure else 2.0, diffusion=self.diffusion)
+        pics, layouts = [], []
         for i in range(n):
             arr = x[i].permute(1, 2, 0).cpu().numpy()
-            if self.cfg.kind == "structure":
-                pics.append(render.colorize_instances(structure_to_instances(arr)))
+            if structure:
+                layouts.append(structure_to_instances(arr))
+                pics.append(render.colorize_instances(layouts[-1]))
             else:
                 img = render.to_uint8_image(arr)
                 pics.append(render.overlay_contours(img, self.data.insts[i], opacity=0.6, color=(0, 255, 0)))
+        if structure:
+            self._log_layouts(layouts)
         out = self.run_dir / "previews"
         out.mkdir(parents=True, exist_ok=True)
-        pic = Image.fromarray(render.grid(pics, cols=n))
+        pic = Image.fromarray(render.grid(pics, cols=min(n, 4)))
         path = out / f"step_{self.step:07d}.png"
         pic.save(path)
         tmp = out / ".latest.png.tmp"
         pic.save(tmp, format="PNG")
         os.replace(tmp, out / "latest.png")
         return path
+
+    def _log_layouts(self, layouts: list[np.ndarray]) -> None:
+        """Append {"step", "preview": {...}, "real": {...}} (nuclei_per_tile, fg_fraction) to log.jsonl."""
+        def summary(features: np.ndarray, area: int) -> dict:
+            return {"nuclei_per_tile": round(float(np.mean(np.expm1(features[:, 0]))) * area / 1e4, 3),
+                    "fg_fraction": round(float(np.mean(features[:, 1])), 4), "n": int(len(features))}
+
+        area = self.model_cfg.image_size ** 2
+        row = {"step": self.step, "preview": summary(layout_features(layouts), area),
+               "real": summary(self._layout_reference(), area)}
+        with open(self.run_dir / "log.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
     # --- loop --------------------------------------------------------------------------------------
 
@@ -471,8 +495,8 @@ class Trainer:
             why = " (time limit)" if self._out_of_time() else ""
             self._status("stopped", f"stopped at step {self.step}{why}; run again to resume")
         else:
-            if self.main and c.preview_every:
-                self.preview()
+            if self.main and c.preview_every and self.step % c.preview_every:
+                self.preview()  # (a preview at this step was already made in the loop otherwise)
             self._status("finished", f"finished {self.step} steps")
         return out
 

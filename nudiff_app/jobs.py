@@ -185,7 +185,7 @@ class TrainingJobs:
                 msg += f" - last output: {tail}"
         if alive and state in ("stopped", "finished", "failed"):
             state, msg = "starting", "resuming"
-        points = []
+        points, layouts = [], None
         try:
             with open(run_dir / "log.jsonl") as f:
                 for line in f:
@@ -195,6 +195,8 @@ class TrainingJobs:
                         continue
                     if "loss" in d and d["loss"] is not None:
                         points.append((int(d["step"]), float(d["loss"])))
+                    elif "preview" in d and "real" in d:
+                        layouts = d
         except OSError:
             pass
         prev = run_dir / "previews" / "latest.png"
@@ -202,9 +204,20 @@ class TrainingJobs:
         loss = st.get("loss")
         text = (f"**{act['kind']} model** · `{run_dir}`  \n**{state}** · step {step} / {total}"
                 + (f" · loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                + (f"  \n{msg}" if msg else ""))
+                + (f"  \n{msg}" if msg else "") + _layout_line(layouts))
         return {"state": state, "text": text, "log": points, "preview": prev if prev.exists() else None,
                 "kind": act["kind"], "run_dir": str(run_dir), "alive": alive}
+
+
+def _layout_line(row: dict | None) -> str:
+    """The latest preview's layout statistics against the training tiles', as a status line."""
+    try:
+        p, r = row["preview"], row["real"]
+        return (f"  \nPreview layouts (step {int(row['step'])}, {int(p['n'])} tiles): "
+                f"{p['nuclei_per_tile']:.1f} nuclei per tile, {100 * p['fg_fraction']:.0f} % foreground; "
+                f"training tiles: {r['nuclei_per_tile']:.1f}, {100 * r['fg_fraction']:.0f} %")
+    except (TypeError, KeyError, ValueError):
+        return ""
 
 
 def _tail(path: Path, n: int = 600) -> str:

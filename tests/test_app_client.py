@@ -243,6 +243,13 @@ def test_training_subprocess_one_at_a_time(client, labeled_folder, studio):
     text = _wait_until_done(client)
     assert "**finished**" in text and "step 6 / 6" in text, text
     run = studio[2] / "runs" / "t1" / "structure"
+    # the status compares the last preview's layouts with the training tiles (numbers from log.jsonl)
+    last = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if '"preview"' in line][-1]
+    p, r = last["preview"], last["real"]
+    assert (f"Preview layouts (step 6, {p['n']} tiles): {p['nuclei_per_tile']:.1f} nuclei per tile, "
+            f"{100 * p['fg_fraction']:.0f} % foreground; training tiles: {r['nuclei_per_tile']:.1f}, "
+            f"{100 * r['fg_fraction']:.0f} %") in text, text
+    assert r["nuclei_per_tile"] > 0
     assert (run / "model.json").exists() and (run / "log.jsonl").exists()
     choices = studio[0].nudiff.list_checkpoints("structure")
     assert any(path == str(run / "model.json") for _, path in choices)

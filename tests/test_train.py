@@ -79,6 +79,35 @@ def test_image_model_two_stages_and_files(data, tmp_path):
     assert read_status(tmp_path)["state"] == "finished"
 
 
+def test_structure_preview_is_what_sampling_gives_and_logs_layout_statistics(data, tmp_path):
+    from PIL import Image
+
+    from engine import render
+    from engine.samplers import sample
+    from engine.structure import structure_to_instances
+
+    t = Trainer(cfg(steps=6, preview_every=4), tmp_path, data, show_progress=False)
+    t.run()
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    previews = [r for r in rows if "preview" in r]
+    assert [r["step"] for r in previews] == [4, 6]  # one preview per due step, none twice at the end
+    assert sorted(p.name for p in (tmp_path / "previews").glob("step_*.png")) == \
+        ["step_0000004.png", "step_0000006.png"]
+    # the preview is what the CLI / studio sampler draws from these weights: DDIM 20, eta = 1, seeds 0..7
+    x = sample(t.ema, (8, 3, 32, 32), seeds=list(range(8)), diffusion=t.diffusion)
+    layouts = [structure_to_instances(x[i].permute(1, 2, 0).numpy()) for i in range(8)]
+    want = render.grid([render.colorize_instances(a) for a in layouts], cols=4)
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "previews" / "latest.png").convert("RGB")), want)
+    last = previews[-1]
+    count = [len(np.unique(a[a > 0])) for a in layouts]
+    assert last["preview"]["n"] == 8
+    assert last["preview"]["nuclei_per_tile"] == pytest.approx(np.mean(count), abs=1e-3)
+    assert last["preview"]["fg_fraction"] == pytest.approx(np.mean([(a > 0).mean() for a in layouts]), abs=1e-4)
+    real = [len(np.unique(a[a > 0])) for a in data.insts]
+    assert last["real"]["nuclei_per_tile"] == pytest.approx(np.mean(real), abs=1e-3) and np.mean(real) > 0
+    assert last["real"]["fg_fraction"] == pytest.approx(np.mean([(a > 0).mean() for a in data.insts]), abs=1e-4)
+
+
 def test_resume_is_exact(data, tmp_path):
     full = Trainer(cfg(), tmp_path / "a", data, show_progress=False)
     full.run()
