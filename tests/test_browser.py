@@ -129,6 +129,7 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     _tab(page, "Train")
     job = _text(page, "train-job", "finished")
     assert "browser-run" in job and f"step {TRAIN_STEPS} / {TRAIN_STEPS}" in job
+    assert f"Preview layouts (step {TRAIN_STEPS}," in job and "training tiles:" in job, job
     # the folder chosen before the reload is still there: inspect it again beside the finished run
     page.get_by_role("button", name="Inspect folder").click()
     assert "3 images" in _text(page, "train-status", "images")
