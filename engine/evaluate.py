@@ -308,17 +308,23 @@ def collect_results(out_dir: str | Path, log: Log | None = print) -> ExperimentR
         except (OSError, json.JSONDecodeError) as e:
             raise DataError(f"unreadable run record {path}: {e}") from None
         runs.append(run)
-        keys[run.get("name", path.parent.name)] = _fingerprint(run.get("settings"))
+        settings = dict(run.get("settings") or {})
+        # the augmented arm's own settings are compared among augmented runs only: labeled runs are
+        # reused across them (run_experiment), so they carry None there
+        own = {k: settings.pop(k, None) for k in _AUGMENTED_ONLY}
+        keys[run.get("name", path.parent.name)] = (_fingerprint(settings),
+                                                   _fingerprint(own) if run.get("arm") == "augmented" else None)
     if not runs:
         raise DataError(f"no finished runs in {out / 'runs'}")
-    if len(set(keys.values())) > 1:
+    if len({k[0] for k in keys.values()}) > 1 or len({k[1] for k in keys.values()} - {None}) > 1:
         raise DataError("runs in " + str(out) + " were made with different settings: "
                         + ", ".join(sorted(keys)) + " (use one output folder per experiment)")
     fracs = sorted({float(r["fraction"]) for r in runs})
     rows = _table_rows(runs, fracs)
     files = write_table(rows, out)
     files["png"] = plot_results(rows, out / "results.png")
-    record = {"settings": runs[0].get("settings"), "fractions": fracs,
+    shown = next((r for r in runs if r["arm"] == "augmented"), runs[0])  # holds the augmented-only settings
+    record = {"settings": shown.get("settings"), "fractions": fracs,
               "repeats": max(r["repeats"] for r in rows),
               "synthetic": {_pct(r["fraction"]): r.get("synthetic") for r in runs if r["arm"] == "augmented"},
               "test_images": sorted(runs[0].get("per_image", {})), "rows": rows, "runs": runs}
@@ -387,6 +393,7 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
 
 _SHARED = ("steps", "size", "batch_size", "lr", "config", "tile_size", "stride", "n_clusters", "seed",
            "synthetic_share", "test")
+_AUGMENTED_ONLY = ("synthetic_share",)  # settings of the augmented arm alone (None in labeled runs)
 
 
 def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],

@@ -103,6 +103,16 @@ def test_a_new_synthetic_share_retrains_only_the_augmented_arms(experiment, fold
     assert trained == ["100pct_augmented_r0", "50pct_augmented_r0"]
     labeled = [r for r in shared.rows if r["arm"] == "labeled"]
     assert labeled == [r for r in result.rows if r["arm"] == "labeled"]
+    # the folder holds labeled runs made without a share and augmented runs with one: one experiment
+    from engine.evaluate import collect_results
+
+    collected = collect_results(out, log=None)
+    assert collected.rows == shared.rows
+    assert json.loads((out / "results.json").read_text())["settings"]["synthetic_share"] == 0.5
+    # but augmented runs of two different shares are not one experiment
+    shutil.copytree(result.out_dir / "runs" / "50pct_augmented_r0", out / "runs" / "50pct_augmented_r1")
+    with pytest.raises(DataError, match="different settings"):
+        collect_results(out, log=None)
 
 
 def test_synthetic_specs_and_fractions(tmp_path):
