@@ -183,6 +183,10 @@ def _add_benchmark_commands(sub) -> None:
                    help="train nothing: build the table from the finished runs in --out")
     p.add_argument("--synthetic-share", type=float, default=None,
                    help="share of augmented-arm training crops drawn from synthetic pairs (default: pooled)")
+    p.add_argument("--pairs-per-repeat", type=int, default=None, metavar="N",
+                   help="augmented arm: repeat r trains on the r-th block of N synthetic pairs, so the spread "
+                        "over repeats includes the draw of the pairs (needs repeats x N pairs; default: all "
+                        "pairs every repeat)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     p.add_argument("--no-resume", action="store_true", help="retrain runs already finished in --out")
@@ -229,6 +233,7 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
                                 fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
                                 size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
                                 stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
+                                pairs_per_repeat=args.pairs_per_repeat,
                                 config=SegmenterConfig(base_channels=args.channels, depth=args.depth),
                                 arms=[a.strip() for a in args.arms.split(",") if a.strip()],
                                 resume=not args.no_resume)

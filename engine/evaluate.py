@@ -189,6 +189,7 @@ def run_experiment(
     device: str = "auto",
     config: SegmenterConfig | None = None,
     synthetic_share: float | None = None,
+    pairs_per_repeat: int | None = None,
     arms: Sequence[str] = ARMS,
     save_models: bool = True,
     resume: bool = True,
@@ -209,6 +210,10 @@ def run_experiment(
         steps, size, batch_size, lr, device, config: segmenter training (same for both arms).
         synthetic_share: in the augmented arm, the share of training crops drawn from synthetic pairs
             (e.g. 0.5); None pools real and synthetic pairs (crops area-weighted), as in the paper.
+        pairs_per_repeat: in the augmented arm, repeat r trains on the r-th block of this many synthetic
+            pairs (folder order) instead of all of them: disjoint draws of pairs, so that the spread over
+            repeats includes which pairs were drawn (it is as large as the segmenter seed's,
+            docs/benchmarks.md §6i). Needs repeats x pairs_per_repeat pairs. None: all pairs every time.
         arms: which arms to run ("labeled", "augmented"); the table holds the runs of this call only, so
             runs split over several calls (or processes) into one ``out_dir`` are merged by
             :func:`collect_results`.
@@ -221,6 +226,8 @@ def run_experiment(
         raise NuDiffError(f"synthetic_share must be in (0, 1), got {synthetic_share}")
     if repeats < 1:
         raise NuDiffError(f"repeats must be >= 1, got {repeats}")
+    if pairs_per_repeat is not None and pairs_per_repeat < 1:
+        raise NuDiffError(f"pairs_per_repeat must be >= 1, got {pairs_per_repeat}")
     arms = tuple(dict.fromkeys(arms))
     if not arms or any(a not in ARMS for a in arms):
         raise NuDiffError(f"arms must be among {', '.join(ARMS)}, got {', '.join(map(str, arms)) or 'none'}")
@@ -234,6 +241,12 @@ def run_experiment(
     tiles = _tiles(real_items, tile_size, stride)
     say(f"real: {len(real_items)} images -> {len(tiles)} tiles of {tile_size} px; test: {len(test_items)} images")
     synth_cache: dict[Path, list[LabeledImage]] = {}
+    if pairs_per_repeat and "augmented" in arms:  # before any training: a short folder is a usage error
+        for folder in dict.fromkeys(d for d in synth_dirs.values() if d is not None):
+            have = len(_load_synthetic(folder, synth_cache))
+            if have < repeats * pairs_per_repeat:
+                raise NuDiffError(f"{folder} has {have} synthetic pairs; {repeats} repeats of "
+                                  f"{pairs_per_repeat} disjoint pairs need {repeats * pairs_per_repeat}")
     settings = {"steps": steps, "size": size, "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
                 "tile_size": tile_size, "stride": stride, "n_clusters": n_clusters, "seed": seed,
                 "synthetic_share": synthetic_share,
@@ -252,11 +265,16 @@ def run_experiment(
             folder = synth_dirs[f]
             if arm == "augmented" and folder is None:
                 continue
-            extra = [] if arm == "labeled" else _load_synthetic(folder, synth_cache)
+            pool = [] if arm == "labeled" else _load_synthetic(folder, synth_cache)
             for r in range(repeats):
-                # the share only shapes the augmented arm: labeled runs stay reusable across shares
+                # the share and the blocks only shape the augmented arm: labeled runs stay reusable
                 share = synthetic_share if arm == "augmented" else None
-                spec = {**settings, "synthetic_share": share, "fraction": f, "arm": arm, "repeat": r,
+                extra, block = pool, {}
+                if pairs_per_repeat and arm == "augmented":
+                    lo = r * pairs_per_repeat
+                    extra = pool[lo:lo + pairs_per_repeat]
+                    block = {"pairs_per_repeat": pairs_per_repeat, "synthetic_block": [lo, lo + len(extra)]}
+                spec = {**settings, **block, "synthetic_share": share, "fraction": f, "arm": arm, "repeat": r,
                         "train_seed": seed + r,
                         "subset": [(tiles[i].stem, tiles[i].y, tiles[i].x, int(tiles[i].inst.max()))
                                    for i in selection.indices],
@@ -386,14 +404,16 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
            "nuclei_fraction": nuclei_fraction, "synthetic": spec["synthetic"], "train_seconds": round(train_s, 1),
            "final_loss": float(np.mean(loss[-20:])) if loss else None, "mean": mean, "per_image": per_image,
            "settings": {k: spec[k] for k in _SHARED if k in spec}}
+    if "synthetic_block" in spec:
+        run["synthetic_block"] = spec["synthetic_block"]  # [first, stop) of the folder's pairs
     atomic_write_bytes(metrics_path, json.dumps(run, indent=2).encode())
     say(f"{name}: " + ", ".join(f"{m} {mean[m]:.4f}" for m in METRICS) + f" ({train_s:.0f} s training)")
     return run
 
 
 _SHARED = ("steps", "size", "batch_size", "lr", "config", "tile_size", "stride", "n_clusters", "seed",
-           "synthetic_share", "test")
-_AUGMENTED_ONLY = ("synthetic_share",)  # settings of the augmented arm alone (None in labeled runs)
+           "synthetic_share", "pairs_per_repeat", "test")
+_AUGMENTED_ONLY = ("synthetic_share", "pairs_per_repeat")  # settings of the augmented arm alone (None in labeled runs)
 
 
 def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],

@@ -115,6 +115,41 @@ def test_a_new_synthetic_share_retrains_only_the_augmented_arms(experiment, fold
         collect_results(out, log=None)
 
 
+def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, folders, tmp_path, capsys):
+    import shutil
+
+    from engine.evaluate import collect_results
+
+    result, _ = experiment
+    out = tmp_path / "draws"
+    shutil.copytree(result.out_dir / "runs", out / "runs")
+    lines: list[str] = []
+    drawn = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="100", repeats=2,
+                           pairs_per_repeat=1, log=lines.append, **FAST)
+    assert sorted(line.split(":")[0] for line in lines if "reusing finished run" in line) == ["100pct_labeled_r0"]
+    aug = {r["repeat"]: r for r in drawn.runs if r["arm"] == "augmented"}
+    assert [aug[0]["n_synthetic"], aug[1]["n_synthetic"]] == [1, 1]
+    assert [aug[0]["synthetic_block"], aug[1]["synthetic_block"]] == [[0, 1], [1, 2]]
+    assert aug[0]["key"] != aug[1]["key"]
+    # repeat 0 on block [0, 1) with seed 0 is a different run from repeat 0 on all 3 pairs (the experiment's)
+    assert aug[0]["mean"] != next(r for r in result.runs if r["name"] == "100pct_augmented_r0")["mean"]
+    assert next(r for r in drawn.rows if r["arm"] == "augmented")["n_synthetic"] == 1
+    # labeled runs (no blocks) and augmented runs (blocks) of one call collect into the same table
+    shutil.rmtree(out / "runs" / "50pct_labeled_r0")
+    shutil.rmtree(out / "runs" / "50pct_augmented_r0")
+    assert collect_results(out, log=None).rows == drawn.rows
+    # too few pairs for the blocks: a clear error before anything trains, from the API and the CLI
+    with pytest.raises(NuDiffError, match="3 synthetic pairs; 2 repeats of 2 disjoint pairs need 4"):
+        run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "short", fractions="100",
+                       repeats=2, pairs_per_repeat=2, log=None, **FAST)
+    assert not (tmp_path / "short" / "runs").exists()
+    rc = main(["evaluate", "--real", str(folders["real"]), "--synthetic", str(folders["synth"]), "--test",
+               str(folders["test"]), "--fractions", "100", "--out", str(tmp_path / "short_cli"), "--repeats", "2",
+               "--pairs-per-repeat", "2", "--steps", "2", "--size", "32", "--device", "cpu"])
+    assert rc != 0 and "need 4" in capsys.readouterr().err
+    assert not (tmp_path / "short_cli" / "runs").exists()
+
+
 def test_synthetic_specs_and_fractions(tmp_path):
     assert parse_fractions("10,20,50,100") == [0.1, 0.2, 0.5, 1.0]
     assert parse_fractions([0.5, 10, "20%"]) == [0.1, 0.2, 0.5]
