@@ -291,7 +291,10 @@ def run_experiment(
     rows = _table_rows(runs, fracs)
     files = write_table(rows, out)
     files["png"] = plot_results(rows, out / "results.png")
-    record = {"settings": {k: v for k, v in settings.items() if k != "test"}, "fractions": fracs,
+    shown = {k: v for k, v in settings.items() if k != "test"}
+    if pairs_per_repeat:
+        shown["pairs_per_repeat"] = pairs_per_repeat  # (only the augmented runs' specs carry it)
+    record = {"settings": shown, "fractions": fracs,
               "repeats": repeats, "synthetic": {_pct(f): (str(d) if d else None) for f, d in synth_dirs.items()},
               "test_images": [t.stem for t in test_items], "rows": rows, "runs": runs}
     atomic_write_bytes(out / "results.json", json.dumps(record, indent=2, default=str).encode())

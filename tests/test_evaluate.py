@@ -137,7 +137,9 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
     # labeled runs (no blocks) and augmented runs (blocks) of one call collect into the same table
     shutil.rmtree(out / "runs" / "50pct_labeled_r0")
     shutil.rmtree(out / "runs" / "50pct_augmented_r0")
+    assert json.loads((out / "results.json").read_text())["settings"]["pairs_per_repeat"] == 1
     assert collect_results(out, log=None).rows == drawn.rows
+    assert json.loads((out / "results.json").read_text())["settings"]["pairs_per_repeat"] == 1
     # too few pairs for the blocks: a clear error before anything trains, from the API and the CLI
     with pytest.raises(NuDiffError, match="3 synthetic pairs; 2 repeats of 2 disjoint pairs need 4"):
         run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "short", fractions="100",
