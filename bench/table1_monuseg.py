@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seg-batch", type=int, default=8)
     ap.add_argument("--seg-channels", type=int, default=32)
     ap.add_argument("--seg-depth", type=int, default=4)
+    ap.add_argument("--seg-augment", choices=("light", "strong"), default="light",
+                    help="segmenter training augmentation (evaluate --augment)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--parallel", type=int, default=None,
                     help="concurrent jobs (default: 4 with a GPU, 1 on CPU; 16 jobs on one H100 with 16 cores "
@@ -115,7 +117,7 @@ def plan(args: argparse.Namespace, real: Path, test: Path) -> list[Job]:
     ev = w / "evaluate"
     seg = ["--real", str(real), "--test", str(test), "--out", str(ev), "--steps", str(args.seg_steps),
            "--size", str(args.seg_size), "--batch-size", str(args.seg_batch), "--channels", str(args.seg_channels),
-           "--depth", str(args.seg_depth), "--seed", str(args.seed)]
+           "--depth", str(args.seg_depth), "--seed", str(args.seed), "--augment", args.seg_augment]
     jobs: list[Job] = []
     for spec in args.augment:
         pct, _, models = spec.partition("=")

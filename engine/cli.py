@@ -187,6 +187,9 @@ def _add_benchmark_commands(sub) -> None:
                    help="augmented arm: repeat r trains on the r-th block of N synthetic pairs, so the spread "
                         "over repeats includes the draw of the pairs (needs repeats x N pairs; default: all "
                         "pairs every repeat)")
+    p.add_argument("--augment", choices=("light", "strong"), default="light",
+                   help="segmenter training augmentation, both arms: light = flips, quarter turns, colour jitter; "
+                        "strong = also HoVer-Net's hue, saturation, brightness, contrast, blur and noise")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, ...")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
     p.add_argument("--no-resume", action="store_true", help="retrain runs already finished in --out")
@@ -233,7 +236,7 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
                                 fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
                                 size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
                                 stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
-                                pairs_per_repeat=args.pairs_per_repeat,
+                                pairs_per_repeat=args.pairs_per_repeat, augment=args.augment,
                                 config=SegmenterConfig(base_channels=args.channels, depth=args.depth),
                                 arms=[a.strip() for a in args.arms.split(",") if a.strip()],
                                 resume=not args.no_resume)

@@ -36,7 +36,7 @@ from engine.checkpoint import atomic_write_bytes
 from engine.data import LabeledImage, SubsetSelection, Tile, load_folder, plan_subset, tile_image
 from engine.errors import DataError, NuDiffError
 from engine.metrics import aji, aji_plus, dice, pq
-from engine.segment import Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
+from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
 
 __all__ = ["METRICS", "ARMS", "ExperimentResult", "parse_fractions", "resolve_synthetic", "evaluate_segmenter",
            "image_metrics", "run_experiment", "collect_results", "labeled_subset", "format_markdown", "write_table",
@@ -190,6 +190,7 @@ def run_experiment(
     config: SegmenterConfig | None = None,
     synthetic_share: float | None = None,
     pairs_per_repeat: int | None = None,
+    augment: str = "light",
     arms: Sequence[str] = ARMS,
     save_models: bool = True,
     resume: bool = True,
@@ -214,6 +215,8 @@ def run_experiment(
             pairs (folder order) instead of all of them: disjoint draws of pairs, so that the spread over
             repeats includes which pairs were drawn (it is as large as the segmenter seed's,
             docs/benchmarks.md §6i). Needs repeats x pairs_per_repeat pairs. None: all pairs every time.
+        augment: segmenter training augmentation of both arms, "light" or "strong" (HoVer-Net's
+            photometric set, see :func:`engine.segment.train_segmenter`).
         arms: which arms to run ("labeled", "augmented"); the table holds the runs of this call only, so
             runs split over several calls (or processes) into one ``out_dir`` are merged by
             :func:`collect_results`.
@@ -226,6 +229,8 @@ def run_experiment(
         raise NuDiffError(f"synthetic_share must be in (0, 1), got {synthetic_share}")
     if repeats < 1:
         raise NuDiffError(f"repeats must be >= 1, got {repeats}")
+    if augment not in AUGMENTS:
+        raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     if pairs_per_repeat is not None and pairs_per_repeat < 1:
         raise NuDiffError(f"pairs_per_repeat must be >= 1, got {pairs_per_repeat}")
     arms = tuple(dict.fromkeys(arms))
@@ -250,6 +255,8 @@ def run_experiment(
     settings = {"steps": steps, "size": size, "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
                 "tile_size": tile_size, "stride": stride, "n_clusters": n_clusters, "seed": seed,
                 "synthetic_share": synthetic_share,
+                # named only when not the default, so runs finished before the setting existed stay reusable
+                **({"augment": augment} if augment != "light" else {}),
                 "test": [(t.stem, t.inst.shape, int(t.inst.max())) for t in test_items]}
     plan = [(f, arm, r) for f in fracs for arm in arms for r in range(repeats)
             if arm == "labeled" or synth_dirs[f] is not None]
@@ -395,7 +402,8 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
     t0 = time.time()
     seg = train_segmenter(list(subset) + list(extra), size=spec["size"], steps=spec["steps"],
                           batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["train_seed"], device=device,
-                          config=cfg, pair_weights=_pair_weights(subset, extra, spec["synthetic_share"]))
+                          config=cfg, pair_weights=_pair_weights(subset, extra, spec["synthetic_share"]),
+                          augment=spec.get("augment", "light"))
     train_s = time.time() - t0
     if save_model:
         seg.save(run_dir / "segmenter")
@@ -415,7 +423,7 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
 
 
 _SHARED = ("steps", "size", "batch_size", "lr", "config", "tile_size", "stride", "n_clusters", "seed",
-           "synthetic_share", "pairs_per_repeat", "test")
+           "synthetic_share", "pairs_per_repeat", "augment", "test")
 _AUGMENTED_ONLY = ("synthetic_share", "pairs_per_repeat")  # settings of the augmented arm alone (None in labeled runs)
 
 

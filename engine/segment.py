@@ -8,7 +8,9 @@ their Sobel gradients inside nuclei (MSGE). Instances come from :func:`engine.st
 
 Training samples random ``size`` crops (area-weighted over pairs), random flips / rot90 applied
 consistently to the image and to the structure (the distance maps are moved, swapped and negated so the
-result equals the structure of the transformed instance map), and a mild colour jitter.
+result equals the structure of the transformed instance map), and a mild colour jitter. ``augment="strong"``
+adds HoVer-Net's photometric augmentations to the image only (hue, saturation, brightness, contrast, then
+a Gaussian blur or additive noise), which leave the structure unchanged.
 Inference on images of any size runs overlapping tiles blended with a tapered window.
 
 A trained segmenter is saved as ``<stem>.safetensors`` (weights) + ``<stem>.json`` (config, training
@@ -182,10 +184,11 @@ class _Sampler:
     weights: np.ndarray  # (n,) sampling probabilities (area-weighted)
     size: int
     jitter: float
+    augment: str = "light"
 
     @classmethod
     def build(cls, pairs: list[tuple[np.ndarray, np.ndarray]], size: int, jitter: float,
-              pair_weights: Sequence[float] | None = None) -> "_Sampler":
+              pair_weights: Sequence[float] | None = None, augment: str = "light") -> "_Sampler":
         images, structures, areas = [], [], []
         for image, inst in pairs:
             image, inst = _pad_to(image, inst, size)
@@ -196,7 +199,7 @@ class _Sampler:
         w = np.asarray(areas)
         if pair_weights is not None:
             w = w * np.asarray(pair_weights, np.float64)
-        return cls(images, structures, w / w.sum(), size, jitter)
+        return cls(images, structures, w / w.sum(), size, jitter, augment)
 
     def batch(self, rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
         """(n, 3, S, S) float32 normalised images and (n, 3, S, S) float32 structures."""
@@ -208,6 +211,8 @@ class _Sampler:
             crop = image[y : y + self.size, x : x + self.size]
             scrop = s[y : y + self.size, x : x + self.size].astype(np.float32) / 127.0
             crop, scrop = dihedral(crop, scrop, int(rng.integers(0, 4)), bool(rng.integers(0, 2)))
+            if self.augment == "strong":
+                crop = _photometric(crop, rng)
             xs.append(_jitter(_normalise(crop), rng, self.jitter))
             ys.append(scrop)
         return (np.stack(xs).transpose(0, 3, 1, 2).copy(), np.stack(ys).transpose(0, 3, 1, 2).copy())
@@ -232,6 +237,39 @@ def _jitter(x: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndar
     gain = 1.0 + rng.uniform(-strength, strength, size=3).astype(np.float32)
     offset = rng.uniform(-strength, strength, size=3).astype(np.float32)
     return x * gain + offset
+
+
+AUGMENTS = ("light", "strong")
+
+# RGB <-> YIQ: hue is the angle and saturation the length of (I, Q)
+_RGB2YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], np.float32)
+_YIQ2RGB = np.linalg.inv(_RGB2YIQ).astype(np.float32)
+
+
+def _photometric(crop: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """HoVer-Net's photometric training augmentations of one (S, S, 3) uint8 crop -> float32 in 0..255.
+
+    Hue turned by up to +-8 degrees, saturation x 0.8..1.2, contrast x 0.75..1.25 about the mean, brightness
+    +-26 (of 255); then, a third of the time each, a Gaussian blur (sigma 0.5..1.5 px), additive Gaussian
+    noise (sd up to 0.05 x 255), or neither. Geometry is untouched, so the label stays valid.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    yiq = crop.astype(np.float32) @ _RGB2YIQ.T
+    angle = np.deg2rad(rng.uniform(-8.0, 8.0))
+    sat = rng.uniform(0.8, 1.2)
+    c, s = np.cos(angle) * sat, np.sin(angle) * sat
+    i, q = yiq[..., 1].copy(), yiq[..., 2].copy()
+    yiq[..., 1], yiq[..., 2] = c * i - s * q, s * i + c * q
+    x = yiq @ _YIQ2RGB.T
+    mean = float(x.mean())
+    x = (x - mean) * rng.uniform(0.75, 1.25) + mean + rng.uniform(-26.0, 26.0)
+    kind = rng.random()
+    if kind < 1 / 3:
+        x = gaussian_filter(x, sigma=(rng.uniform(0.5, 1.5),) * 2 + (0,))
+    elif kind < 2 / 3:
+        x = x + rng.normal(0.0, rng.uniform(0.0, 0.05 * 255.0), size=x.shape).astype(np.float32)
+    return np.clip(x, 0.0, 255.0).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------- loss
@@ -437,6 +475,7 @@ def train_segmenter(
     jitter: float = 0.08,
     weight_decay: float = 1e-4,
     pair_weights: Sequence[float] | None = None,
+    augment: str = "light",
 ) -> Segmenter:
     """Train a segmenter from scratch on labeled pairs.
 
@@ -451,6 +490,8 @@ def train_segmenter(
         jitter: strength of the per-channel colour gain / offset jitter (0 = off).
         pair_weights: optional relative sampling weight of each pair (multiplies its area; default: crops
             are drawn area-weighted over all pairs).
+        augment: "light" (flips, quarter turns, colour jitter) or "strong" (also HoVer-Net's hue, saturation,
+            brightness, contrast, blur and noise augmentations, see :func:`_photometric`).
     Returns:
         Segmenter in eval mode; ``record["loss"]`` holds the loss of every step.
     Raises:
@@ -462,13 +503,15 @@ def train_segmenter(
         pw = np.asarray(pair_weights, np.float64)
         if pw.shape != (len(pairs),) or not np.isfinite(pw).all() or pw.min() < 0 or pw.sum() <= 0:
             raise NuDiffError(f"pair_weights must be {len(pairs)} non-negative numbers, not all 0")
+    if augment not in AUGMENTS:
+        raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise NuDiffError(f"steps and batch_size must be >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
     size = _ceil_to(max(int(size), cfg.multiple), cfg.multiple)
     dev = _resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    sampler = _Sampler.build(pairs, size, jitter, pair_weights)
+    sampler = _Sampler.build(pairs, size, jitter, pair_weights, augment)
     net = SegNet(cfg).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
     warm = max(1, min(50, steps // 10))
@@ -492,6 +535,7 @@ def train_segmenter(
             progress(step, steps)
     net.eval()
     record = {"size": size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "jitter": jitter,
+              "augment": augment,
               "n_pairs": len(pairs), "seconds": round(time.time() - t0, 2), "device": str(dev),
               "loss": [round(v, 5) for v in losses]}
     return Segmenter(net, cfg, dev, record)

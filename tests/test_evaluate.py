@@ -152,6 +152,39 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
     assert not (tmp_path / "short_cli" / "runs").exists()
 
 
+def test_strong_augmentation_is_a_separate_experiment(experiment, folders, tmp_path):
+    import shutil
+
+    from engine.evaluate import collect_results
+
+    result, _ = experiment
+    out = tmp_path / "strong"
+    shutil.copytree(result.out_dir / "runs", out / "runs")
+    lines: list[str] = []
+    strong = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="100",
+                            augment="strong", log=lines.append, **FAST)
+    # both arms retrain (the setting changes what every segmenter sees), and say how they were trained
+    assert sorted(line.split(":")[0] for line in lines if "training on" in line) == [
+        "100pct_augmented_r0", "100pct_labeled_r0"]
+    assert all(r["settings"]["augment"] == "strong" for r in strong.runs)
+    record = json.loads((out / "runs" / "100pct_labeled_r0" / "segmenter.json").read_text())
+    assert record["train"]["augment"] == "strong"
+    assert json.loads((out / "results.json").read_text())["settings"]["augment"] == "strong"
+    light = {r["name"]: r for r in result.runs}
+    assert all(r["mean"] != light[r["name"]]["mean"] for r in strong.runs)
+    # runs made with the default keep the keys they had before the setting existed, so stay reusable
+    assert all("augment" not in r["settings"] for r in result.runs)
+    # light and strong runs in one folder are not one experiment
+    with pytest.raises(DataError, match="different settings"):
+        collect_results(out, log=None)
+    with pytest.raises(NuDiffError, match="augment must be one of"):
+        run_experiment(folders["real"], None, folders["test"], tmp_path / "bad", fractions="100",
+                       augment="heavy", log=None, **FAST)
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--real", str(folders["real"]), "--test", str(folders["test"]), "--out",
+              str(tmp_path / "bad_cli"), "--augment", "heavy"])
+
+
 def test_synthetic_specs_and_fractions(tmp_path):
     assert parse_fractions("10,20,50,100") == [0.1, 0.2, 0.5, 1.0]
     assert parse_fractions([0.5, 10, "20%"]) == [0.1, 0.2, 0.5]

@@ -11,7 +11,8 @@ import torch
 from engine.errors import CheckpointError, DataError
 from engine.metrics import dice
 from engine.errors import NuDiffError
-from engine.segment import Segmenter, SegmenterConfig, _Sampler, dihedral, segmenter_paths, train_segmenter
+from engine.segment import (_RGB2YIQ, _YIQ2RGB, Segmenter, SegmenterConfig, _normalise, _Sampler, dihedral,
+                            segmenter_paths, train_segmenter)
 from engine.structure import instances_to_structure
 from engine.synthetic import make_tile
 
@@ -105,3 +106,35 @@ def test_pair_weights_steer_the_crop_sampling():
     np.testing.assert_allclose(_Sampler.build(pairs, 32, 0.0, [1.0, 0.0, 1.0]).weights, [0.2, 0.0, 0.8])
     with pytest.raises(NuDiffError, match="pair_weights"):
         train_segmenter(pairs, steps=1, pair_weights=[1.0, -1.0, 0.0], config=TINY)
+
+
+def test_strong_augmentation_changes_colour_not_geometry():
+    image, inst = make_tile(64, seed=3)
+    structure = instances_to_structure(inst)
+    np.testing.assert_allclose(_YIQ2RGB @ _RGB2YIQ, np.eye(3), atol=1e-5)  # no hue turn -> same colours
+    light = _Sampler.build([(image, inst)], 64, 0.0)
+    strong = _Sampler.build([(image, inst)], 64, 0.0, augment="strong")
+    for sampler in (light, strong):
+        xs, ys = sampler.batch(np.random.default_rng(0), 12)
+        for x, y in zip(xs.transpose(0, 2, 3, 1), ys.transpose(0, 2, 3, 1)):
+            # the label is a valid structure of the tile under some flip / quarter turn ...
+            found = [(k, f) for k in range(4) for f in (False, True)
+                     if np.allclose(dihedral(image, structure, k, f)[1], y, atol=1 / 127)]
+            assert found, "the target is not a transformed structure of the tile"
+            plain = _normalise(dihedral(image, structure, *found[0])[0])
+            if sampler is light:  # ... and without jitter, light training shows the image as it is
+                np.testing.assert_array_equal(x, plain)
+                continue
+            # strong: other colours, same picture (the nuclei stay where the label puts them)
+            assert np.abs(x - plain).mean() > 0.02
+            assert np.corrcoef(x.mean(-1).ravel(), plain.mean(-1).ravel())[0, 1] > 0.8
+            assert x[y[..., 0] > 0].mean() < x[y[..., 0] <= 0].mean()
+            assert x.min() >= -1.0 - 1e-6 and x.max() <= 1.0 + 1e-6
+
+
+def test_training_records_its_augmentation_and_refuses_unknown_ones():
+    pairs = [make_tile(48, seed=i) for i in range(2)]
+    seg = train_segmenter(pairs, size=32, steps=2, batch_size=2, seed=0, device="cpu", config=TINY, augment="strong")
+    assert seg.record["augment"] == "strong"
+    with pytest.raises(NuDiffError, match="augment must be one of light, strong"):
+        train_segmenter(pairs, steps=1, device="cpu", config=TINY, augment="heavy")

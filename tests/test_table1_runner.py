@@ -45,6 +45,10 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     # every segmenter shares one setting, so the arms are comparable
     seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
     assert len(seg) == 4 and all(s == seg[0] for s in seg)
+    assert seg[0][seg[0].index("--augment") + 1] == "light"
+    args = build_parser().parse_args(["--work", str(tmp_path), "--labeled", "10", "--seg-augment", "strong"])
+    cmd = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["segmenter 10% labeled"].cmd
+    assert cmd[cmd.index("--augment") + 1] == "strong"
 
 
 def test_runner_orders_skips_and_caches(tmp_path):
