@@ -13,7 +13,8 @@ import torch
 from engine.cli import main
 from engine.data import load_folder, read_label
 from engine.errors import DataError, NuDiffError
-from engine.evaluate import CSV_FIELDS, METRICS, image_metrics, parse_fractions, resolve_synthetic, run_experiment
+from engine.evaluate import (CSV_FIELDS, METRICS, ExperimentResult, image_metrics, parse_fractions,
+                             resolve_synthetic, run_experiment)
 from engine.segment import SegmenterConfig
 from engine.synthetic import write_folder
 
@@ -88,17 +89,28 @@ def test_finished_runs_are_reused(experiment, folders):
     assert again.rows == result.rows
 
 
+def _rerun(experiment, folders, out: Path, **settings) -> tuple[ExperimentResult, list[str], list[str]]:
+    """Copy the module experiment's finished runs into ``out`` and run again with other ``settings``:
+    (result, names of the runs it reused, names of the runs it trained)."""
+    import shutil
+
+    shutil.copytree(experiment[0].out_dir / "runs", out / "runs")
+    lines: list[str] = []
+    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, log=lines.append,
+                            **{**FAST, **settings})
+
+    def names(what: str) -> list[str]:
+        return sorted(line.split(":")[0] for line in lines if what in line)
+
+    return result, names("reusing finished run"), names("training on")
+
+
 def test_a_new_synthetic_share_retrains_only_the_augmented_arms(experiment, folders, tmp_path):
     import shutil
 
     result, _ = experiment
     out = tmp_path / "share"
-    shutil.copytree(result.out_dir / "runs", out / "runs")
-    lines: list[str] = []
-    shared = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="50,100",
-                            synthetic_share=0.5, log=lines.append, **FAST)
-    reused = sorted(line.split(":")[0] for line in lines if "reusing finished run" in line)
-    trained = sorted(line.split(":")[0] for line in lines if "training on" in line)
+    shared, reused, trained = _rerun(experiment, folders, out, fractions="50,100", synthetic_share=0.5)
     assert reused == ["100pct_labeled_r0", "50pct_labeled_r0"]
     assert trained == ["100pct_augmented_r0", "50pct_augmented_r0"]
     labeled = [r for r in shared.rows if r["arm"] == "labeled"]
@@ -122,11 +134,8 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
 
     result, _ = experiment
     out = tmp_path / "draws"
-    shutil.copytree(result.out_dir / "runs", out / "runs")
-    lines: list[str] = []
-    drawn = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="100", repeats=2,
-                           pairs_per_repeat=1, log=lines.append, **FAST)
-    assert sorted(line.split(":")[0] for line in lines if "reusing finished run" in line) == ["100pct_labeled_r0"]
+    drawn, reused, _ = _rerun(experiment, folders, out, fractions="100", repeats=2, pairs_per_repeat=1)
+    assert reused == ["100pct_labeled_r0"]
     aug = {r["repeat"]: r for r in drawn.runs if r["arm"] == "augmented"}
     assert [aug[0]["n_synthetic"], aug[1]["n_synthetic"]] == [1, 1]
     assert [aug[0]["synthetic_block"], aug[1]["synthetic_block"]] == [[0, 1], [1, 2]]
@@ -153,19 +162,13 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
 
 
 def test_strong_augmentation_is_a_separate_experiment(experiment, folders, tmp_path):
-    import shutil
-
     from engine.evaluate import collect_results
 
     result, _ = experiment
     out = tmp_path / "strong"
-    shutil.copytree(result.out_dir / "runs", out / "runs")
-    lines: list[str] = []
-    strong = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="100",
-                            augment="strong", log=lines.append, **FAST)
+    strong, _, trained = _rerun(experiment, folders, out, fractions="100", augment="strong")
     # both arms retrain (the setting changes what every segmenter sees), and say how they were trained
-    assert sorted(line.split(":")[0] for line in lines if "training on" in line) == [
-        "100pct_augmented_r0", "100pct_labeled_r0"]
+    assert trained == ["100pct_augmented_r0", "100pct_labeled_r0"]
     assert all(r["settings"]["augment"] == "strong" for r in strong.runs)
     record = json.loads((out / "runs" / "100pct_labeled_r0" / "segmenter.json").read_text())
     assert record["train"]["augment"] == "strong"
