@@ -9,9 +9,13 @@ Three views, all comparable with the same numbers computed on real data:
   against their labels.
 * **morphology** of the instance maps: nuclei per tile, density, foreground fraction (per tile); area,
   eccentricity, solidity (per nucleus, ``skimage.measure.regionprops``).
-* **distance** between synthetic and real morphology: 1-D Wasserstein distance per statistic
-  (``scipy.stats.wasserstein_distance``), also divided by the real statistic's standard deviation so the
-  statistics can be averaged.
+* **appearance** of the images, per tile: how much darker nuclei are than the background (contrast),
+  fine texture (variance of the Laplacian) and the grey-level spread inside nuclei and inside the
+  background. Synthetic images that are starker and smoother than real ones make pairs that are easier
+  than real tiles.
+* **distance** between synthetic and real morphology or appearance: 1-D Wasserstein distance per
+  statistic (``scipy.stats.wasserstein_distance``), also divided by the real statistic's standard
+  deviation so the statistics can be averaged.
 
 The studio's Export tab calls :func:`quality_report` on the basket (a list of (image, inst) pairs) and
 shows :func:`format_quality_markdown`.
@@ -29,11 +33,13 @@ import numpy as np
 from engine.errors import DataError
 from engine.metrics import aji, dice, pq
 
-__all__ = ["PER_TILE", "PER_NUCLEUS", "morphology_stats", "morphology_distance", "hematoxylin_alignment",
-           "alignment_score", "quality_report", "format_quality_markdown", "load_pairs"]
+__all__ = ["PER_TILE", "PER_NUCLEUS", "APPEARANCE", "morphology_stats", "morphology_distance", "appearance_stats",
+           "appearance_distance", "hematoxylin_alignment", "alignment_score", "quality_report",
+           "format_quality_markdown", "load_pairs"]
 
 PER_TILE = ("nuclei_per_tile", "density", "fg_fraction")
 PER_NUCLEUS = ("area", "eccentricity", "solidity")
+APPEARANCE = ("contrast", "sharpness", "nucleus_texture", "background_texture")
 _SEG_METRICS = ("segmenter_dice", "segmenter_aji", "segmenter_pq")
 
 
@@ -85,14 +91,19 @@ def morphology_distance(real: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     "real_mean", "synthetic_mean"}} for every statistic, plus "mean_normalised": the mean of the
     normalised distances (0 for identical sets; nan where a side has no values).
     """
-    from scipy.stats import wasserstein_distance
-
     a = real if isinstance(real, Mapping) else morphology_stats(real)
     b = synthetic if isinstance(synthetic, Mapping) else morphology_stats(synthetic)
+    return _distances(a, b, (*PER_TILE, *PER_NUCLEUS))
+
+
+def _distances(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray], keys: Sequence[str]) -> dict[str, Any]:
+    """Per-key 1-D Wasserstein distance of b from a (nan values dropped), raw and over a's std."""
+    from scipy.stats import wasserstein_distance
+
     out: dict[str, Any] = {}
     normalised = []
-    for key in (*PER_TILE, *PER_NUCLEUS):
-        x, y = np.asarray(a[key], np.float64), np.asarray(b[key], np.float64)
+    for key in keys:
+        x, y = _finite(a[key]), _finite(b[key])
         if x.size == 0 or y.size == 0:
             w = norm = float("nan")
         else:
@@ -104,6 +115,48 @@ def morphology_distance(real: Sequence[np.ndarray] | Mapping[str, np.ndarray],
     finite = [v for v in normalised if np.isfinite(v)]
     out["mean_normalised"] = float(np.mean(finite)) if finite else float("nan")
     return out
+
+
+def _finite(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float64)
+    return v[np.isfinite(v)]
+
+
+# ----------------------------------------------------------------------------- appearance
+
+
+def appearance_stats(images: Sequence[np.ndarray], insts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-image appearance of (H, W, 3) uint8 RGB images with their (H, W) instance maps.
+
+    On the grey level (ITU-R 601 luma, 0..255), returns float64 arrays of shape (n_images,):
+    ``contrast``: median background grey minus median nucleus grey (positive: nuclei darker);
+    ``sharpness``: variance of the 4-neighbour Laplacian (fine texture and focus);
+    ``nucleus_texture`` / ``background_texture``: grey standard deviation inside nuclei / background.
+    A value is nan where the image has no nucleus (or no background) pixels.
+    """
+    import cv2
+
+    if len(images) != len(insts):
+        raise DataError(f"{len(images)} images but {len(insts)} labels")
+    out: dict[str, list[float]] = {k: [] for k in APPEARANCE}
+    nan = float("nan")
+    for image, inst in zip(images, insts):
+        image, inst = np.asarray(image), np.asarray(inst)
+        if image.ndim != 3 or image.shape[2] != 3 or inst.shape != image.shape[:2]:
+            raise DataError(f"image (H, W, 3) and label (H, W) do not match: {image.shape} vs {inst.shape}")
+        grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        fg = inst > 0
+        nuc, bg = grey[fg], grey[~fg]
+        out["contrast"].append(float(np.median(bg) - np.median(nuc)) if nuc.size and bg.size else nan)
+        out["sharpness"].append(float(cv2.Laplacian(grey, cv2.CV_32F, ksize=1).var()))
+        out["nucleus_texture"].append(float(nuc.std()) if nuc.size else nan)
+        out["background_texture"].append(float(bg.std()) if bg.size else nan)
+    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def appearance_distance(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Distances between two :func:`appearance_stats` results, as :func:`morphology_distance`."""
+    return _distances(real, synthetic, APPEARANCE)
 
 
 def _mean(x: np.ndarray) -> float:
@@ -221,9 +274,10 @@ def _real_tiles(pairs: list[tuple[np.ndarray, np.ndarray]], size: int,
 
 
 def _summary(stats: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
+    """{stat: {mean, median, std, n}} over the finite values of each statistic."""
     out = {}
     for k, v in stats.items():
-        v = np.asarray(v, np.float64)
+        v = _finite(v)
         out[k] = {"mean": _mean(v), "median": float(np.median(v)) if v.size else float("nan"),
                   "std": float(v.std()) if v.size else float("nan"), "n": int(v.size)}
     return out
@@ -242,28 +296,34 @@ def quality_report(synthetic: Any, real: Any | None = None, segmenter: Any | Non
         max_real_tiles: cap on real tiles used (evenly spaced), for speed.
     Returns:
         JSON-serialisable dict: n_synthetic, n_real_tiles, tile_size, alignment {synthetic, real},
-        morphology {synthetic, real (summaries: mean/median/std/n per statistic), distance}, per_pair
-        (alignment and nucleus count of every synthetic pair, in input order), notes (readable warnings).
+        morphology {synthetic, real (summaries: mean/median/std/n per statistic), distance}, appearance
+        (the same three parts), per_pair (alignment and nucleus count of every synthetic pair, in input
+        order), notes (readable warnings).
     """
     synth = load_pairs(synthetic, "synthetic pairs")
     seg = _as_segmenter(segmenter)
     size = int(np.median([min(inst.shape) for _, inst in synth]))
     s_stats = morphology_stats([inst for _, inst in synth])
+    s_look = appearance_stats([im for im, _ in synth], [inst for _, inst in synth])
     s_align = alignment_score([im for im, _ in synth], [inst for _, inst in synth], seg)
     report: dict[str, Any] = {"n_synthetic": len(synth), "tile_size": size, "n_real_tiles": 0,
                               "segmenter": bool(seg is not None),
                               "alignment": {"synthetic": _drop(s_align, "per_image")},
-                              "morphology": {"synthetic": _summary(s_stats)}}
+                              "morphology": {"synthetic": _summary(s_stats)},
+                              "appearance": {"synthetic": _summary(s_look)}}
     report["per_pair"] = [{"index": i, "n_nuclei": int(s_stats["nuclei_per_tile"][i]), **row}
                           for i, row in enumerate(s_align["per_image"])]
     if real is not None:
         tiles = _real_tiles(load_pairs(real, "real pairs"), size, max_real_tiles)
         r_stats = morphology_stats([inst for _, inst in tiles])
+        r_look = appearance_stats([im for im, _ in tiles], [inst for _, inst in tiles])
         r_align = alignment_score([im for im, _ in tiles], [inst for _, inst in tiles], seg)
         report["n_real_tiles"] = len(tiles)
         report["alignment"]["real"] = _drop(r_align, "per_image")
         report["morphology"]["real"] = _summary(r_stats)
         report["morphology"]["distance"] = morphology_distance(r_stats, s_stats)
+        report["appearance"]["real"] = _summary(r_look)
+        report["appearance"]["distance"] = appearance_distance(r_look, s_look)
     report["notes"] = _notes(report)
     return report
 
@@ -292,6 +352,17 @@ def _notes(report: Mapping[str, Any]) -> list[str]:
         if far:
             notes.append("morphology differs from real data in: " + ", ".join(far) +
                          " (Wasserstein distance > 0.5 std)")
+    adist = report.get("appearance", {}).get("distance")
+    if adist:
+        for key, more, less in (("contrast", "nuclei stand out more than in real images",
+                                 "nuclei stand out less than in real images"),
+                                ("sharpness", "images have more fine texture than real ones",
+                                 "images are smoother than real ones")):
+            d = adist[key]
+            if np.isfinite(d["normalised"]) and d["normalised"] > 0.5:
+                side = more if d["synthetic_mean"] > d["real_mean"] else less
+                notes.append(f"synthetic {side} ({_APPEARANCE_NAMES[key].split(' (')[0].lower()} "
+                             f"{d['synthetic_mean']:.1f} vs {d['real_mean']:.1f})")
     return notes
 
 
@@ -301,6 +372,11 @@ def _f(v: Any, digits: int = 3) -> str:
     except (TypeError, ValueError):
         return "–"
     return "–" if not np.isfinite(v) else f"{v:.{digits}f}"
+
+
+_APPEARANCE_NAMES = {"contrast": "Nucleus contrast (background - nucleus)",
+                     "sharpness": "Fine texture (Laplacian variance)",
+                     "nucleus_texture": "Spread inside nuclei (sd)", "background_texture": "Spread in background (sd)"}
 
 
 def format_quality_markdown(report: Mapping[str, Any]) -> str:
@@ -329,6 +405,15 @@ def format_quality_markdown(report: Mapping[str, Any]) -> str:
         lines.append(row)
     if dist:
         lines += ["", f"Mean normalised morphology distance: {_f(dist['mean_normalised'])} (0 = same as real)"]
+    look = report["appearance"]
+    adist = look.get("distance")
+    lines += ["", "| Appearance (mean, grey levels) | Synthetic |" + (" Real | W / std |" if adist else ""),
+              "|---|---|" + ("---|---|" if adist else "")]
+    for key, name in _APPEARANCE_NAMES.items():
+        row = f"| {name} | {_f(look['synthetic'][key]['mean'], 1)} |"
+        if adist:
+            row += f" {_f(look['real'][key]['mean'], 1)} | {_f(adist[key]['normalised'], 3)} |"
+        lines.append(row)
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"

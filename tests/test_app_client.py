@@ -164,6 +164,8 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     synth, real = (float(v) for v in row.strip("|").split("|")[1:3])
     assert 0 <= synth <= 1 and 0 < real <= 1
     assert "Mean normalised morphology distance:" in report
+    row = next(line for line in report.splitlines() if line.startswith("| Nucleus contrast"))
+    assert len(row.strip("|").split("|")) == 4  # name, synthetic, real, W / std
     report = client.predict(False, "", "", api_name="/basket_quality")
     assert "**Synthetic pairs:** 1 (tile 32 px)" in report and "real tiles" not in report
     report = client.predict(True, "/nonexistent/folder", "", api_name="/basket_quality")

@@ -9,8 +9,9 @@ import pytest
 
 from engine.cli import main
 from engine.errors import DataError
-from engine.quality import (PER_NUCLEUS, PER_TILE, alignment_score, format_quality_markdown, hematoxylin_alignment,
-                            morphology_distance, morphology_stats, quality_report)
+from engine.quality import (APPEARANCE, PER_NUCLEUS, PER_TILE, alignment_score, appearance_distance,
+                            appearance_stats, format_quality_markdown, hematoxylin_alignment, morphology_distance,
+                            morphology_stats, quality_report)
 from engine.synthetic import make_tile, write_folder
 
 
@@ -49,6 +50,47 @@ def test_identical_sets_have_zero_distance_and_different_ones_do_not(tiles):
     assert diff["mean_normalised"] > 0.2
 
 
+def test_appearance_stats_on_known_images():
+    inst = np.zeros((32, 32), np.int32)
+    inst[8:16, 8:16] = 1
+    flat = np.full((32, 32, 3), 200, np.uint8)
+    flat[inst > 0] = 80  # grey 200 background, grey 80 nucleus
+    noisy = np.clip(flat + np.random.default_rng(0).normal(0, 10, flat.shape[:2])[..., None], 0, 255).astype(np.uint8)
+    blank = np.zeros((32, 32), np.int32)
+    stats = appearance_stats([flat, noisy, flat], [inst, inst, blank])
+    assert stats["contrast"][0] == pytest.approx(120, abs=0.5)
+    assert stats["nucleus_texture"][0] == pytest.approx(0, abs=0.5)
+    assert stats["background_texture"][0] == pytest.approx(0, abs=0.5)
+    assert stats["contrast"][1] == pytest.approx(120, abs=5)  # medians ignore the noise
+    assert 8 < stats["nucleus_texture"][1] < 12 and 8 < stats["background_texture"][1] < 12
+    assert stats["sharpness"][1] > stats["sharpness"][0] > 0  # only the edges of the square in the flat image
+    assert np.isnan(stats["contrast"][2]) and np.isnan(stats["nucleus_texture"][2])  # no nuclei: nan, not 0
+    assert stats["background_texture"][2] > 0  # the unlabelled dark square is background texture
+    with pytest.raises(DataError):
+        appearance_stats([flat], [inst[:16]])
+
+
+def test_appearance_distance_sees_starker_smoother_images(tiles):
+    import cv2
+
+    images, insts = [t[0] for t in tiles], [t[1] for t in tiles]
+    real = appearance_stats(images, insts)
+    same = appearance_distance(real, appearance_stats([i.copy() for i in images], insts))
+    assert all(same[k]["wasserstein"] == 0.0 for k in APPEARANCE)
+    darker, blurred = [], []  # nuclei darkened (starker); the whole image blurred (smoother)
+    for im, inst in tiles:
+        dark = im.astype(np.float32)
+        dark[inst > 0] *= 0.6
+        darker.append(dark.astype(np.uint8))
+        blurred.append(cv2.GaussianBlur(im, (0, 0), 1.0))
+    starker = appearance_distance(real, appearance_stats(darker, insts))
+    assert starker["contrast"]["synthetic_mean"] > starker["contrast"]["real_mean"] + 10
+    assert starker["contrast"]["normalised"] > 0.5
+    smoother = appearance_distance(real, appearance_stats(blurred, insts))
+    assert smoother["sharpness"]["synthetic_mean"] < 0.5 * smoother["sharpness"]["real_mean"]
+    assert smoother["sharpness"]["normalised"] > 0.5
+
+
 def test_aligned_procedural_pairs_score_high_and_mismatched_low(tiles):
     aligned = alignment_score([t[0] for t in tiles], [t[1] for t in tiles])
     assert aligned["n"] == 5 and len(aligned["per_image"]) == 5
@@ -85,13 +127,29 @@ def test_report_for_a_basket_and_a_real_folder(tiles, labeled_folder):
     assert len(report["per_pair"]) == 5 and report["per_pair"][0]["n_nuclei"] == int(tiles[0][1].max())
     assert set(report["alignment"]) == {"synthetic", "real"}
     assert set(report["morphology"]) == {"synthetic", "real", "distance"}
+    assert set(report["appearance"]) == {"synthetic", "real", "distance"}
+    assert report["appearance"]["synthetic"]["contrast"]["n"] == 5
     md = format_quality_markdown(report)
     assert "| Hematoxylin Dice (no model) |" in md and "| area |" in md and "Wasserstein" in md
+    assert "| Nucleus contrast (background - nucleus) |" in md
     alone = quality_report(basket)  # no real data: alignment and statistics only
     assert "real" not in alone["alignment"] and "distance" not in alone["morphology"]
-    assert "| area |" in format_quality_markdown(alone)
+    assert "distance" not in alone["appearance"]
+    assert "| area |" in format_quality_markdown(alone) and "| Fine texture" in format_quality_markdown(alone)
     with pytest.raises(DataError):
         quality_report([])
+
+
+def test_report_notes_pairs_starker_than_real(tiles):
+    real = [(im, inst) for im, inst in tiles]
+    starker = []
+    for im, inst in tiles:
+        im = im.copy()
+        im[inst > 0] //= 2  # nuclei twice as dark
+        starker.append((im, inst))
+    notes = quality_report(starker, real)["notes"]
+    assert any(n.startswith("synthetic nuclei stand out more than in real images") for n in notes)
+    assert not any("stand out" in n for n in quality_report([(im.copy(), inst) for im, inst in tiles], real)["notes"])
 
 
 def test_quality_cli(labeled_folder, tmp_path, capsys):
