@@ -35,7 +35,7 @@ from engine.metrics import aji, dice, pq
 
 __all__ = ["PER_TILE", "PER_NUCLEUS", "APPEARANCE", "morphology_stats", "morphology_distance", "appearance_stats",
            "appearance_distance", "hematoxylin_alignment", "alignment_score", "quality_report",
-           "format_quality_markdown", "load_pairs"]
+           "format_quality_markdown", "load_pairs", "real_tiles"]
 
 PER_TILE = ("nuclei_per_tile", "density", "fg_fraction")
 PER_NUCLEUS = ("area", "eccentricity", "solidity")
@@ -251,8 +251,8 @@ def load_pairs(source: Any, what: str = "pairs") -> list[tuple[np.ndarray, np.nd
     return as_image_label_pairs(list(source), what)
 
 
-def _real_tiles(pairs: list[tuple[np.ndarray, np.ndarray]], size: int,
-                max_tiles: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def real_tiles(pairs: list[tuple[np.ndarray, np.ndarray]], size: int,
+               max_tiles: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Cut real images larger than the synthetic tiles into non-overlapping size x size tiles (so per-tile
     statistics compare like with like); at most ``max_tiles``, evenly spaced."""
     from engine.data import tile_positions
@@ -314,7 +314,7 @@ def quality_report(synthetic: Any, real: Any | None = None, segmenter: Any | Non
     report["per_pair"] = [{"index": i, "n_nuclei": int(s_stats["nuclei_per_tile"][i]), **row}
                           for i, row in enumerate(s_align["per_image"])]
     if real is not None:
-        tiles = _real_tiles(load_pairs(real, "real pairs"), size, max_real_tiles)
+        tiles = real_tiles(load_pairs(real, "real pairs"), size, max_real_tiles)
         r_stats = morphology_stats([inst for _, inst in tiles])
         r_look = appearance_stats([im for im, _ in tiles], [inst for _, inst in tiles])
         r_align = alignment_score([im for im, _ in tiles], [inst for _, inst in tiles], seg)
