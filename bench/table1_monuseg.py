@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--diffusion-batch", type=int, default=16)
     ap.add_argument("--diffusion-lr", type=float, default=2e-4)
     ap.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps for structures and images")
+    ap.add_argument("--w", type=float, default=2.0,
+                    help="guidance scale of the synthetic images (paper: 2; docs/benchmarks.md §6k: 1 here)")
     ap.add_argument("--oversample", type=float, default=1.0,
                     help="layout realism filter of generate (1 = off; the paper has none)")
     ap.add_argument("--seg-steps", type=int, default=4000)
@@ -153,7 +155,7 @@ def plan(args: argparse.Namespace, real: Path, test: Path) -> list[Job]:
         jobs.append(Job(f"generate {pct}%", py + [
             "generate", "--structure-checkpoint", smodel, "--image-checkpoint", imodel, "--n", str(n),
             "--size", str(args.pair_size), "--steps", str(args.sampler_steps), "--batch-size", "32",
-            "--oversample", f"{args.oversample:g}",
+            "--oversample", f"{args.oversample:g}", "--w", f"{args.w:g}",
             "--seed", str(args.seed), "--out", str(synth)], gen_after, synth / "manifest.csv", -1))
         jobs.append(Job(f"segmenter {pct}% augmented", py + [
             "evaluate", *seg, "--fractions", pct, "--arms", "augmented", "--synthetic", f"{pct}={synth}"],

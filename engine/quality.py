@@ -1,6 +1,6 @@
 """Quality of a synthetic labeled set, without training a segmenter from scratch each time.
 
-Three views, all comparable with the same numbers computed on real data:
+Four views, all comparable with the same numbers computed on real data:
 
 * **alignment** (do the images show the labeled nuclei?): with no model, Dice between the label's
   foreground and an Otsu threshold of the hematoxylin channel (``skimage.color.rgb2hed``), and the

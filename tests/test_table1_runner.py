@@ -39,9 +39,10 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     assert "512" in jobs["generate 10%"].cmd and "1024" in jobs["generate 100%"].cmd  # the paper's counts
     gen = jobs["generate 10%"].cmd
     assert gen[gen.index("--oversample") + 1] == "1"  # the paper's protocol: no realism filter by default
-    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--oversample", "3"])
+    assert gen[gen.index("--w") + 1] == "2"  # and its guidance scale
+    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--oversample", "3", "--w", "1"])
     gen = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["generate 10%"].cmd
-    assert gen[gen.index("--oversample") + 1] == "3"
+    assert gen[gen.index("--oversample") + 1] == "3" and gen[gen.index("--w") + 1] == "1"
     # every segmenter shares one setting, so the arms are comparable
     seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
     assert len(seg) == 4 and all(s == seg[0] for s in seg)
