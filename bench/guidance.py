@@ -45,13 +45,10 @@ def row(name: str, images, insts, real_look=None) -> str:
     align = q.alignment_score(images, insts)
     look = q.appearance_stats(images, insts)
     cells = [f"{align['hematoxylin_dice']:.3f}", f"{align['darker_fraction']:.3f}"]
+    dist = q.appearance_distance(real_look, look) if real_look is not None else None
     for key in q.APPEARANCE:
         mean = float(np.nanmean(look[key]))
-        if real_look is not None:
-            dist = q.appearance_distance(real_look, look)[key]["normalised"]
-            cells.append(f"{mean:.1f} ({dist:.2f})")
-        else:
-            cells.append(f"{mean:.1f}")
+        cells.append(f"{mean:.1f} ({dist[key]['normalised']:.2f})" if dist else f"{mean:.1f}")
     return f"| {name} | " + " | ".join(cells) + " |"
 
 

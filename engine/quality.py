@@ -141,9 +141,7 @@ def appearance_stats(images: Sequence[np.ndarray], insts: Sequence[np.ndarray]) 
     out: dict[str, list[float]] = {k: [] for k in APPEARANCE}
     nan = float("nan")
     for image, inst in zip(images, insts):
-        image, inst = np.asarray(image), np.asarray(inst)
-        if image.ndim != 3 or image.shape[2] != 3 or inst.shape != image.shape[:2]:
-            raise DataError(f"image (H, W, 3) and label (H, W) do not match: {image.shape} vs {inst.shape}")
+        image, inst = _image_and_label(image, inst)
         grey = image.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         fg = inst > 0
         nuc, bg = grey[fg], grey[~fg]
@@ -152,6 +150,14 @@ def appearance_stats(images: Sequence[np.ndarray], insts: Sequence[np.ndarray]) 
         out["nucleus_texture"].append(float(nuc.std()) if nuc.size else nan)
         out["background_texture"].append(float(bg.std()) if bg.size else nan)
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
+
+
+def _image_and_label(image: np.ndarray, inst: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both as arrays; DataError unless image is (H, W, 3) and inst (H, W)."""
+    image, inst = np.asarray(image), np.asarray(inst)
+    if image.ndim != 3 or image.shape[2] != 3 or inst.shape != image.shape[:2]:
+        raise DataError(f"image (H, W, 3) and label (H, W) do not match: {image.shape} vs {inst.shape}")
+    return image, inst
 
 
 def appearance_distance(real: Mapping[str, np.ndarray], synthetic: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -178,9 +184,7 @@ def hematoxylin_alignment(image: np.ndarray, inst: np.ndarray) -> dict[str, floa
     from skimage.color import rgb2hed
     from skimage.filters import threshold_otsu
 
-    image, inst = np.asarray(image), np.asarray(inst)
-    if image.ndim != 3 or image.shape[2] != 3 or inst.shape != image.shape[:2]:
-        raise DataError(f"image (H, W, 3) and label (H, W) do not match: {image.shape} vs {inst.shape}")
+    image, inst = _image_and_label(image, inst)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hema = rgb2hed(image.astype(np.uint8))[..., 0].astype(np.float32)
