@@ -32,13 +32,9 @@ def layouts(labels: Path | None, n: int, image_model: pipeline.LoadedModel, seed
 
         smodel = pipeline.load_model(DEMO_STRUCTURE, "structure")
         return [s.inst for s in pipeline.sample_structures(smodel, n, size=image_model.image_size, seed=seed)]
-    from engine.data import read_label
+    from engine.data import label_files, read_label
 
-    folder = labels / "labels" if (labels / "labels").is_dir() else labels
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".tif", ".tiff", ".npy", ".mat"))
-    if not files:
-        sys.exit(f"no instance maps in {folder}")
-    return [read_label(p) for p in files[:n]]
+    return [read_label(p) for p in label_files([labels])[:n]]
 
 
 def row(name: str, images, insts, real_look=None) -> str:

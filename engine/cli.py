@@ -342,24 +342,6 @@ def _checkpoint(path: str | None, kind: str) -> Path:
     return s if kind == "structure" else i
 
 
-def _collect_labels(items: list[str]) -> list[Path]:
-    from engine.errors import DataError
-
-    files: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            sub = p / "labels" if (p / "labels").is_dir() else p
-            files += sorted(f for f in sub.iterdir() if f.suffix.lower() in (".png", ".tif", ".tiff", ".npy", ".mat"))
-        elif p.exists():
-            files.append(p)
-        else:
-            raise DataError(f"label file not found: {p}")
-    if not files:
-        raise DataError("no label files given")
-    return files
-
-
 def _generate(args: argparse.Namespace) -> int:
     """Sample pairs; under `accelerate launch` / torchrun the work is split across the processes (candidate
     i always uses seed + i and the realism filter of --oversample runs once over all candidates, so the
@@ -479,10 +461,10 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{stem}: {s.n_nuclei} nuclei")
         return 0
     if cmd == "synthesize":
-        from engine.data import read_label
+        from engine.data import label_files, read_label
 
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
-        files = _collect_labels(args.labels)
+        files = label_files(args.labels)
         insts = [read_label(f) for f in files]
         bar, cb = _progress_bar("images")
         images = pipeline.synthesize(model, insts, w=args.w, sampler=args.sampler, steps=args.steps, seed=args.seed,

@@ -348,6 +348,24 @@ def read_label(path: str | Path, shape: tuple[int, ...] | None = None) -> np.nda
 # ----------------------------------------------------------------------------- folders
 
 
+def label_files(items: Sequence[str | Path]) -> list[Path]:
+    """Instance-map files named by ``items``: files as given; a folder gives its own (or its ``labels/``
+    subfolder's) .png/.tif/.tiff/.npy/.mat files, sorted. DataError if one is missing or none is found."""
+    files: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            sub = p / "labels" if (p / "labels").is_dir() else p
+            files += sorted(f for f in sub.iterdir() if f.suffix.lower() in (".png", ".tif", ".tiff", ".npy", ".mat"))
+        elif p.exists():
+            files.append(p)
+        else:
+            raise DataError(f"label file not found: {p}")
+    if not files:
+        raise DataError("no label files given")
+    return files
+
+
 def _visible_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
 
