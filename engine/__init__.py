@@ -12,6 +12,13 @@ Modules, one concept each:
     checkpoint  safetensors + JSON checkpoints, atomic writes
     train       training loops with EMA, resume, multi-process (accelerate)
     pipeline    generation API shared by the CLI and the studio
+    guidance    calibrating an image model's guidance scale w against real images
+    curate      layout realism filter for sampled structures
+    export      writing curated pairs (zip / folder) and unpacking uploads safely
+    segment     lightweight HoVer-Net-style segmenter for the downstream benchmark
+    evaluate    the downstream benchmark (the paper's Table 1)
+    quality     alignment, morphology and appearance of a synthetic set against real data
+    render, features, demo, errors, cli   pictures, subset descriptors, default models, errors, CLI
 """
 
 __version__ = "0.2.0"

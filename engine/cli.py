@@ -1,7 +1,8 @@
 """Command line: `python -m engine COMMAND --help`. Mirrors the studio's actions.
 
 Commands: inspect, subset, train-structure, train-image, sample-structures, synthesize, generate, export-model,
-evaluate (downstream segmentation benchmark), quality (synthetic-set quality report).
+calibrate-w (an image model's guidance scale against real images), evaluate (downstream segmentation
+benchmark), quality (synthetic-set quality report).
 Errors meant for the user (bad paths, wrong checkpoints, bad data) are printed without a traceback and
 exit with status 2.
 """
@@ -69,6 +70,40 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = N
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+W_HELP = ("classifier-free guidance scale (paper: 2), or 'recommended': the image model's calibrated w "
+          "(calibrate-w), at which its nuclei stand out as much as real ones")
+
+
+def _w_arg(text: str) -> float | str:
+    """--w: a number in [0, 50] or 'recommended'."""
+    if text.strip().lower() == "recommended":
+        return "recommended"
+    try:
+        w = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'recommended', got {text!r}") from None
+    if not 0 <= w <= 50:
+        raise argparse.ArgumentTypeError(f"w must be between 0 and 50, got {text}")
+    return w
+
+
+def _grid_arg(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _model_w(args: argparse.Namespace, model) -> float:
+    """args.w resolved for this image model ('recommended' -> its calibrated w, said on stderr)."""
+    from engine.guidance import resolve_w
+
+    w = resolve_w(args.w, model.recommended_w, model.path.name)
+    if args.w == "recommended":
+        print(f"w = {w:g} (calibrated for {model.path.name})", file=sys.stderr)
+    return w
+
+
 def _add_curation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oversample", type=float, default=1.0,
                    help="layout realism filter: sample this many times more structures and keep those whose "
@@ -93,6 +128,8 @@ def _reference(args: argparse.Namespace, model) -> "np.ndarray | None":
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from engine.guidance import DEFAULT_GRID, DEFAULT_TILES
+
     ap = argparse.ArgumentParser(prog="python -m engine", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synthesize", help="synthesize images for given label maps with guidance scale w")
     p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
     p.add_argument("--labels", nargs="+", required=True, help="instance-map files (png/tif/npy/mat) or folders")
-    p.add_argument("--w", type=float, default=2.0, help="classifier-free guidance scale (paper: 2)")
+    p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
     p.add_argument("--variants", type=int, default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
     _add_sampling_args(p)
@@ -135,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--n", type=int, default=8, help="number of pairs")
-    p.add_argument("--w", type=float, default=2.0, help="classifier-free guidance scale (paper: 2)")
+    p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
     p.add_argument("--size", type=int, default=None, help="tile size in px (default: the image model's)")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
     _add_sampling_args(p)
@@ -149,8 +186,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE",
                    help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
     p.add_argument("--reference", default=None, metavar="DIR",
-                   help="structure model: store the layout reference of these real labeled images (the training "
-                        "data) for the realism filter (generate --oversample)")
+                   help="real labeled images (the training data). Structure model: store their layout reference "
+                        "for the realism filter (generate --oversample). Image model: calibrate its guidance w "
+                        "against them (as calibrate-w with its defaults)")
+
+    p = sub.add_parser("calibrate-w", help="measure the guidance scale w at which an image model's nuclei stand out "
+                                           "as much as real ones, and store it in the model's record")
+    p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
+    p.add_argument("--real", required=True, metavar="DIR",
+                   help="real labeled images (images/ + labels/), e.g. the model's training data")
+    p.add_argument("--grid", type=_grid_arg, default=list(DEFAULT_GRID), metavar="W,W,...",
+                   help="guidance scales to synthesize at; the answer is interpolated between them")
+    p.add_argument("--n", type=int, default=DEFAULT_TILES,
+                   help="real tiles (with nuclei) whose layouts are synthesized")
+    p.add_argument("--size", type=int, default=None, help="tile size (default: the model's sampling size)")
+    p.add_argument("--no-save", action="store_true", help="print the result only; leave the checkpoint as it is")
+    _add_sampling_args(p)
     _add_benchmark_commands(sub)
     return ap
 
@@ -366,8 +417,8 @@ def _generate(args: argparse.Namespace) -> int:
             return gathered
 
     bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
-    pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
-                                    seed=args.seed, batch_size=args.batch_size, size=args.size,
+    pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=_model_w(args, imodel), sampler=args.sampler,
+                                    steps=args.steps, seed=args.seed, batch_size=args.batch_size, size=args.size,
                                     oversample=args.oversample, reference=_reference(args, imodel),
                                     filter_mode=args.filter_mode, merge_below=args.merge_fragments,
                                     shard=(state.process_index, state.num_processes), all_gather=all_gather,
@@ -379,6 +430,21 @@ def _generate(args: argparse.Namespace) -> int:
         _save_pairs(pairs, args.out)
     state.wait_for_everyone()
     return 0
+
+
+def _calibrate(checkpoint, real, *, device: str = "auto", save: bool = True, **options) -> None:
+    """calibrate-w: measure (options: engine.guidance.calibrate_guidance's, defaults there), print, and store
+    in the checkpoint's record unless save is False."""
+    from engine import pipeline
+    from engine.guidance import calibrate_guidance, store_calibration
+
+    model = pipeline.load_model(checkpoint, kind="image", device=device)
+    bar, cb = _progress_bar("calibrating w")
+    cal = calibrate_guidance(model, real, progress=cb, **options)
+    bar.close()
+    print(f"{model.path.name}: {cal.summary()}")
+    if save:
+        print(f"stored in {store_calibration(checkpoint, cal)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -429,7 +495,19 @@ def _run(args: argparse.Namespace) -> int:
             if not sep or not key:
                 raise NuDiffError(f"--meta expects KEY=VALUE, got {item!r}")
             extra[key] = value
-        print(export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=args.reference))
+        from engine.checkpoint import read_record
+
+        image = args.reference and read_record(args.src)[1]["kind"] == "image"
+        path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra,
+                                reference=None if image else args.reference)
+        print(path)
+        if image:
+            _calibrate(path, args.reference)
+        return 0
+    if cmd == "calibrate-w":
+        _calibrate(_checkpoint(args.checkpoint, "image"), args.real, device=args.device, save=not args.no_save,
+                   grid=args.grid, n=args.n, size=args.size, sampler=args.sampler, steps=args.steps,
+                   seed=args.seed, batch_size=args.batch_size)
         return 0
 
     import numpy as np
@@ -467,14 +545,15 @@ def _run(args: argparse.Namespace) -> int:
         files = label_files(args.labels)
         insts = [read_label(f) for f in files]
         bar, cb = _progress_bar("images")
-        images = pipeline.synthesize(model, insts, w=args.w, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        w = _model_w(args, model)
+        images = pipeline.synthesize(model, insts, w=w, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                      variants=args.variants, batch_size=args.batch_size, progress=cb)
         bar.close()
         pairs = []
         for k, img in enumerate(images):
             j, v = divmod(k, args.variants)
             pairs.append(pipeline.Pair(img, insts[j], {
-                "source_label": files[j].name, "seed": args.seed + k, "w": args.w, "sampler": args.sampler,
+                "source_label": files[j].name, "seed": args.seed + k, "w": w, "sampler": args.sampler,
                 "steps": args.steps, "image_checkpoint": model.path.name, "image_sha256": model.sha256,
                 "n_nuclei": int(len(np.unique(insts[j])) - (insts[j] == 0).any()), "edited": False}))
         _save_pairs(pairs, args.out)

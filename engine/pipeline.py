@@ -18,6 +18,7 @@ from engine.checkpoint import load_checkpoint
 from engine.config import DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
+from engine.guidance import recommended_w
 from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
 from engine.unet import UNet
@@ -48,6 +49,7 @@ class LoadedModel:
     step: int
     sample_size: int | None = None
     layout_reference: np.ndarray | None = None  # (N, 5) float32 engine.curate features of the training tiles
+    recommended_w: float | None = None  # image models: calibrated guidance scale (engine.guidance), if any
 
     @property
     def image_size(self) -> int:
@@ -71,7 +73,8 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
     model.to(dev).eval().requires_grad_(False)
     ref = ck.tensors.get(REFERENCE_KEY)
     return LoadedModel(ck.kind, model, ck.model_config, ck.diffusion_config, ck.path, ck.sha256, ck.step,
-                       ck.record.get("sample_size"), None if ref is None else ref.float().numpy())
+                       ck.record.get("sample_size"), None if ref is None else ref.float().numpy(),
+                       recommended_w(ck.record))
 
 
 @dataclass

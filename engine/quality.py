@@ -364,9 +364,12 @@ def _notes(report: Mapping[str, Any]) -> list[str]:
                                  "images are smoother than real ones")):
             d = adist[key]
             if np.isfinite(d["normalised"]) and d["normalised"] > 0.5:
-                side = more if d["synthetic_mean"] > d["real_mean"] else less
-                notes.append(f"synthetic {side} ({_APPEARANCE_NAMES[key].split(' (')[0].lower()} "
-                             f"{d['synthetic_mean']:.1f} vs {d['real_mean']:.1f})")
+                higher = d["synthetic_mean"] > d["real_mean"]
+                hint = "" if key != "contrast" else (
+                    f"; a {'lower' if higher else 'higher'} guidance scale w fixes this: the image model's "
+                    f"calibrated w (Synthesize tab, or `calibrate-w`)")
+                notes.append(f"synthetic {more if higher else less} ({_APPEARANCE_NAMES[key].split(' (')[0].lower()} "
+                             f"{d['synthetic_mean']:.1f} vs {d['real_mean']:.1f}){hint}")
     return notes
 
 
