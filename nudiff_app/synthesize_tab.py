@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import gradio as gr
 
 from engine.errors import NuDiffError
@@ -28,10 +30,37 @@ def result_gallery(sess: Session) -> list:
     return [(zoom_to(r.image, 256), f"#{i} · seed {r.meta['seed']}") for i, r in enumerate(sess.results)]
 
 
+def _record(ckpt: str | None, ctx: AppContext) -> tuple[str, dict]:
+    """(file name, JSON record) of the chosen image checkpoint (weights not read)."""
+    from engine.checkpoint import read_record
+
+    weights, record = read_record(ckpt or ctx.default_checkpoint("image"), kind="image")
+    return weights.name, record
+
+
+def w_advice(ckpt: str | None, ctx: AppContext) -> tuple:
+    """Values for [calibrated-w line, 'Use calibrated w' button]."""
+    from engine.guidance import RECORD_KEY, recommended_w
+
+    try:
+        name, record = _record(ckpt, ctx)
+    except NuDiffError as e:
+        return f"*{e}*", gr.update(interactive=False)
+    w = recommended_w(record)
+    if w is None:
+        return (f"`{name}` has no calibrated w yet: open **Calibrate w for this model** below.",
+                gr.update(interactive=False))
+    g = record[RECORD_KEY]
+    return (f"Calibrated w for `{name}`: **{w:g}** (its nuclei then stand out as much as in "
+            f"`{g.get('reference', '?')}`: contrast {float(g.get('real_contrast', float('nan'))):.0f} grey levels)",
+            gr.update(interactive=True))
+
+
 def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Synthesize H&E images whose nuclei follow the current structure. Higher guidance *w* follows "
-                "the structure more strictly and makes nuclei starker; the paper uses w = 2. If the Export tab's "
-                "quality report finds nuclei standing out more than in your real images, try w = 1 to 1.5.")
+                "the structure more strictly and makes nuclei starker; the paper uses w = 2. A model trained for "
+                "less long than the paper's often needs less: its **calibrated w** (below the slider) is the one "
+                "at which its nuclei stand out as much as in real images.")
     with gr.Row():
         with gr.Column(scale=2):
             ui.sy_structure = gr.Image(label="Current structure", interactive=False, format="png",
@@ -42,10 +71,24 @@ def build(ctx: AppContext, ui) -> None:
                 ui.sy_ckpt = gr.Dropdown(ctx.list_checkpoints("image"), label="Image model",
                                          allow_custom_value=True, scale=4)
                 ui.sy_refresh = gr.Button("↻", scale=0, min_width=40)
-            ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.25, label="Guidance scale w",
+            ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.05, label="Guidance scale w", elem_id="sy-w",
                                 info="how strictly the image follows the nuclei layout; 2 = the paper's; "
                                      "higher makes nuclei stand out more (starker than real beyond some w); "
                                      "near 0 nuclei can fade, and the label then no longer fits its image")
+            with gr.Row(equal_height=True):
+                ui.sy_wrec = gr.Markdown(elem_id="sy-wrec")
+                ui.sy_use_w = gr.Button("Use calibrated w", scale=0, min_width=160, elem_id="sy-use-w")
+            with gr.Accordion("Calibrate w for this model", open=False, elem_id="sy-calibrate"):
+                gr.Markdown("Synthesizes the layouts of a few real tiles at w = 0, 1, 2 and 3, and finds the w "
+                            "at which the nuclei are as much darker than their background as in the real images. "
+                            "The answer is stored with the model. A few minutes on a CPU.")
+                with gr.Row():
+                    ui.sy_cal_real = gr.Textbox(label="Real labeled folder on the server (images/ + labels/)",
+                                                placeholder="empty: the Train tab's folder, or the model's "
+                                                            "training data", scale=3, elem_id="sy-cal-real")
+                    ui.sy_cal_n = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="Real tiles",
+                                            scale=1, elem_id="sy-cal-n")
+                    ui.sy_cal_run = gr.Button("Calibrate", scale=1, elem_id="sy-cal-run")
             with gr.Row():
                 ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", info=SAMPLER_INFO)
                 ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
@@ -75,6 +118,47 @@ def wire(ctx: AppContext, ui) -> None:
         return gr.update(choices=choices, value=current if current else (values[0] if values else None))
 
     ui.sy_refresh.click(refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
+    ui.sy_ckpt.change(lambda c: w_advice(c, ctx), ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w], api_visibility="private")
+    ui.w_advice = lambda c: w_advice(c, ctx)
+
+    @ui_action(2)
+    def use_w(ckpt):
+        from engine.guidance import recommended_w
+
+        name, record = _record(ckpt, ctx)
+        w = recommended_w(record)
+        if w is None:
+            raise NuDiffError(f"{name} has no calibrated w: calibrate it first")
+        return f"w set to {w:g}, the calibrated w of `{name}`.", w
+
+    ui.sy_use_w.click(use_w, ui.sy_ckpt, [ui.sy_status, ui.sy_w], api_name="use_calibrated_w")
+
+    @ui_action(4)
+    def calibrate(sid, ckpt, real, n, train_folder, request: gr.Request, progress=gr.Progress()):
+        from engine.guidance import calibrate_guidance, store_calibration
+
+        sess = ctx.session(sid, request)
+        sess.cancel.clear()
+        name, record = _record(ckpt, ctx)
+        real = (real or "").strip() or (train_folder or "").strip()
+        if not real:
+            data = (record.get("train") or {}).get("data")
+            if not data or not os.path.isdir(data):
+                raise NuDiffError("enter a folder of real labeled images (images/ + labels/), e.g. the training data")
+            real = data
+        model = ctx.model(ckpt, "image")
+        progress(0, desc="Calibrating w")
+        cal = calibrate_guidance(model, real, n=int(n or 8), progress=lambda i, t: progress((i, t), desc="Denoising"),
+                                 cancel=sess.cancel.is_set)
+        store_calibration(model.path, cal)
+        advice, button = w_advice(ckpt, ctx)
+        grid = ", ".join(f"{w:g} → {c:.0f}" for w, c in sorted(cal.contrast_by_w.items()))
+        return (f"Calibrated `{name}` on {cal.n_tiles} tiles of `{real}`: w = **{cal.w:g}** (nucleus contrast: real "
+                f"{cal.real_contrast:.0f}; synthetic at w {grid}). The slider is set to it."), cal.w, advice, button
+
+    ui.sy_cal_run.click(calibrate, [ui.sid, ui.sy_ckpt, ui.sy_cal_real, ui.sy_cal_n, ui.train_folder],
+                        [ui.sy_status, ui.sy_w, ui.sy_wrec, ui.sy_use_w], api_name="calibrate_w",
+                        concurrency_id="compute", concurrency_limit=1)
     ui.sy_sampler.change(sampler_steps, ui.sy_sampler, ui.sy_steps, api_visibility="private")
 
     @ui_action(2)

@@ -124,6 +124,7 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
         return tuple(out)
 
     demo.load(refresh_models, [ui.st_ckpt, ui.sy_ckpt], [ui.st_ckpt, ui.sy_ckpt], api_visibility="private")
+    demo.load(ui.w_advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w], api_visibility="private")
 
 
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,

@@ -49,7 +49,7 @@ def test_api_names_are_stable(client):
                 "/send_to_edit", "/send_to_synthesize", "/edit_upload_label", "/edit_blank", "/edit_apply",
                 "/edit_undo", "/edit_clean", "/edit_delete_at", "/edit_to_synthesize", "/synthesize",
                 "/cancel_synthesis", "/add_to_basket", "/add_all_to_basket", "/show_pair", "/accept_pair",
-                "/reject_pair", "/export_zip", "/basket_quality"}
+                "/reject_pair", "/export_zip", "/basket_quality", "/calibrate_w", "/use_calibrated_w"}
     assert expected <= names, expected - names
 
 
@@ -170,6 +170,27 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     assert "**Synthetic pairs:** 1 (tile 32 px)" in report and "real tiles" not in report
     report = client.predict(True, "/nonexistent/folder", "", api_name="/basket_quality")
     assert report.startswith("**Error:**") and "real folder not found" in report
+
+
+def test_calibrate_w_stores_it_and_sets_the_slider(client, tiny_checkpoints, labeled_folder, tmp_path):
+    from engine.checkpoint import export_inference, load_checkpoint
+
+    ckpt = str(export_inference(tiny_checkpoints[1], tmp_path / "image", half=False))  # a copy to calibrate
+    status, _ = client.predict(ckpt, api_name="/use_calibrated_w")
+    assert status.startswith("**Error:**") and "no calibrated w" in status
+    status, *_ = client.predict(ckpt, str(tmp_path / "nowhere"), 3, "", api_name="/calibrate_w")
+    assert status.startswith("**Error:**") and "not found" in status and "Traceback" not in status
+    assert "guidance" not in json.loads(Path(ckpt).read_text())
+    status, w, advice = client.predict(ckpt, str(labeled_folder), 3, "", api_name="/calibrate_w")[:3]
+    g = load_checkpoint(ckpt, kind="image").record["guidance"]  # weights still match their record
+    assert w == g["w"] and g["n_tiles"] == 3 and g["reference"] == labeled_folder.name
+    assert f"w = **{g['w']:g}**" in status and "The slider is set to it." in status
+    assert f"**{g['w']:g}**" in advice
+    status, w = client.predict(ckpt, api_name="/use_calibrated_w")
+    assert w == g["w"] and status.startswith(f"w set to {g['w']:g}")
+    # the empty folder field falls back to the Train tab's folder
+    status, *_ = client.predict(ckpt, "", 2, str(labeled_folder), api_name="/calibrate_w")
+    assert "on 2 tiles" in status and json.loads(Path(ckpt).read_text())["guidance"]["n_tiles"] == 2
 
 
 def test_realism_filter_through_the_api(studio, tiny_checkpoints, tmp_path):

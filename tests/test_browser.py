@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import re
 import socket
 import zipfile
 from pathlib import Path
@@ -48,7 +49,11 @@ def studio(tmp_path_factory, tiny_checkpoints):
             from engine.demo import default_checkpoints
 
             models = default_checkpoints()
-    demo = build_app(work, structure_checkpoint=models[0], image_checkpoint=models[1])
+    from engine.checkpoint import export_inference
+
+    image = Path(models[1])  # a copy: the session calibrates its guidance, which writes to its record
+    image = export_inference(image, work / "models" / image.with_suffix("").name, half=False)
+    demo = build_app(work, structure_checkpoint=models[0], image_checkpoint=image)
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield f"http://127.0.0.1:{port}/", work
@@ -193,6 +198,17 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     page.locator("#sy-add").click()
     assert "pair_0001" in _text(page, "sy-status", "Added")
     _shot(page, "synthesize")
+
+    # --- calibrate w for this image model on the labeled folder: stored, and the slider follows
+    assert "calibrated w" in page.locator("#sy-wrec").inner_text()
+    page.locator("#sy-calibrate").get_by_role("button", name="Calibrate w for this model").click()
+    page.locator("#sy-cal-real textarea, #sy-cal-real input").first.fill(str(labeled_folder))
+    _set_number(page, "sy-cal-n", 2)
+    page.locator("#sy-cal-run").click()
+    status = _text(page, "sy-status", "Calibrated")
+    w = float(re.search(r"w = ([0-9.]+) \(nucleus contrast", status).group(1))
+    assert float(page.locator("#sy-w input[type=number]").first.input_value()) == pytest.approx(w)
+    assert f": {w:g} (its nuclei" in _text(page, "sy-wrec", "Calibrated w for")
 
     # --- Export: accept, build the zip, download it
     _tab(page, "Export")
