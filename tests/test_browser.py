@@ -200,15 +200,17 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     _shot(page, "synthesize")
 
     # --- calibrate w for this image model on the labeled folder: stored, and the slider follows
-    assert "calibrated w" in page.locator("#sy-wrec").inner_text()
-    page.locator("#sy-calibrate").get_by_role("button", name="Calibrate w for this model").click()
-    page.locator("#sy-cal-real textarea, #sy-cal-real input").first.fill(str(labeled_folder))
-    _set_number(page, "sy-cal-n", 2)
-    page.locator("#sy-cal-run").click()
-    status = _text(page, "sy-status", "Calibrated")
-    w = float(re.search(r"w = ([0-9.]+) \(nucleus contrast", status).group(1))
-    assert float(page.locator("#sy-w input[type=number]").first.input_value()) == pytest.approx(w)
-    assert f": {w:g} (its nuclei" in _text(page, "sy-wrec", "Calibrated w for")
+    # (not with the demo models of a screenshot run: minutes on a CPU at their 128 px tiles)
+    assert "calibrated w" in page.locator("#sy-wrec").inner_text().lower()
+    if os.environ.get("NUDIFF_SCREENSHOTS") != "1":
+        page.locator("#sy-calibrate").get_by_role("button", name="Calibrate w for this model").click()
+        page.locator("#sy-cal-real textarea, #sy-cal-real input").first.fill(str(labeled_folder))
+        _set_number(page, "sy-cal-n", 2)
+        page.locator("#sy-cal-run").click()
+        status = _text(page, "sy-status", "Calibrated")
+        w = float(re.search(r"w = ([0-9.]+) \(nucleus contrast", status).group(1))
+        assert float(page.locator("#sy-w input[type=number]").first.input_value()) == pytest.approx(w)
+        assert f": {w:g} (its nuclei" in _text(page, "sy-wrec", "Calibrated w for")
 
     # --- Export: accept, build the zip, download it
     _tab(page, "Export")
