@@ -366,8 +366,8 @@ def _notes(report: Mapping[str, Any]) -> list[str]:
             if np.isfinite(d["normalised"]) and d["normalised"] > 0.5:
                 higher = d["synthetic_mean"] > d["real_mean"]
                 hint = "" if key != "contrast" else (
-                    f"; a {'lower' if higher else 'higher'} guidance scale w fixes this: the image model's "
-                    f"calibrated w (Synthesize tab, or `calibrate-w`)")
+                    "; the guidance scale w sets it: an image model's calibrated w (Synthesize tab, `calibrate-w`) "
+                    "matches it on real layouts; the layouts themselves also move it")
                 notes.append(f"synthetic {more if higher else less} ({_APPEARANCE_NAMES[key].split(' (')[0].lower()} "
                              f"{d['synthetic_mean']:.1f} vs {d['real_mean']:.1f}){hint}")
     return notes

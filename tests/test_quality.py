@@ -149,11 +149,11 @@ def test_report_notes_pairs_starker_than_real(tiles):
         starker.append((im, inst))
     notes = quality_report(starker, real)["notes"]
     note = next(n for n in notes if n.startswith("synthetic nuclei stand out more than in real images"))
-    assert "a lower guidance scale w" in note and "calibrate-w" in note
+    assert "guidance scale w sets it" in note and "calibrate-w" in note
     fainter = [(np.where((inst > 0)[..., None], 255 - (255 - im) // 3, im).astype(np.uint8), inst)
                for im, inst in tiles]
     note = next(n for n in quality_report(fainter, real)["notes"] if "stand out" in n)
-    assert note.startswith("synthetic nuclei stand out less") and "a higher guidance scale w" in note
+    assert note.startswith("synthetic nuclei stand out less") and "calibrated w" in note
     assert not any("stand out" in n for n in quality_report([(im.copy(), inst) for im, inst in tiles], real)["notes"])
 
 
