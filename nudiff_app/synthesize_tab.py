@@ -51,9 +51,10 @@ def w_advice(ckpt: str | None, ctx: AppContext) -> tuple:
         return (f"`{name}` has no calibrated w yet: open **Calibrate w for this model** below.",
                 gr.update(interactive=False))
     g = record[RECORD_KEY]
+    rc = g.get("real_contrast")
+    contrast = f": contrast {rc:.0f} grey levels" if isinstance(rc, (int, float)) else ""
     return (f"Calibrated w for `{name}`: **{w:g}** (its nuclei then stand out as much as in "
-            f"`{g.get('reference', '?')}`: contrast {float(g.get('real_contrast', float('nan'))):.0f} grey levels)",
-            gr.update(interactive=True))
+            f"`{g.get('reference', '?')}`{contrast}, on the same layouts)", gr.update(interactive=True))
 
 
 def build(ctx: AppContext, ui) -> None:
