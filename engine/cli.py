@@ -70,6 +70,49 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = N
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
+        return v
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _add_canvas_args(p: argparse.ArgumentParser) -> None:
+    """Tiled sampling of canvases larger than the model's tile, and the memory budget (engine.tiling)."""
+    g = p.add_argument_group("large canvases and memory")
+    g.add_argument("--tile", type=_int_at_least(8), default=None,
+                   help="window side in px for canvases larger than it (default: the model's sampling size)")
+    g.add_argument("--overlap", type=_int_at_least(0), default=None,
+                   help="px shared by neighbouring windows (default: a quarter of the tile; 0 = naive stitching)")
+    g.add_argument("--window-batch", type=_int_at_least(1), default=8,
+                   help="windows per forward pass at most (lowered to fit the memory budget)")
+    g.add_argument("--max-memory-gb", type=_positive_float, default=None,
+                   help="memory budget of the job in GiB, checked before any work (default: 40%% of this "
+                        "machine's RAM, or NUDIFF_MAX_MEMORY_GB)")
+
+
+def _tiling(args: argparse.Namespace):
+    from engine.tiling import TilingOptions
+
+    return TilingOptions(tile=args.tile, overlap=args.overlap, max_window_batch=args.window_batch,
+                         max_memory_gb=args.max_memory_gb)
+
+
 W_HELP = ("classifier-free guidance scale (paper: 2), or 'recommended': the image model's calibrated w "
           "(calibrate-w), at which its nuclei stand out as much as real ones")
 
@@ -155,10 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample-structures", help="sample nuclei structures and their instance maps")
     p.add_argument("--checkpoint", default=None, help="structure checkpoint (default: the embedded demo)")
     p.add_argument("--n", type=int, default=4, help="number of structures")
-    p.add_argument("--size", type=int, default=None, help="tile size (default: the model's)")
+    p.add_argument("--size", type=_int_at_least(8), default=None,
+                   help="side in px (default: the model's); larger than the model's tile: sampled as fused "
+                        "overlapping windows, then one watershed over the whole map")
     p.add_argument("--out", required=True, help="output folder: labels/*.tif, structures/*.npy, previews/*.png")
     _add_sampling_args(p)
     _add_curation_args(p)
+    _add_canvas_args(p)
 
     p = sub.add_parser("synthesize", help="synthesize images for given label maps with guidance scale w")
     p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
@@ -167,16 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", type=int, default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
     _add_sampling_args(p)
+    _add_canvas_args(p)
 
     p = sub.add_parser("generate", help="sample structures, then images: synthetic labeled pairs")
     p.add_argument("--structure-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--n", type=int, default=8, help="number of pairs")
     p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
-    p.add_argument("--size", type=int, default=None, help="tile size in px (default: the image model's)")
+    p.add_argument("--size", type=_int_at_least(8), default=None,
+                   help="side in px (default: the image model's); larger than the tile: fused overlapping windows")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
     _add_sampling_args(p)
     _add_curation_args(p)
+    _add_canvas_args(p)
 
     p = sub.add_parser("export-model", help="write the EMA weights of a training run as a small checkpoint")
     p.add_argument("src", help="training checkpoint (e.g. RUN/latest.json), or an inference one to re-export")
@@ -407,6 +456,9 @@ def _generate(args: argparse.Namespace) -> int:
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure", device=device)
     imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=device)
+    size = args.size or imodel.image_size  # size and memory refused before any work
+    pipeline.plan_structure_canvas(smodel, size, _tiling(args))
+    pipeline.plan_image_canvas(imodel, (size, size), _model_w(args, imodel), _tiling(args))
     all_gather = None
     if state.num_processes > 1:
         import torch.distributed as dist
@@ -422,7 +474,7 @@ def _generate(args: argparse.Namespace) -> int:
                                     oversample=args.oversample, reference=_reference(args, imodel),
                                     filter_mode=args.filter_mode, merge_below=args.merge_fragments,
                                     shard=(state.process_index, state.num_processes), all_gather=all_gather,
-                                    progress=cb)
+                                    progress=cb, tiling=_tiling(args))
     bar.close()
     if all_gather is not None:
         pairs = [p for part in all_gather(pairs) for p in part]
@@ -449,6 +501,9 @@ def _calibrate(checkpoint, real, *, device: str = "auto", save: bool = True, **o
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from engine.memory import reuse_freed_memory
+
+    reuse_freed_memory()  # ~1.8x faster sampling and training on the CPU (engine.memory)
     try:
         return _run(args)
     except NuDiffError as e:
@@ -521,12 +576,13 @@ def _run(args: argparse.Namespace) -> int:
         from engine import render
 
         model = pipeline.load_model(_checkpoint(args.checkpoint, "structure"), kind="structure", device=args.device)
+        pipeline.plan_structure_canvas(model, args.size, _tiling(args))  # size and memory refused before any work
         bar, cb = _progress_bar("structures")
         samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
                                              size=args.size, batch_size=args.batch_size, oversample=args.oversample,
                                              reference=_reference(args, model), filter_mode=args.filter_mode,
                                              merge_below=args.merge_fragments,
-                                             progress=cb)
+                                             progress=cb, tiling=_tiling(args))
         bar.close()
         out = Path(args.out)
         for sub in ("labels", "structures", "previews"):
@@ -544,10 +600,13 @@ def _run(args: argparse.Namespace) -> int:
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
         files = label_files(args.labels)
         insts = [read_label(f) for f in files]
-        bar, cb = _progress_bar("images")
         w = _model_w(args, model)
+        for inst in insts:  # size and memory refused before any work
+            pipeline.plan_image_canvas(model, inst.shape, w, _tiling(args))
+        bar, cb = _progress_bar("images")
         images = pipeline.synthesize(model, insts, w=w, sampler=args.sampler, steps=args.steps, seed=args.seed,
-                                     variants=args.variants, batch_size=args.batch_size, progress=cb)
+                                     variants=args.variants, batch_size=args.batch_size, progress=cb,
+                                     tiling=_tiling(args))
         bar.close()
         pairs = []
         for k, img in enumerate(images):

@@ -20,7 +20,8 @@ written, so nucleus ``k`` is the same object in every format of a pair:
 ``geojson/<id>.geojson``   FeatureCollection for QuPath: one Polygon (MultiPolygon if the nucleus
                            is fragmented) per nucleus, ``objectType`` "annotation",
                            ``classification`` {"name": "Nucleus"}, ``instance_id`` = k
-``manifest.csv``           one row per pair: file names, size, n_nuclei, provenance, edited
+``manifest.csv``           one row per pair: file names, size, n_nuclei, provenance, edited; tile,
+                           overlap, windows of an image synthesized as fused windows (else empty)
 =========================  ==================================================================
 
 All writers are atomic: the archive (or folder) is built under a temporary name next to the target
@@ -53,7 +54,7 @@ __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_
 #: Columns of manifest.csv, in order.
 MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "width", "n_nuclei", "sampler",
                    "steps", "w", "seed", "structure_checkpoint", "structure_sha256", "image_checkpoint",
-                   "image_sha256", "edited", "source")
+                   "image_sha256", "edited", "source", "tile", "overlap", "windows")
 
 #: Default caps for :func:`safe_extract_zip` (total uncompressed bytes, number of entries).
 MAX_EXTRACT_BYTES = 2 * 1024 ** 3
@@ -244,7 +245,8 @@ def _manifest(pairs: list[ExportPair], *, hovernet: bool, geojson: bool) -> byte
             "geojson": f"geojson/{p.id}.geojson" if geojson else "",
             "height": p.inst.shape[0], "width": p.inst.shape[1], "n_nuclei": p.n_nuclei,
             **{k: _fmt(m.get(k)) for k in ("sampler", "steps", "w", "seed", "structure_checkpoint",
-                                            "structure_sha256", "image_checkpoint", "image_sha256", "source")},
+                                            "structure_sha256", "image_checkpoint", "image_sha256", "source",
+                                            "tile", "overlap", "windows")},
             "edited": _fmt(bool(m.get("edited", False))),
         })
     return buf.getvalue().encode()

@@ -150,7 +150,8 @@ def calibrate_guidance(
         raise NuDiffError(f"the w grid needs at least two values in [0, 50], got {list(grid)}")
     if n < 1:
         raise NuDiffError("calibration needs at least one real tile")
-    size = pipeline._check_size(model, size)
+    size = int(size or model.image_size)
+    pipeline.plan_image_canvas(model, (size, size), max(ws))  # a readable error before reading any tile
     steps = int(steps or DEFAULT_STEPS.get(sampler, 20))
     tiles = _tiles_with_nuclei(real, size, n)
     insts = [inst for _, inst in tiles]

@@ -14,18 +14,21 @@ from typing import Callable
 import numpy as np
 import torch
 
+from engine.canvas import CanvasPlan, plan_canvas, sample_canvas
 from engine.checkpoint import load_checkpoint
 from engine.config import DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.guidance import recommended_w
+from engine.memory import plan_windows
 from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
+from engine.tiling import TilingOptions
 from engine.unet import UNet
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
            "generate_pairs", "resolve_device", "Progress", "curate_structures", "candidate_count",
-           "shard_range"]
+           "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
 
 Progress = Callable[[int, int], None]
 
@@ -108,12 +111,29 @@ def _check_sampler(sampler: str, steps: int | None) -> int:
     return steps
 
 
-def _check_size(model: LoadedModel, size: int | None) -> int:
+def plan_structure_canvas(model: LoadedModel, size: int | None = None,
+                          tiling: TilingOptions | None = None) -> CanvasPlan:
+    """How a structure of `size` px (default: the model's) is sampled: one pass or windows; memory checked."""
     size = int(size or model.image_size)
-    f = 2 ** (len(model.config.channels) - 1)
-    if size < f or size % f:
-        raise NuDiffError(f"tile size {size} does not fit this model: use a multiple of {f}")
-    return size
+    return plan_canvas(model.config, model.image_size, size, size, guided=False, options=tiling, watershed=True,
+                       what="structure")
+
+
+def plan_image_canvas(model: LoadedModel, shape: tuple[int, int], w: float = 2.0,
+                      tiling: TilingOptions | None = None) -> CanvasPlan:
+    """How an image for an (H, W) structure is synthesized: one pass or windows; memory checked."""
+    return plan_canvas(model.config, model.image_size, shape[0], shape[1], guided=float(w) != 0, options=tiling,
+                       what="image")
+
+
+def _direct_batch(model: LoadedModel, plan: CanvasPlan, batch_size: int, guided: bool,
+                  tiling: TilingOptions | None) -> int:
+    """Samples per pass for canvases that take one window each: batch_size, lowered to fit the budget."""
+    if batch_size < 1:
+        raise NuDiffError(f"batch size must be at least 1, got {batch_size}")
+    budget = (tiling or TilingOptions()).max_memory_gb
+    return plan_windows(model.config, plan.padded, plan.padded, guided=guided, max_window_batch=batch_size,
+                        budget_gb=budget, canvases=None, what="batch").window_batch
 
 
 class _StepCounter:
@@ -130,6 +150,12 @@ class _StepCounter:
             if self.progress is not None:
                 self.progress(base + i, self.total)
         return cb
+
+    def tick(self) -> None:
+        """One unit of work done (a window batch of a tiled canvas)."""
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)
 
 
 def candidate_count(n: int, oversample: float) -> int:
@@ -152,6 +178,7 @@ def sample_structures(
     merge_below: float = 0.0,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    tiling: TilingOptions | None = None,
 ) -> list[StructureSample]:
     """Sample n nuclei structures and their instance maps (watershed).
 
@@ -163,15 +190,30 @@ def sample_structures(
     fragments under this fraction of the median nucleus area that touch another nucleus join it in the
     instance map (0 = off, the paper's watershed; 0.2 removes most watershed fragments,
     docs/benchmarks.md §6d). The structure itself, on which images are conditioned, is left as sampled.
+
+    ``size`` larger than the model's tile: each structure is sampled as overlapping windows fused at every
+    step (engine.tiling; ``tiling`` sets tile, overlap, window batch and memory budget, checked before any
+    work), then one watershed runs over the whole map, so nuclei on window borders are not cut. Sizes that
+    are not a multiple of the U-Net's downsampling factor are padded and cropped back. progress counts
+    steps (window batches x steps for a tiled canvas).
     """
     _check_structure_args(model, n, oversample, merge_below, filter_mode)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     _require_reference(model, ref, total > n)
     steps = _check_sampler(sampler, steps)
-    size = _check_size(model, size)
-    counter = _StepCounter(progress, steps * ((total + batch_size - 1) // batch_size))
+    plan = plan_structure_canvas(model, size, tiling)
     out: list[StructureSample] = []
+    if plan.tiled or plan.padded != (plan.height, plan.width):
+        counter = _StepCounter(progress, steps * plan.units_per_step() * total)
+        for i in range(total):
+            arr = sample_canvas(model.model, plan, channels=3, seed=seed + i, sampler=sampler, steps=steps,
+                                diffusion=model.diffusion, progress=counter.tick, cancel=cancel)
+            out.append(StructureSample(arr, structure_to_instances(arr, merge_below=merge_below), seed + i))
+        return curate_structures(out, n, ref, seed=seed, mode=filter_mode) if total > n else out
+    size = plan.height
+    batch_size = _direct_batch(model, plan, batch_size, False, tiling)
+    counter = _StepCounter(progress, steps * ((total + batch_size - 1) // batch_size))
     for start in range(0, total, batch_size):
         seeds = [seed + i for i in range(start, min(total, start + batch_size))]
         x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
@@ -211,6 +253,14 @@ def curate_structures(samples: list[StructureSample], keep: int, reference: np.n
     return [samples[i] for i in idx]
 
 
+def _structure_shape(item: np.ndarray) -> tuple[int, int]:
+    """(H, W) of a structure (H, W, 3) or an instance map (H, W); NuDiffError for anything else."""
+    shape = np.shape(item)
+    if len(shape) == 2 or (len(shape) == 3 and shape[-1] == 3):
+        return int(shape[0]), int(shape[1])
+    raise NuDiffError(f"expected a structure (H, W, 3) or an instance map (H, W), got shape {tuple(shape)}")
+
+
 def as_structure(item: np.ndarray) -> np.ndarray:
     """Accept a structure (H, W, 3) float or an instance map (H, W) int and return a structure."""
     a = np.asarray(item)
@@ -234,14 +284,22 @@ def synthesize(
     seeds: list[int] | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    tiling: TilingOptions | None = None,
 ) -> list[np.ndarray]:
     """Images for the given structures with classifier-free guidance scale w.
 
-    structures: each (H, W, 3) float structure or (H, W) instance map, H = W = a size the model takes.
-    Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major; variant v of
-    structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are given. An image
-    depends only on its structure and seed, up to float rounding (at most 1 gray level) when it is batched
-    with different neighbours.
+    structures: each (H, W, 3) float structure or (H, W) instance map, of any size and shape (at least
+    8 px a side). Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major;
+    variant v of structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are
+    given. An image depends only on its structure and seed, up to float rounding (at most 1 gray level)
+    when it is batched with different neighbours.
+
+    Structures of one square size up to the model's tile run batch_size at a time, in one pass each. A
+    structure larger than the tile is synthesized as overlapping windows whose guided noise predictions
+    are fused at every step (engine.tiling; ``tiling`` sets tile, overlap, window batch and the memory
+    budget, checked before any work: MemoryBudgetError when it cannot fit). Other shapes are padded with
+    background to a size the U-Net takes and cropped back. progress counts steps (window batches x steps
+    for a tiled canvas).
     """
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
@@ -254,20 +312,33 @@ def synthesize(
     if seeds is not None and len(seeds) != len(structures):
         raise NuDiffError(f"{len(seeds)} seeds for {len(structures)} structures")
     steps = _check_sampler(sampler, steps)
+    shapes = [_structure_shape(s) for s in structures]
+    plans = [plan_image_canvas(model, hw, w, tiling) for hw in shapes]  # all checked before any work
     conds = [as_structure(s) for s in structures]
-    size = conds[0].shape[0]
-    for c in conds:
-        if c.shape[:2] != (size, size):
-            raise NuDiffError(f"structures must be square and of one size; got {c.shape[:2]} and {(size, size)}")
-    _check_size(model, size)
     jobs = [(j, v) for j in range(len(conds)) for v in range(variants)]
+
+    def job_seed(j: int, v: int) -> int:
+        return (seed + j * variants if seeds is None else int(seeds[j])) + v
+
+    p0 = plans[0]
+    if any(p.tiled or p.padded != (p.height, p.width) or p.padded != p0.padded for p in plans):
+        counter = _StepCounter(progress, steps * sum(plans[j].units_per_step() for j, _ in jobs))
+        images: list[np.ndarray] = []
+        for j, v in jobs:
+            x = sample_canvas(model.model, plans[j], channels=3, seed=job_seed(j, v), sampler=sampler, steps=steps,
+                              diffusion=model.diffusion, cond=conds[j], w=float(w), progress=counter.tick,
+                              cancel=cancel)
+            images.append(((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
+        return images
+    size = p0.height
+    batch_size = _direct_batch(model, p0, batch_size, float(w) != 0, tiling)
     counter = _StepCounter(progress, steps * ((len(jobs) + batch_size - 1) // batch_size))
     dev = next(model.model.parameters()).device
-    images: list[np.ndarray] = []
+    images = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]
         cond = torch.stack([torch.from_numpy(conds[j]).permute(2, 0, 1) for j, _ in chunk]).to(dev)
-        chunk_seeds = [(seed + j * variants if seeds is None else int(seeds[j])) + v for j, v in chunk]
+        chunk_seeds = [job_seed(j, v) for j, v in chunk]
         x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
                    cancel=cancel)
@@ -304,12 +375,14 @@ def generate_pairs(
     all_gather: Callable[[object], list] | None = None,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
+    tiling: TilingOptions | None = None,
 ) -> list[Pair]:
     """n synthetic pairs: sample structures, then synthesize an image for each (paper's two steps).
 
-    ``size``: tile side in px (default: the image model's sampling size; a multiple of the U-Net's
-    downsampling factor). Structures with fewer than min_nuclei nuclei are kept but flagged in
-    meta['n_nuclei']. ``oversample`` / ``reference`` / ``filter_mode``: the layout realism filter of
+    ``size``: side in px (default: the image model's sampling size); larger than the models' tile, both
+    steps run as fused overlapping windows (``tiling``: engine.tiling.TilingOptions, memory budget).
+    Structures with fewer than min_nuclei nuclei are kept but flagged in meta['n_nuclei'].
+    ``oversample`` / ``reference`` / ``filter_mode``: the layout realism filter of
     :func:`sample_structures`; images are synthesized for the kept structures only. ``merge_below``: the
     fragment merge of :func:`sample_structures`.
 
@@ -327,8 +400,10 @@ def generate_pairs(
         raise NuDiffError("a sharded generation needs all_gather")
     steps = _check_sampler(sampler, steps)
     structure_steps = _check_sampler(sampler, structure_steps or steps)
-    size = _check_size(image_model, size)
+    size = int(size or image_model.image_size)
     _check_structure_args(structure_model, n, oversample, merge_below, filter_mode)
+    splan = plan_structure_canvas(structure_model, size, tiling)  # refused here, before any work, if too big
+    iplan = plan_image_canvas(image_model, (size, size), w, tiling)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else structure_model.layout_reference
     _require_reference(structure_model, ref, total > n)
@@ -344,7 +419,7 @@ def generate_pairs(
     lo, hi = shard_range(total, index, count)
     structs = sample_structures(structure_model, hi - lo, sampler=sampler, steps=structure_steps, seed=seed + lo,
                                 size=size, batch_size=batch_size, merge_below=merge_below,
-                                progress=scaled(0, share), cancel=cancel) if hi > lo else []
+                                progress=scaled(0, share), cancel=cancel, tiling=tiling) if hi > lo else []
     if total > n:  # filter on every shard's layout features (5 numbers each), never moving the structures
         feats = layout_features([s.inst for s in structs])
         if count > 1:
@@ -358,7 +433,7 @@ def generate_pairs(
         return []
     imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
                       seeds=[s.seed for s in structs], batch_size=batch_size, progress=scaled(share, 1),
-                      cancel=cancel)
+                      cancel=cancel, tiling=tiling)
     pairs = []
     for s, img in zip(structs, imgs):
         pairs.append(Pair(img, s.inst, {
@@ -367,5 +442,12 @@ def generate_pairs(
             "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
             "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei,
             "oversample": float(oversample), "filter_mode": filter_mode if total > n else None,
-            "merge_below": float(merge_below)}))
+            "merge_below": float(merge_below), **_tiling_meta(splan, iplan)}))
     return pairs
+
+
+def _tiling_meta(splan: CanvasPlan, iplan: CanvasPlan) -> dict:
+    """Provenance of tiled sampling: the image's tile, overlap, windows; the structure's as structure_*."""
+    out = {f"structure_{k}": v for k, v in splan.meta().items()}
+    out.update(iplan.meta())
+    return out

@@ -74,12 +74,15 @@ def sample(
     progress: Callable[[int, int], None] | None = None,
     cancel: Callable[[], bool] | None = None,
     autocast: bool = True,
+    denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw a batch from the reverse process.
 
     shape: (B, C, H, W). seeds: B integers (default 0..B-1). cond: (B, 3, H, W) structures for a
     conditional model, used with guidance scale w. eta: DDIM's stochasticity (ignored otherwise).
-    progress(i, n) is called after each step; cancel() is polled before each step.
+    progress(i, n) is called after each step; cancel() is polled before each step. denoiser(x, t, cond, w):
+    the guided noise prediction (default: the model's over the whole sample, engine.diffusion.guided_eps;
+    engine.tiling.TiledDenoiser for canvases larger than the model's tile).
     Returns (B, C, H, W) float32 clipped to [-1, 1].
     """
     steps = steps or DEFAULT_STEPS.get(sampler, 20)
@@ -104,7 +107,7 @@ def sample(
             raise Cancelled("cancelled")
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            eps = guided_eps(model, x, tt, cond, w).float()
+            eps = (guided_eps(model, x, tt, cond, w) if denoiser is None else denoiser(x, tt, cond, w)).float()
         if sampler == "ddim":
             # per-sample noise for the stochastic part, from each sample's own generator
             noise = _batched_noise(shape, gens, device, torch.float32)

@@ -79,8 +79,10 @@ def test_bad_requests_give_readable_errors(models):
         pipeline.synthesize(smodel, [np.zeros((32, 32), np.int32)])
     with pytest.raises(CheckpointError, match="not a structure model"):
         pipeline.sample_structures(imodel, 1)
-    with pytest.raises(NuDiffError, match="multiple of 2"):
-        pipeline.synthesize(imodel, [np.zeros((33, 33), np.int32)], steps=2)
+    with pytest.raises(NuDiffError, match="at least 8 px"):  # any size from 8 px works (tests/test_tiling.py)
+        pipeline.synthesize(imodel, [np.zeros((7, 33), np.int32)], steps=2)
+    with pytest.raises(NuDiffError, match="shape"):
+        pipeline.synthesize(imodel, [np.zeros((8, 8, 2), np.float32)], steps=2)
     with pytest.raises(NuDiffError, match="sampler"):
         pipeline.sample_structures(smodel, 1, sampler="euler")
     with pytest.raises(NuDiffError, match="steps"):
@@ -139,8 +141,12 @@ def test_cli_end_to_end(tmp_path, labeled_folder):
     assert r.returncode == 0, r.stderr
     assert [tifffile.imread(p).shape for p in sorted((tmp_path / "gen" / "labels").glob("*.tif"))] == [(48, 48)] * 2
     r = _cli("generate", "--structure-checkpoint", str(s), "--image-checkpoint", str(i), "--n", "1",
-             "--size", "49", "--out", str(tmp_path / "gen49"))
+             "--size", "49", "--tile", "33", "--out", str(tmp_path / "gen49"))
     assert r.returncode == 2 and "multiple of" in r.stderr and not (tmp_path / "gen49").exists()
+    r = _cli("generate", "--structure-checkpoint", str(s), "--image-checkpoint", str(i), "--n", "1", "--steps", "2",
+             "--size", "49", "--out", str(tmp_path / "gen49"))  # any size: windows of the 32 px tile, cropped
+    assert r.returncode == 0, r.stderr
+    assert [tifffile.imread(p).shape for p in (tmp_path / "gen49" / "labels").glob("*.tif")] == [(49, 49)]
 
 
 def test_cli_fine_tune_takes_the_models_shape_warms_up_and_keeps_its_licence(tmp_path, labeled_folder):
