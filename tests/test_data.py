@@ -427,11 +427,12 @@ def test_feature_kind_falls_back_without_weights(tmp_path, monkeypatch):
 @pytest.mark.skipif(not REAL_DATA.is_dir(), reason=f"real data not present at {REAL_DATA}")
 def test_real_monuseg_folder_loads():
     items, problems = load_folder(REAL_DATA)
-    assert len(items) == 13 and [p for p in problems if p.severity == "error"] == []
-    assert sum(int(it.inst.max()) for it in items) == 4949
+    # all 30 MoNuSeg 2018 training images since 2026-11-29 (13 before; ../shared/data/README.md)
+    assert len(items) == 30 and [p for p in problems if p.severity == "error"] == []
+    assert sum(int(it.inst.max()) for it in items) == 16959
     for item in items:
         assert item.image.shape == (1000, 1000, 3) and item.inst.shape == (1000, 1000)
         assert item.label_path.parent.name == "labels"
-    first = items[0]
+    first = next(it for it in items if (REAL_DATA / "annotations" / f"{it.stem}.xml").exists())  # 13 of 30 have XML
     from_xml = read_label(REAL_DATA / "annotations" / f"{first.stem}.xml", shape=(1000, 1000))
     assert np.array_equal(from_xml, first.inst)  # polygons rasterise exactly to the PNG labels
