@@ -1,4 +1,5 @@
-"""NuDiff Studio: `python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass] [--work-dir DIR]`."""
+"""NuDiff Studio: `python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass] [--work-dir DIR]
+[--max-memory-gb N]`."""
 
 from __future__ import annotations
 
@@ -20,6 +21,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"folder for uploads, training runs, sessions and exports (default {default_work_dir()})")
     ap.add_argument("--structure-checkpoint", default=None, help="default structure model (default: the demo)")
     ap.add_argument("--image-checkpoint", default=None, help="default image model (default: the demo)")
+    ap.add_argument("--max-memory-gb", type=float, default=None,
+                    help="memory budget of one sampling job in GiB: larger requests are refused before they start, "
+                         "and a job that grows past it is stopped without taking the studio down "
+                         "(default: 40%% of this machine's RAM, or NUDIFF_MAX_MEMORY_GB)")
     return ap.parse_args(argv)
 
 
@@ -36,8 +41,11 @@ def main(argv: list[str] | None = None) -> int:
         auth = (user, password)
     if args.share and not auth:
         print("warning: --share without --auth makes the app public to anyone with the link", file=sys.stderr)
+    if args.max_memory_gb is not None and not args.max_memory_gb > 0:
+        print("error: --max-memory-gb must be a positive number", file=sys.stderr)
+        return 2
     demo = build_app(args.work_dir, structure_checkpoint=args.structure_checkpoint,
-                     image_checkpoint=args.image_checkpoint)
+                     image_checkpoint=args.image_checkpoint, max_memory_gb=args.max_memory_gb)
     launch(demo, host=args.host, port=args.port, share=args.share, auth=auth)
     return 0
 

@@ -202,8 +202,15 @@ class AppContext:
     """Paths, default checkpoints, a model cache and the session registry."""
 
     def __init__(self, work_dir: str | os.PathLike, structure_checkpoint: str | os.PathLike | None = None,
-                 image_checkpoint: str | os.PathLike | None = None):
+                 image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None):
+        from engine.memory import check_budget_gb
+        from engine.tiling import TilingOptions
+
         self.work_dir = Path(work_dir).expanduser().resolve()
+        self.max_memory_gb = check_budget_gb(max_memory_gb)
+        self.tiling = TilingOptions(max_memory_gb=self.max_memory_gb)
+        self._worker = None
+        self._worker_lock = threading.Lock()
         for sub in ("runs", "uploads", "exports", "sessions"):
             (self.work_dir / sub).mkdir(parents=True, exist_ok=True)
         self._defaults = (structure_checkpoint, image_checkpoint)
@@ -214,6 +221,24 @@ class AppContext:
         from nudiff_app.jobs import TrainingJobs
 
         self.jobs = TrainingJobs(self.runs_dir)
+
+    @property
+    def worker(self):
+        """The process that runs sampling jobs (engine.worker): out of memory ends the job, not the studio."""
+        from engine.worker import ComputeWorker
+
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = ComputeWorker(self.max_memory_gb)
+            return self._worker
+
+    def close(self) -> None:
+        """Stop the worker and any training job (app shutdown, tests)."""
+        with self._worker_lock:
+            w, self._worker = self._worker, None
+        if w is not None:
+            w.close()
+        self.jobs.kill()
 
     @property
     def runs_dir(self) -> Path:

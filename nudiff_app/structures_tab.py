@@ -47,6 +47,9 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_seed = gr.Number(value=0, precision=0, label="Seed (sample i uses seed + i)")
         ui.st_oversample = gr.Slider(1, 4, value=1, step=0.5, elem_id="st-oversample", label="Realism filter ×k",
                                      info="sample k× more, keep the layouts most like the training data's (1 = off)")
+        ui.st_size = gr.Number(value=0, precision=0, minimum=0, maximum=16384, label="Size (px; 0 = the model's)",
+                               elem_id="st-size", info="larger than the model's tile: sampled as overlapping "
+                                                        "windows, one watershed over the whole map")
     with gr.Row():
         ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
         ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
@@ -71,19 +74,22 @@ def wire(ctx: AppContext, ui) -> None:
     ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
 
     @ui_action(2)
-    def sample(sid, ckpt, n, sampler, steps, seed, oversample=1.0, request: gr.Request = None,
+    def sample(sid, ckpt, n, sampler, steps, seed, oversample=1.0, size=0, request: gr.Request = None,
                progress=gr.Progress()):
-        from engine.pipeline import candidate_count, sample_structures
+        from engine.pipeline import candidate_count, plan_structure_canvas
 
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         model = ctx.model(ckpt, "structure")
+        size = int(size or 0) or model.image_size
+        plan = plan_structure_canvas(model, size, ctx.tiling)  # refused here if over the budget
+        desc = (f"Denoising {plan.windows} windows × {int(steps)} steps" if plan.tiled else "Denoising")
         progress(0, desc="Sampling structures")
         oversample = float(oversample or 1.0)
-        samples = sample_structures(model, int(n), sampler=sampler, steps=int(steps), seed=int(seed),
-                                    batch_size=8, oversample=oversample, filter_mode="top",
-                                    progress=lambda i, t: progress((i, t), desc="Denoising"),
-                                    cancel=sess.cancel.is_set)
+        samples = ctx.worker.run("sample_structures", dict(
+            checkpoint=str(model.path), n=int(n), sampler=sampler, steps=int(steps), seed=int(seed), size=size,
+            batch_size=8, oversample=oversample, filter_mode="top", tiling=ctx.tiling),
+            progress=lambda i, t: progress((i, t), desc=desc), cancel=sess.cancel.is_set)
         with sess.lock:
             sess.samples = samples
             sess.sample_meta = {"structure_checkpoint": ctx.checkpoint_name(model), "structure_sha256": model.sha256,
@@ -96,10 +102,11 @@ def wire(ctx: AppContext, ui) -> None:
             kept = (f" Realism filter: kept the {len(samples)} of {candidate_count(int(n), oversample)} sampled "
                     f"layouts most like the training data's.")
         return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
-                f"({sampler}, {int(steps)} steps, {model.image_size} px).{kept}"), gallery
+                f"({sampler}, {int(steps)} steps, {size} px"
+                + (f" as {plan.windows} windows" if plan.tiled else "") + f").{kept}"), gallery
 
     ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed,
-                                     ui.st_oversample],
+                                     ui.st_oversample, ui.st_size],
                             [ui.st_status, ui.st_gallery], api_name="sample_structures",
                             concurrency_id="compute", concurrency_limit=1)
 

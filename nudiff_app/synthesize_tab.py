@@ -8,7 +8,7 @@ import gradio as gr
 
 from engine.errors import NuDiffError
 from engine.samplers import SAMPLERS
-from nudiff_app.editing import label_view, zoom_to
+from nudiff_app.editing import label_view, overview, size_text, zoom_to
 from nudiff_app.state import AppContext, Result, Session, ui_action
 from nudiff_app.structures_tab import SAMPLER_INFO, sampler_steps
 
@@ -21,8 +21,9 @@ def current_view(sess: Session) -> tuple:
     m = cur.meta
     src = {"sampled": f"sampled (seed {m.get('structure_seed')})", "uploaded": f"uploaded `{m.get('label_file')}`",
            "blank": "drawn on a blank tile"}.get(m.get("source"), "")
-    return (zoom_to(label_view(cur.inst), 384),
-            f"Conditioning on **{int(cur.inst.max())} nuclei**, {cur.inst.shape[0]} px · {src}"
+    h, w = cur.inst.shape
+    pic = zoom_to(label_view(cur.inst), 384) if max(h, w) <= 512 else overview(cur.inst)  # large: downscaled
+    return (pic, f"Conditioning on **{int(cur.inst.max())} nuclei**, {size_text((h, w))} · {src}"
             + (" · **edited by hand**" if m.get("edited") else ""))
 
 
@@ -164,7 +165,7 @@ def wire(ctx: AppContext, ui) -> None:
 
     @ui_action(2)
     def synth(sid, ckpt, w, sampler, steps, seed, variants, request: gr.Request, progress=gr.Progress()):
-        from engine.pipeline import synthesize
+        from engine.pipeline import plan_image_canvas
 
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
@@ -174,23 +175,28 @@ def wire(ctx: AppContext, ui) -> None:
         with sess.lock:
             inst = sess.current.inst.copy()
             cmeta = dict(sess.current.meta)
+        plan = plan_image_canvas(model, inst.shape, float(w), ctx.tiling)  # refused here if over the budget
+        desc = (f"Denoising {plan.windows} windows × {int(steps)} steps" if plan.tiled else "Denoising")
         progress(0, desc="Synthesizing")
-        imgs = synthesize(model, [inst], w=float(w), sampler=sampler, steps=int(steps), seed=int(seed),
-                          variants=int(variants), progress=lambda i, t: progress((i, t), desc="Denoising"),
-                          cancel=sess.cancel.is_set)
+        imgs = ctx.worker.run("synthesize", dict(checkpoint=str(model.path), structures=[inst], w=float(w),
+                                                 sampler=sampler, steps=int(steps), seed=int(seed),
+                                                 variants=int(variants), tiling=ctx.tiling),
+                              progress=lambda i, t: progress((i, t), desc=desc), cancel=sess.cancel.is_set)
         results = []
         for v, img in enumerate(imgs):
             meta = {**{k: cmeta.get(k) for k in ("source", "structure_seed", "structure_checkpoint",
                                                  "structure_sha256", "label_file")},
                     "edited": bool(cmeta.get("edited")), "seed": int(seed) + v, "variant": v, "w": float(w),
                     "sampler": sampler, "steps": int(steps), "image_checkpoint": ctx.checkpoint_name(model),
-                    "image_sha256": model.sha256, "n_nuclei": int(inst.max())}
+                    "image_sha256": model.sha256, "n_nuclei": int(inst.max()), **plan.meta()}
             results.append(Result(img, inst, meta))
         with sess.lock:
             sess.results = results
             sess.selected_result = 0
+        tiled = (f", {inst.shape[0]}×{inst.shape[1]} px as {plan.windows} windows of {plan.grid.tile} px"
+                 if plan.tiled else "")
         return (f"Synthesized {len(imgs)} image(s) from `{ctx.checkpoint_name(model)}` (w = {float(w):g}, {sampler}, "
-                f"{int(steps)} steps)."), result_gallery(sess)
+                f"{int(steps)} steps{tiled})."), result_gallery(sess)
 
     ui.sy_run.click(synth, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed, ui.sy_variants],
                     [ui.sy_status, ui.sy_gallery], api_name="synthesize", concurrency_id="compute",

@@ -29,9 +29,10 @@ def default_work_dir() -> Path:
 
 
 def build_app(work_dir: str | os.PathLike | None = None, *, structure_checkpoint: str | os.PathLike | None = None,
-              image_checkpoint: str | os.PathLike | None = None) -> gr.Blocks:
-    """The NuDiff Studio UI. Checkpoints default to engine.demo.default_checkpoints()."""
-    ctx = AppContext(work_dir or default_work_dir(), structure_checkpoint, image_checkpoint)
+              image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None) -> gr.Blocks:
+    """The NuDiff Studio UI. Checkpoints default to engine.demo.default_checkpoints(); max_memory_gb: the memory
+    budget of one sampling job (default engine.memory.default_budget_gb())."""
+    ctx = AppContext(work_dir or default_work_dir(), structure_checkpoint, image_checkpoint, max_memory_gb)
     ui = SimpleNamespace()
     with gr.Blocks(title="NuDiff Studio", analytics_enabled=False) as demo:
         demo.nudiff = ctx  # for launch() and tests

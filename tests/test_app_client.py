@@ -28,12 +28,13 @@ def studio(tmp_path_factory, tiny_checkpoints):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     work = tmp_path_factory.mktemp("studio")
-    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1])
+    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1],
+                     max_memory_gb=4)  # a fixed budget, whatever this machine's RAM
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield demo, f"http://127.0.0.1:{port}/", work
     finally:
-        demo.nudiff.jobs.kill()
+        demo.nudiff.close()
         demo.close()
 
 
@@ -170,6 +171,47 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     assert "**Synthetic pairs:** 1 (tile 32 px)" in report and "real tiles" not in report
     report = client.predict(True, "/nonexistent/folder", "", api_name="/basket_quality")
     assert report.startswith("**Error:**") and "real folder not found" in report
+
+
+def test_large_field_is_synthesized_in_windows_and_exported_full_size(studio, tiny_checkpoints, tmp_path):
+    """A label map several times the tiny model's 32 px tile: fused windows, full-size export."""
+    c = Client(studio[1], verbose=False)
+    i_ckpt = str(tiny_checkpoints[1])
+    _, inst = make_tile(160, seed=5)
+    inst = inst[:, :120]  # rectangular, 160 (y) x 120 (x)
+    tifffile.imwrite(tmp_path / "field.tif", inst.astype(np.uint16))
+    out = c.predict(handle_file(str(tmp_path / "field.tif")), api_name="/edit_upload_label")
+    assert out[0].startswith("Loaded") and "120 (x) × 160 (y) px" in out[3]
+    out = c.predict(None, "keep as separate nuclei", 5, api_name="/edit_to_synthesize")
+    assert "sent to Synthesize" in out[0]
+    job = c.submit(i_ckpt, 2.0, "ddim", 3, 0, 1, api_name="/synthesize")
+    status, results = job.result(timeout=300)
+    assert status.startswith("Synthesized 1 image(s)") and "as 35 windows of 32 px" in status, status
+    out = c.predict(0, 0.8, api_name="/add_to_basket")
+    assert "pair_0001" in out[0]
+    status, download = c.predict(["HoVer-Net npy", "COCO json", "QuPath GeoJSON"], True, api_name="/export_zip")
+    assert status.startswith("Exported"), status
+    path = download["value"] if isinstance(download, dict) else download
+    with zipfile.ZipFile(path) as zf:
+        row = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))[0]
+        img = cv2.imdecode(np.frombuffer(zf.read(row["image"]), np.uint8), 1)
+        lab = tifffile.imread(io.BytesIO(zf.read(row["label"])))
+        assert img.shape[:2] == lab.shape == (160, 120) and np.array_equal(lab > 0, inst > 0)
+        assert np.load(io.BytesIO(zf.read(row["hovernet"]))).shape[:2] == (160, 120)
+        assert row["windows"] == "35" and row["tile"] == "32" and row["height"] == "160" and row["width"] == "120"
+        coco = json.loads(zf.read("coco.json"))
+        assert coco["images"][0]["height"] == 160 and coco["images"][0]["width"] == 120
+
+
+def test_a_size_beyond_the_budget_is_refused_and_the_studio_keeps_answering(studio, tiny_checkpoints):
+    c = Client(studio[1], verbose=False)
+    s_ckpt = str(tiny_checkpoints[0])
+    status, _ = c.predict(s_ckpt, 1, "ddim", 2, 0, 1.0, 16384, api_name="/sample_structures")
+    assert status.startswith("**Error:**") and "16384x16384 px structure" in status and "4.0 GiB" in status, status
+    assert "\n" not in status
+    status, gallery = c.predict(s_ckpt, 2, "ddim", 2, 0, 1.0, 72, api_name="/sample_structures")
+    assert status.startswith("Sampled 2 structures") and "72 px as 9 windows" in status, status
+    assert len(gallery) == 2
 
 
 def test_calibrate_w_stores_it_and_sets_the_slider(client, tiny_checkpoints, labeled_folder, tmp_path):

@@ -58,7 +58,7 @@ def studio(tmp_path_factory, tiny_checkpoints):
     try:
         yield f"http://127.0.0.1:{port}/", work
     finally:
-        demo.nudiff.jobs.kill()
+        demo.nudiff.close()
         demo.close()
 
 
@@ -257,3 +257,48 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     ys, xs = np.nonzero(label == k)
     assert 5 <= ys.size <= 0.1 * h * w
     assert ys.min() < h // 2 < ys.max() and xs.min() < w // 2 < xs.max()
+
+
+def test_a_field_larger_than_the_tile_is_edited_synthesized_and_exported_full_size(studio, page, tmp_path):
+    """Upload a label map several windows wide (the tiny models' tile is 32 px), synthesize, export."""
+    from engine.structure import relabel
+    from engine.synthetic import make_tile
+
+    url, _ = studio
+    _, inst = make_tile(128, seed=8)
+    inst = relabel(inst[:, :96])  # 96 (x) x 128 (y), rectangular
+    tifffile.imwrite(tmp_path / "field.tif", inst.astype(np.uint16))
+    page.goto(url)
+    page.locator("#st-sample").wait_for()
+    _tab(page, "Edit")
+    page.locator("#ed-upload input[type=file]").set_input_files(str(tmp_path / "field.tif"))
+    info = _text(page, "ed-info", "96 (x) × 128 (y) px")
+    assert f"{int(inst.max())} nuclei" in info
+    page.locator("#ed-overview img").wait_for()
+    page.locator("#ed-to-synth").click()
+    assert "96 (x) × 128 (y) px" in _text(page, "sy-info", "Conditioning")
+    _set_number(page, "sy-steps", 3)
+    _set_number(page, "sy-variants", 1)
+    page.locator("#sy-run").click()
+    status = _text(page, "sy-status", "image(s) from")
+    assert "windows of 32 px" in status, status
+    page.locator("#sy-gallery .thumbnail-item").first.click()
+    page.locator("#sy-add").click()
+    _text(page, "sy-status", "Added")
+    _tab(page, "Export")
+    page.locator("#ex-accept").click()
+    _text(page, "ex-status", "accepted")
+    page.locator("#ex-build").click()
+    _text(page, "ex-status", "Exported")
+    with page.expect_download() as dl:
+        page.locator("#ex-download").click()
+    path = tmp_path / "field.zip"
+    dl.value.save_as(path)
+    with zipfile.ZipFile(path) as zf:
+        rows = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))
+        row = rows[-1]
+        image = cv2.imdecode(np.frombuffer(zf.read(row["image"]), np.uint8), cv2.IMREAD_COLOR)
+        label = tifffile.imread(io.BytesIO(zf.read(row["label"])))
+    assert image.shape[:2] == label.shape == (128, 96)
+    assert np.array_equal(label > 0, inst > 0) and int(label.max()) == int(inst.max())
+    assert row["windows"] and int(row["windows"]) > 1 and row["tile"] == "32"
