@@ -8,7 +8,8 @@ A checkpoint is a pair of files with one stem: ``<stem>.safetensors`` (tensors) 
 ``ema.*``, ``optim.*`` AdamW state and RNG state), so training resumes exactly.
 
 Both files are written to temporary names in the same folder and renamed into place, the JSON last: a
-crash leaves either the previous checkpoint or the new one, never half of one.
+crash leaves either the previous checkpoint or the new one, never half of one (and at most a temporary
+``.NAME.RANDOM.tmp`` beside it, see TEMP_NAME, which the next trainer on the folder removes).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass
@@ -33,7 +35,12 @@ from engine.errors import CheckpointError
 
 FORMAT = 1
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "read_record", "checkpoint_paths",
-           "atomic_write_bytes", "file_sha256", "export_inference"]
+           "atomic_write_bytes", "file_sha256", "export_inference", "TEMP_NAME"]
+
+#: Name of the temporary file a write of ``<target>`` goes through (``tempfile.mkstemp`` beside it):
+#: ``.<target>.<random>.tmp``. A killed writer leaves one behind; engine.runlock.clean_temp_files
+#: removes those of a run folder when the next trainer takes the folder.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<random>[A-Za-z0-9_]+)\.tmp$")
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:

@@ -25,18 +25,24 @@ written, so nucleus ``k`` is the same object in every format of a pair:
 =========================  ==================================================================
 
 All writers are atomic: the archive (or folder) is built under a temporary name next to the target
-and renamed into place only when complete; on any error nothing is left behind.
+(``.<name>.<random>.tmp``) and renamed into place only when complete; on any error nothing is left
+behind. A writer holds a ``flock`` on its temporary while it works; one that was killed leaves its
+temporary unlocked, and the next write to the same target removes it first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import errno
 import io
 import json
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -49,6 +55,7 @@ from engine.errors import DataError
 from engine.structure import relabel
 
 __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_zip", "nucleus_polygons",
+           "remove_stale_temps",
            "MANIFEST_FIELDS", "MAX_EXTRACT_BYTES", "MAX_EXTRACT_FILES"]
 
 #: Columns of manifest.csv, in order.
@@ -252,11 +259,92 @@ def _manifest(pairs: list[ExportPair], *, hovernet: bool, geojson: bool) -> byte
     return buf.getvalue().encode()
 
 
-def _tmp_beside(target: Path, suffix: str) -> Path:
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+STALE_UNLOCKABLE_S = 3600  # where there is no flock, a temporary this old is taken as a killed writer's
+
+
+def _flock(fd: int, *, wait: bool) -> bool | None:
+    """Exclusive flock on fd: True when taken, False when another holds it, None when unsupported."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in _NO_FLOCK:
+            return None
+        raise
+
+
+@contextlib.contextmanager
+def _held_temp(target: Path, *, folder: bool):
+    """A new temporary file (or folder) beside `target`, ``.<name>.<random>.tmp``, locked while in use so
+    that remove_stale_temps leaves it alone; stale temporaries of the same target are removed first."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    return Path(tmp)
+    remove_stale_temps(target)
+    while True:
+        if folder:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        else:
+            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            tmp = Path(name)
+        _flock(fd, wait=True)
+        try:  # another writer's clean-up may have taken it between creation and lock: make another
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of `target` left beside it (``.<name>.<random>.tmp``
+    files or folders nobody holds locked); returns them. Those of a live writer are left alone."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp$")
+    removed = []
+    try:
+        names = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+    except OSError:
+        return removed
+    for p in names:
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if p.is_dir() else 0))
+        except OSError:
+            continue
+        try:
+            got = _flock(fd, wait=False)
+            if got is None:  # no flock here: only what is surely abandoned
+                got = time.time() - os.fstat(fd).st_mtime > STALE_UNLOCKABLE_S
+            if got:
+                _remove(p)
+                removed.append(p)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bool = True, coco: bool = True,
@@ -268,7 +356,13 @@ def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bo
     """
     zip_path = Path(zip_path)
     items = as_pairs(pairs, prefix)
-    tmp = _tmp_beside(zip_path, ".tmp")
+    with _held_temp(zip_path, folder=False) as tmp:
+        _write_zip(items, zip_path, tmp, hovernet=hovernet, coco=coco, geojson=geojson)
+    return zip_path
+
+
+def _write_zip(items: list[ExportPair], zip_path: Path, tmp: Path, *, hovernet: bool, coco: bool,
+               geojson: bool) -> None:
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             polys = [nucleus_polygons(p.inst) for p in items] if (coco or geojson) else []
@@ -288,7 +382,6 @@ def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bo
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    return zip_path
 
 
 def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str = "pair") -> Path:
@@ -302,21 +395,20 @@ def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str
     items = as_pairs(pairs, prefix)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"output folder {folder} already exists and is not empty")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        (tmp / "images").mkdir()
-        (tmp / "labels").mkdir()
-        for p in items:
-            (tmp / "images" / f"{p.id}.png").write_bytes(_png(p.image))
-            (tmp / "labels" / f"{p.id}.tif").write_bytes(_tif(p.inst))
-        (tmp / "manifest.csv").write_bytes(_manifest(items, hovernet=False, geojson=False))
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with _held_temp(folder, folder=True) as tmp:
+        try:
+            (tmp / "images").mkdir()
+            (tmp / "labels").mkdir()
+            for p in items:
+                (tmp / "images" / f"{p.id}.png").write_bytes(_png(p.image))
+                (tmp / "labels" / f"{p.id}.tif").write_bytes(_tif(p.inst))
+            (tmp / "manifest.csv").write_bytes(_manifest(items, hovernet=False, geojson=False))
+            if folder.exists():
+                folder.rmdir()
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return folder
 
 
@@ -367,8 +459,12 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *,
         raise DataError(f"zip file not found: {zip_path}") from None
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise DataError(f"{name} is not a readable zip file ({e})") from None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    with _held_temp(dest, folder=True) as tmp:
+        _extract(zf, name, dest, tmp, max_bytes=max_bytes, max_files=max_files)
+    return dest
+
+
+def _extract(zf: zipfile.ZipFile, name: str, dest: Path, tmp: Path, *, max_bytes: int, max_files: int) -> None:
     try:
         with zf:
             infos = zf.infolist()
@@ -405,4 +501,3 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *,
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return dest

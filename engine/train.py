@@ -9,8 +9,16 @@ A run lives in one folder:
     log.jsonl                            one line per `log_every` steps: step, loss, lr, drop_rate, time;
                                          structure runs: one per preview, layout statistics vs the data
     previews/step_0000500.png, latest.png   samples from the EMA model every `preview_every` steps
-    status.json                          state (running/finished/stopped/failed), step, total, message
+    status.json                          state (running/finished/stopped/failed/interrupted), step, total,
+                                         message; read_status says "interrupted" for a running state whose
+                                         process is gone (killed)
+    lock.json                            held by the training process (engine.runlock): a second trainer on
+                                         the folder is refused; a killed one's lock is taken over
     STOP                                 create this file to ask a running job to save and stop
+
+Resuming compares the data and the settings with those the run was trained with and refuses a change
+(see TRAINED_FIELDS) unless allowed (``allow_changes``, CLI ``--allow-changes``); raising the steps is how
+a run is extended and is always allowed. SIGTERM saves and stops like STOP.
 
 Run it single-process (`python -m engine train-structure ...`) or on many GPUs / processes with
 `accelerate launch -m engine train-structure ...` (one process per device; gloo on CPU).
@@ -22,7 +30,11 @@ import copy
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -37,15 +49,24 @@ from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_infe
 from engine.config import DiffusionConfig, TrainConfig, preset
 from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
-from engine.errors import CheckpointError, DataError, TrainingError
+from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
+from engine.runlock import RunFolderBusy, RunLock, clean_temp_files, host_name, process_running, process_start
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "train", "read_status", "MAX_DEVICE_BYTES"]
+__all__ = ["TrainingSet", "Trainer", "train", "read_status", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
+           "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
 STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
 MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU (TrainingSet.tensors)
+# TrainConfig fields that change what a run trains: resuming with other values is refused unless allowed.
+# (kind and the model config are checked apart and can never change; steps / finetune_steps may, except
+# that an image run may not go back to stage 1 once fine-tuning began; save / log / preview cadence,
+# keep_last, mixed precision and sample_size may change freely.)
+TRAINED_FIELDS = ("tile_stride", "fraction", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
+                  "seed", "warmup_steps", "init_from")
+IMAGE_TRAINED_FIELDS = ("finetune_lr", "drop_rate", "finetune_drop_rate")
 
 
 @dataclass
@@ -142,50 +163,146 @@ class TrainingSet:
         return x, y.to(device, non_blocking=True).float()
 
 
+def _status_owner_gone(status: dict) -> bool:
+    """Whether the process that wrote a status is known to be gone (only judged on its own host)."""
+    if status.get("host") and status["host"] != host_name():
+        return False
+    if not status.get("pid"):
+        return False
+    return not process_running(status["pid"], status.get("pid_start"))
+
+
 def read_status(run_dir: str | os.PathLike) -> dict:
-    """The run's status.json, or {} when there is none yet."""
+    """The run's status.json, or {} when there is none yet.
+
+    A status that says "running" although the process that wrote it is gone (killed) reads as
+    ``state: "interrupted"``, with a message saying so.
+    """
     p = Path(run_dir) / "status.json"
     try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
+        status = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    if not isinstance(status, dict):
+        return {}
+    if status.get("state") == "running" and _status_owner_gone(status):
+        status = {**status, "state": "interrupted", "message": (
+            f"interrupted at step {status.get('step', 0)}: the training process {status.get('pid')} ended "
+            f"without saving (killed?); run again to resume from the last checkpoint")}
+    return status
 
 
 def write_status(run_dir: str | os.PathLike, status: dict) -> None:
-    """Atomically replace the run's status.json (adds 'updated' and 'pid')."""
+    """Atomically replace the run's status.json (adds 'updated', 'pid', 'pid_start' and 'host')."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    status = {**status, "updated": time.time(), "pid": os.getpid(), "run_dir": str(run_dir)}
+    pid = os.getpid()
+    status = {**status, "updated": time.time(), "pid": pid, "pid_start": process_start(pid),
+              "host": host_name(), "run_dir": str(run_dir)}
     atomic_write_bytes(run_dir / "status.json", json.dumps(status).encode())
+
+
+def _same_path(a, b) -> bool:
+    if a == b:
+        return True
+    if not a or not b:
+        return False
+    try:
+        return Path(a).resolve() == Path(b).resolve()
+    except OSError:
+        return False
 
 
 class Trainer:
     """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present.
 
-    ``stop`` (polled every step), a file ``run_dir/STOP`` or ``time_limit`` (seconds of this invocation)
-    end training early: the state is saved and the model exported, and running again resumes.
+    ``stop`` (polled every step), a file ``run_dir/STOP``, SIGTERM (while :meth:`run` runs in the main
+    thread) or ``time_limit`` (seconds of this invocation) end training early: the state is saved and the
+    model exported, and running again resumes.
+
+    The trainer holds the run folder's lock (engine.runlock) from construction until :meth:`run` ends (or
+    :meth:`close`): a second trainer on the folder raises RunFolderBusy at once, touching nothing. On
+    taking the folder it removes the temporary files a killed write left there and marks a status that a
+    killed trainer left "running" as interrupted. Resuming with other data or settings (TRAINED_FIELDS)
+    raises TrainingError naming them, unless ``allow_changes`` (then the change is logged).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | os.PathLike, data: TrainingSet | None = None,
                  *, stop: Callable[[], bool] | None = None, show_progress: bool = True,
-                 time_limit: float | None = None):
+                 time_limit: float | None = None, allow_changes: bool = False):
         from accelerate import Accelerator
 
         if time_limit is not None and not time_limit > 0:
             raise TrainingError(f"time limit must be positive, got {time_limit} s")
+        if cfg.kind not in ("structure", "image"):
+            raise TrainingError(f"unknown model kind {cfg.kind!r}")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.stop_requested = stop or (lambda: False)
         self.time_limit = time_limit  # seconds of this invocation; then save, export and stop (resumable)
+        self.allow_changes = allow_changes
         self._started = time.time()
+        self._terminated = False  # SIGTERM received during run()
         self.show_progress = show_progress
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() else "no"
         self.acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
         self.main = self.acc.is_main_process
-        if cfg.kind not in ("structure", "image"):
-            raise TrainingError(f"unknown model kind {cfg.kind!r}")
+        self._lock: RunLock | None = None
+        self._released = False
+        self.step = 0
+        try:
+            self._take_folder()
+            self._setup(cfg, data)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run folder (done by :meth:`run` at its end; for a trainer that is not run). A later
+        :meth:`run` takes it again."""
+        self._released = True
+        if self._lock is not None:
+            self._lock.release()
+
+    def _take_folder(self) -> None:
+        """Take the run folder's lock (main process; all processes fail together), then clean up after a
+        killed predecessor: its temporary files, and a status it left "running"."""
+        busy: RunFolderBusy | None = None
+        if self.main:
+            try:
+                self._lock = RunLock.acquire(self.run_dir, kind=self.cfg.kind)
+                weakref.finalize(self, self._lock.release)
+            except RunFolderBusy as e:
+                busy = e
+        if self.acc.num_processes > 1:
+            flag = torch.tensor([1.0 if busy else 0.0], device=self.acc.device)
+            if self.acc.reduce(flag, reduction="sum").item() > 0 and busy is None:
+                raise RunFolderBusy(f"run folder {self.run_dir} is in use by another training process "
+                                    f"(see the main process's message)")
+        if busy is not None:
+            raise busy
+        if not self.main:
+            return
+        notes = [self._lock.note] if self._lock.note else []
+        removed = clean_temp_files(self.run_dir)
+        if removed:
+            notes.append(f"removed {len(removed)} temporary file(s) left by an interrupted write: "
+                         + ", ".join(str(p.relative_to(self.run_dir)) for p in removed))
+        old = read_status(self.run_dir)
+        if old.get("state") in ("running", "interrupted"):  # we hold the lock: whoever wrote it is gone
+            notes.append(f"the previous training process ({old.get('pid')}) was interrupted at step "
+                         f"{old.get('step', 0)}")
+            write_status(self.run_dir, {**{k: old.get(k) for k in ("kind", "step", "total", "loss")},
+                                        "state": "interrupted", "message": (
+                                            f"interrupted at step {old.get('step', 0)}; resuming")})
+        for note in notes:
+            self._log_event(note)
+            if self.show_progress:
+                print(note, file=sys.stderr)
+
+    def _setup(self, cfg: TrainConfig, data: TrainingSet | None) -> None:
         self.model_cfg = preset(cfg.preset, cfg.kind, cfg.image_size)
         size = self.model_cfg.image_size
         if data is None:
@@ -215,12 +332,13 @@ class Trainer:
     def _load_start(self, model: nn.Module, opt: torch.optim.Optimizer) -> None:
         latest = self.run_dir / "latest.json"
         if latest.exists():
-            ck = load_checkpoint(latest)
+            ck = self._load_latest(latest)
             if ck.kind != self.cfg.kind:
                 raise CheckpointError(f"{latest} holds a {ck.kind} model, not a {self.cfg.kind} model")
             if ck.model_config != self.model_cfg:
                 raise CheckpointError(f"{latest} was trained with another model config/preset; "
                                       f"use a new run folder")
+            self._check_changes(ck.record, ck.step)
             model.load_state_dict(ck.state_dict("model."))
             self.ema.load_state_dict(ck.state_dict("ema."))
             groups = ck.record["optimizer"]["param_groups"]
@@ -250,6 +368,65 @@ class Trainer:
             # travels with it, and the record says which weights it started from
             self._inherited = {k: ck.record[k] for k in INHERITED if k in ck.record}
             self._inherited["init_from_sha256"] = ck.sha256
+
+    def _load_latest(self, latest: Path):
+        """The run's latest training checkpoint; if a kill tore it (its weights replaced, its record not
+        yet: save_checkpoint renames the two files one after the other), the newest intact step snapshot
+        (a hard link of an earlier complete latest), said in the log."""
+        try:
+            return load_checkpoint(latest)
+        except CheckpointError as e:
+            for snap in sorted(self.run_dir.glob("step_*.json"), reverse=True):
+                try:
+                    ck = load_checkpoint(snap)
+                except CheckpointError:
+                    continue
+                if self.main:
+                    self._log_event(f"{latest.name} is unreadable ({e}); resuming from {snap.name}")
+                    if self.show_progress:
+                        print(f"{latest.name} is unreadable; resuming from {snap.name}", file=sys.stderr)
+                return ck
+            raise
+
+    def _check_changes(self, record: dict, step: int) -> None:
+        """Refuse (TrainingError, one line) to resume with other data or trained settings than the run's
+        checkpoint record says, unless allow_changes (then log them)."""
+        old = record.get("train")
+        changes: list[str] = []
+        c = self.cfg
+        if isinstance(old, dict):
+            fields = TRAINED_FIELDS + (IMAGE_TRAINED_FIELDS if c.kind == "image" else ())
+            size = self.model_cfg.image_size
+            for name in fields:
+                if name not in old:
+                    continue
+                was, now = old[name], getattr(c, name)
+                if name == "tile_stride":
+                    was, now = was or size // 2, now or size // 2
+                if name == "init_from" and _same_path(was, now):
+                    continue
+                if was != now:
+                    changes.append(f"{name} {was} -> {now}")
+            if c.kind == "image" and isinstance(old.get("steps"), int) and old["steps"] <= step < c.steps:
+                changes.append(f"steps {old['steps']} -> {c.steps} (stage-2 fine-tuning began at step "
+                               f"{old['steps']}; this would go back to stage 1)")
+        was_fp = record.get("data_fingerprint")
+        if was_fp and was_fp != self.data.fingerprint:
+            was_data = old.get("data") if isinstance(old, dict) else None
+            fps = f"fingerprint {was_fp} -> {self.data.fingerprint}"
+            if was_data and c.data and not _same_path(was_data, c.data):
+                changes.append(f"data {was_data} -> {c.data} ({fps})")
+            else:
+                changes.append(f"data {c.data + ' ' if c.data else ''}changed ({fps})")
+        if not changes:
+            return
+        if not self.allow_changes:
+            raise TrainingError(f"{self.run_dir} was trained with other settings: {'; '.join(changes)}. Use a "
+                                f"new run folder, or pass --allow-changes to continue this run with them")
+        if self.main:
+            self._log_event("resumed with changes (allowed): " + "; ".join(changes))
+            if self.show_progress:
+                print(f"resuming with changes: {'; '.join(changes)}", file=sys.stderr)
 
     def _training_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
         model = self.acc.unwrap_model(self.model)
@@ -388,7 +565,8 @@ class Trainer:
         ``STOP_POLL_STEPS`` steps, when all of them agree (a collective, which waits for the devices)."""
         if self.acc.num_processes > 1 and self.step % STOP_POLL_STEPS:
             return False
-        local = bool(self.stop_requested()) or (self.run_dir / "STOP").exists() or self._out_of_time()
+        local = (bool(self.stop_requested()) or self._terminated or (self.run_dir / "STOP").exists()
+                 or self._out_of_time())
         flag = torch.tensor([1.0 if local else 0.0], device=self.acc.device)
         return bool(self.acc.reduce(flag, reduction="sum").item() > 0) if self.acc.num_processes > 1 else local
 
@@ -424,7 +602,29 @@ class Trainer:
         return rows[self.acc.process_index].tolist()
 
     def run(self) -> Path:
-        """Train to cfg.total_steps (or until stopped); returns the inference checkpoint's record path."""
+        """Train to cfg.total_steps (or until stopped); returns the inference checkpoint's record path.
+
+        Releases the run folder at the end, however it ends (and takes it again when run again)."""
+        if self._released:
+            self._take_folder()
+            self._released = False
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            def on_term(signum, frame):  # save and stop at the next step, as STOP does
+                self._terminated = True
+            previous = signal.signal(signal.SIGTERM, on_term)
+        try:
+            return self._run()
+        except Exception as e:
+            if not isinstance(e, NuDiffError):  # (a NuDiffError already said why)
+                self._status("failed", f"{type(e).__name__}: {e}".splitlines()[0][:500])
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            self.close()
+
+    def _run(self) -> Path:
         from tqdm.auto import tqdm
 
         c = self.cfg
@@ -492,7 +692,7 @@ class Trainer:
         self.acc.wait_for_everyone()
         out = self.export() if self.main else self.run_dir / "model.json"
         if stopped:
-            why = " (time limit)" if self._out_of_time() else ""
+            why = " (time limit)" if self._out_of_time() else " (terminated)" if self._terminated else ""
             self._status("stopped", f"stopped at step {self.step}{why}; run again to resume")
         else:
             if self.main and c.preview_every and self.step % c.preview_every:

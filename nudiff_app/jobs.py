@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from engine.errors import TrainingError
+from engine.runlock import busy_message, lock_holder
 from engine.train import read_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -121,6 +122,9 @@ class TrainingJobs:
             if busy:
                 raise TrainingError(f"a {busy.get('kind', '')} training job is already running "
                                     f"({busy.get('run_dir')}); stop it or wait until it finishes")
+            owner = lock_holder(run_dir)  # e.g. a CLI trainer on the same folder
+            if owner:
+                raise TrainingError(busy_message(run_dir, owner))
             return self._spawn(run_dir, kind, cmd)
 
     def _spawn(self, run_dir: Path, kind: str, cmd: list[str]) -> dict:
@@ -173,9 +177,10 @@ class TrainingJobs:
         alive = self.running() is not None
         state = st.get("state") or ("starting" if alive else "not started")
         msg = st.get("message", "")
-        if state == "running" and not alive:
+        if state in ("running", "interrupted") and not alive:  # read_status says interrupted once it is gone
             state = "interrupted"
-            msg = "the training process ended without saying why; press Resume to continue"
+            msg = (f"interrupted at step {st.get('step', 0)}: the training process ended without saying why; "
+                   f"press Resume to continue from the last checkpoint")
         if not alive and state in ("starting", "not started", "interrupted"):
             tail = _tail(run_dir / "process.log")
             if tail and state != "interrupted":
@@ -183,7 +188,7 @@ class TrainingJobs:
                 msg = tail
             elif tail:
                 msg += f" - last output: {tail}"
-        if alive and state in ("stopped", "finished", "failed"):
+        if alive and state in ("stopped", "finished", "failed", "interrupted"):
             state, msg = "starting", "resuming"
         points, layouts = [], None
         try:
