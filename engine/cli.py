@@ -21,44 +21,85 @@ SAMPLER_HELP = ("sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M, dete
 
 
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
+    # ranges are checked while parsing: a bad value is refused (usage line + message, exit 2) before any
+    # work is done or any file is written
+    def number(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if v != v or v in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+        return v
+
+    def unit_interval(text: str) -> float:  # [0, 1): EMA decay, condition drop rate
+        v = number(text)
+        if not 0 <= v < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 0 and below 1, got {text}")
+        return v
+
+    def non_negative(text: str) -> float:
+        v = number(text)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return v
+
+    def fraction(text: str) -> float:  # (0, 1], or a percentage written with '%' (10%)
+        t = text.strip()
+        v = number(t[:-1]) / 100 if t.endswith("%") else number(t)
+        if not 0 < v <= 1:
+            raise argparse.ArgumentTypeError(f"must be a fraction of nuclei in (0, 1] such as 0.1 (or a "
+                                             f"percentage written 10%), got {text}")
+        return v
+
     p.add_argument("--data", required=True, help="folder of labeled tiles (images/ + labels/ or masks/)")
     p.add_argument("--run-dir", required=True, help="run folder; running again on it resumes training")
     p.add_argument("--preset", default=None, choices=["test", "cpu", "paper"],
                    help="model size (default cpu, or that of the --init-from model)")
-    p.add_argument("--image-size", type=int, default=None,
+    p.add_argument("--image-size", type=_int_at_least(8), default=None,
                    help="training tile size in px (default: the preset's, or that of the --init-from model)")
-    p.add_argument("--tile-stride", type=int, default=None, help="stride between training tiles (default size/2)")
-    p.add_argument("--fraction", type=float, default=1.0,
-                   help="use the paper's subset with this fraction of nuclei (0.1, 0.2, 0.5, 1)")
-    p.add_argument("--steps", type=int, default=2000,
-                   help="training steps" + (" of stage 1 (fully conditional)" if kind == "image" else ""))
+    p.add_argument("--tile-stride", type=_int_at_least(1), default=None,
+                   help="stride between training tiles (default size/2)")
+    p.add_argument("--fraction", type=fraction, default=1.0,
+                   help="use the paper's subset with this fraction of nuclei (0.1, 0.2, 0.5, 1; or 10%%)")
+    p.add_argument("--steps", type=_int_at_least(0 if kind == "image" else 1), default=2000,
+                   help="training steps" + (" of stage 1 (fully conditional; 0 = fine-tune only)"
+                                            if kind == "image" else ""))
     if kind == "image":
-        p.add_argument("--finetune-steps", type=int, default=500,
+        p.add_argument("--finetune-steps", type=_int_at_least(0), default=500,
                        help="stage-2 classifier-free fine-tuning steps (drop rate --drop-rate)")
-        p.add_argument("--finetune-lr", type=float, default=2e-5, help="stage-2 learning rate (paper 2e-5)")
-        p.add_argument("--drop-rate", type=float, default=0.2, help="stage-2 condition drop rate (paper 0.2)")
-    p.add_argument("--batch-size", type=int, default=4, help="batch size per process")
-    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (paper 1e-4)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="EMA decay of the sampling weights")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="gradient norm clip (0 = off)")
-    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps")
-    p.add_argument("--preview-every", type=int, default=500, help="preview samples every N steps (0 = off)")
-    p.add_argument("--log-every", type=int, default=10, help="loss log line every N steps")
-    p.add_argument("--keep-last", type=int, default=2, help="step snapshots to keep besides latest")
+        p.add_argument("--finetune-lr", type=_positive_float, default=2e-5,
+                       help="stage-2 learning rate (paper 2e-5)")
+        p.add_argument("--drop-rate", type=unit_interval, default=0.2,
+                       help="stage-2 condition drop rate, in [0, 1) (paper 0.2)")
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4, help="batch size per process")
+    p.add_argument("--lr", type=_positive_float, default=1e-4, help="AdamW learning rate (paper 1e-4)")
+    p.add_argument("--ema-decay", type=unit_interval, default=0.999,
+                   help="EMA decay of the sampling weights, in [0, 1)")
+    p.add_argument("--grad-clip", type=non_negative, default=1.0, help="gradient norm clip (0 = off)")
+    p.add_argument("--save-every", type=_int_at_least(1), default=500, help="checkpoint every N steps")
+    p.add_argument("--preview-every", type=_int_at_least(0), default=500,
+                   help="preview samples every N steps (0 = off)")
+    p.add_argument("--log-every", type=_int_at_least(1), default=10, help="loss log line every N steps")
+    p.add_argument("--keep-last", type=_int_at_least(0), default=2, help="step snapshots to keep besides latest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
                    help="auto = bf16 autocast on GPU, fp32 on CPU")
     p.add_argument("--init-from", default=None,
                    help="fine-tune: start from this checkpoint's weights (fresh optimizer; its licence is kept)")
-    p.add_argument("--warmup-steps", type=int, default=None,
+    p.add_argument("--warmup-steps", type=_int_at_least(0), default=None,
                    help="raise the learning rate linearly over the first N steps (default: 100 with "
                         "--init-from, where a fresh optimizer's first full-size steps would upset the "
                         "trained weights; else 0)")
-    p.add_argument("--sample-size", type=int, default=None,
+    p.add_argument("--sample-size", type=_int_at_least(8), default=None,
                    help="default tile size for sampling recorded in the exported model (default: image size)")
-    p.add_argument("--time-limit", type=float, default=None, metavar="MINUTES",
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
                    help="stop after this many minutes (saved and exported; run again to resume)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: all)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="resume even though the data or a training setting (learning rate, batch size, seed, "
+                        "fraction, ...) differs from the run's; the change is logged. Without it such a "
+                        "resume is refused (raising --steps to extend a run needs no flag)")
+    p.add_argument("--threads", type=_int_at_least(1), default=None, help="CPU threads for torch (default: all)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -375,35 +416,55 @@ def _model_shape(args: argparse.Namespace, kind: str) -> tuple[str, int | None]:
 
 
 def _train(args: argparse.Namespace, kind: str) -> int:
+    import signal
+    import threading
+
     import torch
 
     from engine.config import TrainConfig
-    from engine.train import Trainer, write_status
+    from engine.runlock import RunFolderBusy
+    from engine.train import Trainer, read_status, write_status
 
+    if kind == "image" and args.steps + args.finetune_steps < 1:  # refused before anything is written
+        raise NuDiffError("--steps and --finetune-steps are both 0: nothing to train")
     if args.threads:
         torch.set_num_threads(args.threads)
-    warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
-    cfg = TrainConfig(
-        kind=kind, preset=args.preset or "cpu", image_size=args.image_size, data=str(args.data),
-        warmup_steps=warmup, tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
-        finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
-        finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
-        ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
-        preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
-        mixed_precision=args.mixed_precision, init_from=args.init_from,
-        extra={"sample_size": args.sample_size} if args.sample_size else {})
+
+    def terminated(signum, frame):  # SIGTERM before training starts: exit, releasing the run folder
+        raise SystemExit(128 + signum)  # (while training, the trainer saves and stops instead)
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        if args.time_limit is not None and not args.time_limit > 0:
-            raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
-        preset, size = _model_shape(args, kind)
-        cfg = dataclasses.replace(cfg, preset=preset, image_size=size)
-        trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet,
-                          time_limit=None if args.time_limit is None else args.time_limit * 60.0)
-    except NuDiffError as e:  # let a watching studio see why the job never started
-        write_status(args.run_dir, {"state": "failed", "kind": kind, "step": 0, "total": cfg.total_steps,
-                                    "message": str(e)})
-        raise
-    out = trainer.run()
+        warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
+        cfg = TrainConfig(
+            kind=kind, preset=args.preset or "cpu", image_size=args.image_size, data=str(args.data),
+            warmup_steps=warmup, tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
+            finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
+            finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
+            ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
+            preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
+            mixed_precision=args.mixed_precision, init_from=args.init_from,
+            extra={"sample_size": args.sample_size} if args.sample_size else {})
+        try:
+            if args.time_limit is not None and not args.time_limit > 0:
+                raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+            preset, size = _model_shape(args, kind)
+            cfg = dataclasses.replace(cfg, preset=preset, image_size=size)
+            trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet, allow_changes=args.allow_changes,
+                              time_limit=None if args.time_limit is None else args.time_limit * 60.0)
+        except RunFolderBusy:  # the folder is another process's: touch nothing there
+            raise
+        except NuDiffError as e:  # let a watching studio see why the job never started
+            step = read_status(args.run_dir).get("step", 0)  # (a refused resume keeps the step reached)
+            write_status(args.run_dir, {"state": "failed", "kind": kind, "step": step, "total": cfg.total_steps,
+                                        "message": str(e)})
+            raise
+        out = trainer.run()
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     print(f"model: {out}")
     return 0
 
