@@ -38,13 +38,16 @@ __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "DataWarning", "LabeledImage", "Tile", "Problem",
     "Inspection", "SubsetSelection", "read_image", "read_label", "load_folder", "tile_positions",
     "tile_image", "load_tiles", "inspect_folder", "select_subset", "plan_subset",
-    "MAX_LABEL_PIXELS",
+    "MAX_LABEL_PIXELS", "max_pixels", "raster_size",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".npy", ".mat", ".xml", ".geojson", ".json")
 #: Largest label map (H * W pixels) a GeoJSON outline file may ask for; refused before allocating.
 MAX_LABEL_PIXELS = 20000 * 20000
+#: Default pixel budget of one raster file (H * W), checked from its header before any decode; raise it
+#: with the environment variable NUDIFF_MAX_PIXELS. 100 MP: a 10000 x 10000 field, 300 MB as RGB.
+DEFAULT_MAX_PIXELS = 100_000_000
 _LABEL_DIRS = ("labels", "masks", "annotations")
 _LABEL_SUFFIX = re.compile(
     r"[_\-. ](label|labels|mask|masks|inst|inst_map|instance|instances|gt)$", re.IGNORECASE)
@@ -94,8 +97,52 @@ class Problem:
 # ----------------------------------------------------------------------------- images
 
 
+def max_pixels() -> int:
+    """Pixel budget of one raster file: NUDIFF_MAX_PIXELS, or DEFAULT_MAX_PIXELS."""
+    import os
+
+    try:
+        return max(1, int(float(os.environ.get("NUDIFF_MAX_PIXELS", DEFAULT_MAX_PIXELS))))
+    except ValueError:
+        return DEFAULT_MAX_PIXELS
+
+
+def raster_size(path: Path) -> tuple[int, int] | None:
+    """(height, width) a raster file declares in its header, without decoding its pixels (None: unknown)."""
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(page.imagelength), int(page.imagewidth)
+        from PIL import Image
+
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # read the header only; judged below
+        try:
+            with Image.open(path) as img:
+                w, h = img.size
+                return int(h), int(w)
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+    except Exception:  # noqa: BLE001 - an unreadable header is reported by the decoder itself
+        return None
+
+
+def _check_pixels(path: Path) -> None:
+    """DataError before any decode when the file's header declares more pixels than the budget."""
+    hw = raster_size(path)
+    limit = max_pixels()
+    if hw is not None and hw[0] * hw[1] > limit:
+        raise DataError(f"{path} declares {hw[1]}x{hw[0]} px ({hw[0] * hw[1] / 1e6:.0f} MP), over the limit of "
+                        f"{limit / 1e6:.0f} MP for one file; cut it into smaller files, or raise the limit with "
+                        f"the environment variable NUDIFF_MAX_PIXELS")
+
+
 def _decode_raster(path: Path) -> np.ndarray:
-    """Raw pixel array of an image or raster label file (channels RGB(A) order)."""
+    """Raw pixel array of an image or raster label file (channels RGB(A) order), after the header's pixel
+    count is checked against the budget (max_pixels(): decompression bombs are refused undecoded)."""
+    _check_pixels(path)
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
