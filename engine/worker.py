@@ -184,8 +184,9 @@ class ComputeWorker:
         code = self._proc.exitcode
         self._proc = None
         if code == EXIT_OVER_BUDGET:
-            return WorkerError(f"the job was stopped: it needed more than the memory budget of {self.budget_gb:.1f} GiB "
-                               f"(choose a smaller size, or raise --max-memory-gb); the studio keeps running")
+            return WorkerError(f"the job was stopped: it needed more than the memory budget of "
+                               f"{self.budget_gb:.1f} GiB (choose a smaller size, or raise --max-memory-gb); "
+                               f"the studio keeps running")
         if code is not None and code < 0 and -code == 9:
             return WorkerError("the job was stopped by the system, most likely out of memory; the studio keeps "
                                "running: try a smaller size")

@@ -106,7 +106,8 @@ def test_three_by_three_window_canvas_is_seamless_and_aligned(models):
 def test_large_structure_is_sampled_in_windows_with_one_watershed(models):
     smodel, _ = models
     ticks = []
-    s = pipeline.sample_structures(smodel, 1, size=80, steps=4, seed=3, tiling=TilingOptions(overlap=8, max_window_batch=4),
+    s = pipeline.sample_structures(smodel, 1, size=80, steps=4, seed=3,
+                                   tiling=TilingOptions(overlap=8, max_window_batch=4),
                                    progress=lambda i, n: ticks.append((i, n)))[0]
     assert s.structure.shape == (80, 80, 3) and s.inst.shape == (80, 80)
     assert ticks[-1] == (4 * 3, 4 * 3)  # 9 windows in batches of 4 -> 3 passes per step
