@@ -128,11 +128,30 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
     demo.load(ui.w_advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w], api_visibility="private")
 
 
+# the queue looks for new events this often when idle (Gradio's default: every 1 ms), and for progress to send
+# (default: every 10 ms); NUDIFF_IDLE_POLL_S=0.001 restores Gradio's (bench/idle_cost.py compares both)
+IDLE_POLL_S = float(os.environ.get("NUDIFF_IDLE_POLL_S", "0.05"))
+PROGRESS_POLL_S = max(0.01, 2 * IDLE_POLL_S)
+
+
+def _quiet_idle_queue(demo: gr.Blocks) -> None:
+    """Make an idle studio cost next to nothing: Gradio's queue polls for work every millisecond, which
+    burned about 0.4 s of CPU per 10 s with nobody connected (docs/benchmarks.md §11). Its poll intervals
+    are plain attributes of the queue (gradio/queueing.py); 50 ms adds at most that to a click's start."""
+    q = getattr(demo, "_queue", None)
+    if q is not None and hasattr(q, "sleep_when_free"):
+        q.sleep_when_free = IDLE_POLL_S
+        q.progress_update_sleep_when_free = PROGRESS_POLL_S
+    else:
+        log.warning("Gradio's queue has no sleep_when_free: the idle poll interval is left at its default")
+
+
 def launch(demo: gr.Blocks, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
            auth: tuple[str, str] | None = None, prevent_thread_lock: bool = False, quiet: bool = False):
     """Launch with the app's settings: only the export folder is served besides Gradio's own cache."""
     ctx: AppContext = demo.nudiff
     demo.queue(default_concurrency_limit=1)
+    _quiet_idle_queue(demo)
     return demo.launch(server_name=host, server_port=port, share=share, auth=auth,
                        allowed_paths=[str(ctx.exports_dir)], max_file_size="1gb", run_history=False,
                        prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False,

@@ -54,6 +54,14 @@ def test_api_names_are_stable(client):
     assert expected <= names, expected - names
 
 
+def test_idle_queue_polls_slowly(studio):
+    """Gradio's queue polls every 1 ms by default: the studio lengthens that (bench/idle_cost.py measures)."""
+    from nudiff_app.ui import IDLE_POLL_S, PROGRESS_POLL_S
+
+    q = studio[0]._queue
+    assert q.sleep_when_free >= IDLE_POLL_S and q.progress_update_sleep_when_free >= PROGRESS_POLL_S
+
+
 def test_inspect_folder_and_bad_folder(client, labeled_folder, tmp_path):
     status, summary, preview = client.predict(str(labeled_folder), 32, api_name="/inspect_folder")
     assert status.startswith("Inspected: 3 images")
