@@ -222,6 +222,36 @@ def test_a_size_beyond_the_budget_is_refused_and_the_studio_keeps_answering(stud
     assert len(gallery) == 2
 
 
+def test_four_simultaneous_sessions_keep_their_own_work(studio, tiny_checkpoints):
+    """Four gradio_client sessions at once, each sampling, synthesizing and filling its basket: no leakage."""
+    import threading
+
+    url = studio[1]
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    out: dict = {}
+
+    def session(k: int) -> None:
+        c = Client(url, verbose=False)
+        seed = 1000 * (k + 1)
+        _, gallery = c.predict(s_ckpt, 2, "ddim", 3, seed, api_name="/sample_structures")
+        c.predict(1, api_name="/send_to_synthesize")
+        _, results = c.predict(i_ckpt, 2.0, "ddim", 3, seed, 2, api_name="/synthesize")
+        add = c.predict(0, 0.8, api_name="/add_all_to_basket")
+        out[k] = ([g["caption"] for g in gallery], [r["caption"] for r in results], add[0], len(add[1]))
+
+    threads = [threading.Thread(target=session, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert sorted(out) == [0, 1, 2, 3]
+    for k, (structures, images, basket, shown) in out.items():
+        seed = 1000 * (k + 1)
+        assert [c.split(" · ")[1] for c in structures] == [f"seed {seed}", f"seed {seed + 1}"]
+        assert images == [f"#0 · seed {seed}", f"#1 · seed {seed + 1}"]
+        assert "pair_0001, pair_0002" in basket and "(2 pairs:" in basket and shown == 2
+
+
 def test_calibrate_w_stores_it_and_sets_the_slider(client, tiny_checkpoints, labeled_folder, tmp_path):
     from engine.checkpoint import export_inference, load_checkpoint
 
