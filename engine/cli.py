@@ -105,9 +105,10 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++sde", "ddpm"], help=SAMPLER_HELP)
-    p.add_argument("--steps", type=int, default=steps_default, help="denoising steps (default: 20 for ddim, dpm++ and dpm++sde, 1000 for ddpm)")
+    p.add_argument("--steps", type=_int_at_least(1), default=steps_default,
+                   help="denoising steps (default: 20 for ddim, dpm++ and dpm++sde, 1000 for ddpm)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
 
 
@@ -220,15 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="summarise a folder of labeled tiles and report problems")
     p.add_argument("folder")
-    p.add_argument("--tile-size", type=int, default=256)
-    p.add_argument("--stride", type=int, default=128)
+    p.add_argument("--tile-size", type=_int_at_least(1), default=256)
+    p.add_argument("--stride", type=_int_at_least(1), default=128)
 
     p = sub.add_parser("subset", help="write the paper's labeled subset (a fraction of nuclei) as a tile folder")
     p.add_argument("data", help="folder of labeled images (images/ + labels/)")
     p.add_argument("--fraction", required=True, help="fraction of nuclei: 10 (percent) or 0.1")
     p.add_argument("--out", required=True, help="new output folder: images/ + labels/ + manifest.csv")
-    p.add_argument("--tile-size", type=int, default=256, help="tile size (paper 256)")
-    p.add_argument("--stride", type=int, default=128, help="tile stride (paper 128)")
+    p.add_argument("--tile-size", type=_int_at_least(1), default=256, help="tile size (paper 256)")
+    p.add_argument("--stride", type=_int_at_least(1), default=128, help="tile stride (paper 128)")
     p.add_argument("--seed", type=int, default=0, help="KMeans seed (the evaluate command's --seed)")
 
     p = sub.add_parser("train-structure", help="train (or resume) the unconditional nuclei-structure model")
@@ -238,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sample-structures", help="sample nuclei structures and their instance maps")
     p.add_argument("--checkpoint", default=None, help="structure checkpoint (default: the embedded demo)")
-    p.add_argument("--n", type=int, default=4, help="number of structures")
+    p.add_argument("--n", type=_int_at_least(1), default=4, help="number of structures")
     p.add_argument("--size", type=_int_at_least(8), default=None,
                    help="side in px (default: the model's); larger than the model's tile: sampled as fused "
                         "overlapping windows, then one watershed over the whole map")
@@ -251,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
     p.add_argument("--labels", nargs="+", required=True, help="instance-map files (png/tif/npy/mat) or folders")
     p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
-    p.add_argument("--variants", type=int, default=1, help="images per label map")
+    p.add_argument("--variants", type=_int_at_least(1), default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
     _add_sampling_args(p)
     _add_canvas_args(p)
@@ -259,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample structures, then images: synthetic labeled pairs")
     p.add_argument("--structure-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
-    p.add_argument("--n", type=int, default=8, help="number of pairs")
+    p.add_argument("--n", type=_int_at_least(1), default=8, help="number of pairs")
     p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
     p.add_argument("--size", type=_int_at_least(8), default=None,
                    help="side in px (default: the image model's); larger than the tile: fused overlapping windows")
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="real labeled images (images/ + labels/), e.g. the model's training data")
     p.add_argument("--grid", type=_grid_arg, default=list(DEFAULT_GRID), metavar="W,W,...",
                    help="guidance scales to synthesize at; the answer is interpolated between them")
-    p.add_argument("--n", type=int, default=DEFAULT_TILES,
+    p.add_argument("--n", type=_int_at_least(1), default=DEFAULT_TILES,
                    help="real tiles (with nuclei) whose layouts are synthesized")
     p.add_argument("--size", type=int, default=None, help="tile size (default: the model's sampling size)")
     p.add_argument("--no-save", action="store_true", help="print the result only; leave the checkpoint as it is")
@@ -308,14 +309,14 @@ def _add_benchmark_commands(sub) -> None:
                    help="folder of held-out real labeled images, tested at full size (required unless --collect)")
     p.add_argument("--fractions", default="10,20,50,100", help="labeled fractions of nuclei, in percent")
     p.add_argument("--out", required=True, help="output folder: results.csv/.md/.png/.json, runs/")
-    p.add_argument("--steps", type=int, default=2000, help="segmenter training steps per run")
+    p.add_argument("--steps", type=_int_at_least(1), default=2000, help="segmenter training steps per run")
     p.add_argument("--size", type=int, default=128, help="training crop size in px")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=1, help="trainings per fraction and arm (seeds seed+r)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tile-size", type=int, default=256, help="tile size for subset selection (paper 256)")
-    p.add_argument("--stride", type=int, default=128, help="tile stride for subset selection (paper 128)")
+    p.add_argument("--tile-size", type=_int_at_least(1), default=256, help="tile size for subset selection (paper 256)")
+    p.add_argument("--stride", type=_int_at_least(1), default=128, help="tile stride for subset selection (paper 128)")
     p.add_argument("--channels", type=int, default=16, help="segmenter base channels")
     p.add_argument("--depth", type=int, default=3, help="segmenter downsamplings")
     p.add_argument("--arms", default="labeled,augmented",

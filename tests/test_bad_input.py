@@ -1,0 +1,44 @@
+"""Bad input to the sampling and data commands: one line, exit status 2, nothing written (argparse ranges)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CASES = [
+    ("sample-structures", ["--n", "0"]), ("sample-structures", ["--n", "-3"]), ("sample-structures", ["--steps", "0"]),
+    ("sample-structures", ["--batch-size", "0"]), ("sample-structures", ["--size", "0"]),
+    ("sample-structures", ["--size", "abc"]), ("sample-structures", ["--tile", "4"]),
+    ("sample-structures", ["--overlap", "-1"]), ("sample-structures", ["--window-batch", "0"]),
+    ("sample-structures", ["--max-memory-gb", "0"]), ("sample-structures", ["--max-memory-gb", "nan"]),
+    ("generate", ["--n", "0"]), ("generate", ["--steps", "0"]), ("generate", ["--size", "0"]),
+    ("generate", ["--batch-size", "0"]), ("generate", ["--w", "-1"]), ("generate", ["--w", "abc"]),
+    ("synthesize", ["--variants", "0"]), ("synthesize", ["--steps", "-2"]), ("synthesize", ["--w", "99"]),
+]
+
+
+def _run(args: list[str]):
+    return subprocess.run([sys.executable, "-m", "engine", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("command,extra", CASES, ids=[f"{c} {' '.join(e)}" for c, e in CASES])
+def test_sampling_arguments_are_refused_while_parsing(command, extra, tmp_path):
+    out = tmp_path / "out"
+    base = {"sample-structures": ["--out", str(out)], "generate": ["--out", str(out)],
+            "synthesize": ["--labels", str(tmp_path), "--out", str(out)]}[command]
+    r = _run([command, *base, *extra])
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr and "error:" in r.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--tile-size", "0"], ["--stride", "0"], ["--tile-size", "-8"]])
+def test_inspect_tile_arguments(extra, tmp_path):
+    r = _run(["inspect", str(tmp_path), *extra])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "must be at least 1" in r.stderr
