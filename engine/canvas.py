@@ -80,7 +80,8 @@ def plan_canvas(cfg: UNetConfig, default_tile: int, height: int, width: int, *, 
     f = _down_factor(cfg)
     height, width = int(height), int(width)
     if min(height, width) < 8:
-        raise NuDiffError(f"a {what} must be at least 8 px on each side, got {height}x{width}")
+        raise NuDiffError(f"{'an' if what[0] in 'aeiou' else 'a'} {what} must be at least 8 px on each side, "
+                          f"got {height}x{width}")
     if max(height, width) > MAX_SIDE:
         raise NuDiffError(f"a {height}x{width} px {what} is beyond the largest side of {MAX_SIDE} px")
     tile = int(opt.tile or default_tile)

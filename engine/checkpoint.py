@@ -178,17 +178,45 @@ def read_record(path: str | os.PathLike, *, kind: str | None = None) -> tuple[Pa
         raise CheckpointError(f"checkpoint record {record_path} is not valid JSON: {e}") from None
     if not isinstance(record, dict) or "kind" not in record or "model" not in record:
         raise CheckpointError(f"{record_path} is not a NuDiff checkpoint record (no 'kind'/'model')")
-    if record.get("format", 0) > FORMAT:
+    fmt = record.get("format", 0)
+    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 0:
+        raise CheckpointError(f"{record_path}: 'format' must be a whole number, got {fmt!r}")
+    if fmt > FORMAT:
         raise CheckpointError(f"{record_path} was written by a newer NuDiff (format {record['format']})")
+    if record["kind"] not in KINDS:
+        raise CheckpointError(f"{record_path}: unknown model kind {record['kind']!r} (structure or image)")
+    if not isinstance(record["model"], dict):
+        raise CheckpointError(f"{record_path}: 'model' must be a model config object, got {record['model']!r:.60}")
+    _check_diffusion(record.get("diffusion", {}), record_path)
     if kind is not None and record["kind"] != kind:
         raise CheckpointError(
             f"{weights.name} is a{'n' if record['kind'] == 'image' else ''} {record['kind']} model, but "
             f"a{'n' if kind == 'image' else ''} {kind} model is needed here")
     try:
         UNetConfig.from_dict(record["model"])
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{record_path}: invalid model config: {e}") from None
     return weights, record
+
+
+def _check_diffusion(d: Any, record_path: Path) -> None:
+    """CheckpointError unless `d` is a usable DiffusionConfig record (T >= 2, 0 < beta_start < beta_end < 1,
+    the linear schedule)."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{record_path}: 'diffusion' must be an object, got {d!r:.60}")
+    try:
+        cfg = DiffusionConfig.from_dict(d)
+        t, b0, b1 = cfg.num_timesteps, float(cfg.beta_start), float(cfg.beta_end)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{record_path}: invalid diffusion config: {e}") from None
+    if not isinstance(t, int) or isinstance(t, bool) or t < 2:
+        raise CheckpointError(f"{record_path}: diffusion num_timesteps must be a whole number of at least 2, "
+                              f"got {t!r}")
+    if not 0 < b0 < b1 < 1:
+        raise CheckpointError(f"{record_path}: diffusion betas must satisfy 0 < beta_start < beta_end < 1, "
+                              f"got {b0} and {b1}")
+    if cfg.schedule != "linear":
+        raise CheckpointError(f"{record_path}: unknown beta schedule {cfg.schedule!r} (only 'linear')")
 
 
 def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify: bool = True) -> Checkpoint:

@@ -42,3 +42,43 @@ def test_sampling_arguments_are_refused_while_parsing(command, extra, tmp_path):
 def test_inspect_tile_arguments(extra, tmp_path):
     r = _run(["inspect", str(tmp_path), *extra])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "must be at least 1" in r.stderr
+
+
+RECORD_CASES = [({"format": "abc"}, "'format' must be a whole number"), ({"format": True}, "'format'"),
+                ({"model": "hello"}, "'model' must be a model config"), ({"kind": "x"}, "unknown model kind"),
+                ({"diffusion": {"num_timesteps": 0}}, "num_timesteps"),
+                ({"diffusion": {"schedule": "bogus"}}, "unknown beta schedule"),
+                ({"diffusion": {"beta_start": 0.5, "beta_end": 0.1}}, "betas"),
+                ({"diffusion": "x"}, "'diffusion' must be an object")]
+
+
+@pytest.mark.parametrize("change,message", RECORD_CASES, ids=[m for _, m in RECORD_CASES])
+def test_a_damaged_checkpoint_record_is_refused_in_one_line(change, message, tmp_path, tiny_checkpoints):
+    import json
+    import shutil
+
+    src = Path(tiny_checkpoints[0])
+    shutil.copy(src.with_suffix(".safetensors"), tmp_path / "structure.safetensors")
+    rec = json.loads(src.read_text())
+    for key, value in change.items():
+        if isinstance(value, dict):
+            rec[key].update(value)
+        else:
+            rec[key] = value
+    (tmp_path / "structure.json").write_text(json.dumps(rec))
+    out = tmp_path / "out"
+    r = _run(["sample-structures", "--checkpoint", str(tmp_path / "structure.json"), "--n", "1", "--steps", "2",
+              "--out", str(out)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1 and message in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_an_empty_label_map_is_refused(tmp_path, tiny_checkpoints):
+    import numpy as np
+
+    np.save(tmp_path / "empty.npy", np.zeros((0, 0), np.int32))
+    r = _run(["synthesize", "--checkpoint", str(tiny_checkpoints[1]), "--labels", str(tmp_path / "empty.npy"),
+              "--out", str(tmp_path / "out")])
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "at least 8 px" in r.stderr
+    assert not (tmp_path / "out").exists()
