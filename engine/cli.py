@@ -485,6 +485,18 @@ def _subset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: str) -> None:
+    """Refuse an --out that the pairs could not be written to, before any sampling: an existing file that is
+    not a .zip, or a folder that is not empty (export.write_folder's rule)."""
+    path = Path(out)
+    if out.lower().endswith(".zip"):
+        if path.is_dir():
+            raise NuDiffError(f"--out {path} is a folder, not a .zip file")
+        return
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise NuDiffError(f"output folder {path} already exists and is not empty: choose a new --out")
+
+
 def _save_pairs(pairs, out: str) -> None:
     from engine import export
 
@@ -514,6 +526,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import torch
 
+    _check_out(args.out)
     state = PartialState(cpu=not torch.cuda.is_available())
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure", device=device)
@@ -659,6 +672,7 @@ def _run(args: argparse.Namespace) -> int:
     if cmd == "synthesize":
         from engine.data import label_files, read_label
 
+        _check_out(args.out)
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
         files = label_files(args.labels)
         insts = [read_label(f) for f in files]

@@ -82,3 +82,20 @@ def test_an_empty_label_map_is_refused(tmp_path, tiny_checkpoints):
               "--out", str(tmp_path / "out")])
     assert r.returncode == 2 and "Traceback" not in r.stderr and "at least 8 px" in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_an_unusable_out_is_refused_before_any_sampling(tmp_path, tiny_checkpoints):
+    s, i = map(str, tiny_checkpoints)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "keep.txt").write_text("mine")
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (busy, a_file):
+        r = _run(["generate", "--structure-checkpoint", s, "--image-checkpoint", i, "--n", "1", "--steps", "200",
+                  "--out", str(out)])
+        assert r.returncode == 2 and "already exists and is not empty" in r.stderr and "Traceback" not in r.stderr
+        assert "pairs:" not in r.stderr  # refused before the progress bar: nothing was sampled
+    r = _run(["synthesize", "--checkpoint", i, "--labels", str(tmp_path), "--out", str(busy)])
+    assert r.returncode == 2 and "already exists and is not empty" in r.stderr
+    assert (busy / "keep.txt").read_text() == "mine" and a_file.read_text() == "x"
