@@ -12,6 +12,7 @@ A call either lowers its window batch until the estimate fits the budget or refu
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ def forward_bytes(cfg: UNetConfig, batch: int, height: int, width: int) -> int:
     return int(FORWARD_MARGIN * 4 * batch * elems + ALLOCATOR_BYTES)
 
 
+@functools.lru_cache(maxsize=32)  # plan_windows asks once per candidate window batch
 def weights_bytes(cfg: UNetConfig) -> int:
     """Bytes of the float32 weights of a U-Net `cfg` (built on the meta device: nothing allocated)."""
     import torch
