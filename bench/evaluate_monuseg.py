@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import torch
 
-    from engine.checkpoint import atomic_write_bytes
+    from engine.fileio import atomic_write_bytes
     from engine.cli import _synthetic_spec
     from engine.data import load_folder
     from engine.errors import NuDiffError

@@ -1,6 +1,7 @@
 """NuDiff engine: diffusion-based augmentation of labeled nuclei tiles (pure PyTorch, no GUI).
 
-Modules, one concept each:
+Modules, one concept each (layers and import graph: docs/architecture.md):
+    fileio      atomic file output, file hashes, JSON record checks, device choice (the bottom layer)
     structure   instance map <-> 3-channel nuclei structure (semantic, horizontal, vertical)
     metrics     Dice, AJI, AJI+, PQ (HoVer-Net definitions)
     data        reading folders of labeled tiles, tiling, validation, subset selection
@@ -9,11 +10,12 @@ Modules, one concept each:
     unet        U-Net with timestep embedding, attention and SPADE-conditioned decoder
     diffusion   noise schedule, training loss, guided noise prediction
     samplers    DDPM / DDIM / DPM-Solver++ sampling loops
-    checkpoint  safetensors + JSON checkpoints, atomic writes
+    checkpoint  safetensors + JSON checkpoints and their records
     train       training loops with EMA, resume, multi-process (accelerate)
     pipeline    generation API shared by the CLI and the studio
     guidance    calibrating an image model's guidance scale w against real images
     curate      layout realism filter for sampled structures
+    morphology  nucleus shape measures shared by curate and quality
     export      writing curated pairs (zip / folder) and unpacking uploads safely
     segment     lightweight HoVer-Net-style segmenter for the downstream benchmark
     evaluate    the downstream benchmark (the paper's Table 1)

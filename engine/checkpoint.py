@@ -7,18 +7,19 @@ A checkpoint is a pair of files with one stem: ``<stem>.safetensors`` (tensors) 
 'inference' (tensors ``model.*``: the EMA weights, possibly fp16) or 'training' (``model.*`` live weights,
 ``ema.*``, ``optim.*`` AdamW state and RNG state), so training resumes exactly.
 
-Both files are written to temporary names in the same folder and renamed into place, the JSON last: a
-crash leaves either the previous checkpoint or the new one, never half of one (and at most a temporary
-``.NAME.RANDOM.tmp`` beside it, see TEMP_NAME, which the next trainer on the folder removes).
+Both files are written to temporary names in the same folder and renamed into place, the JSON last
+(engine.fileio.atomic_output): a crash leaves either the previous checkpoint or the new one, never half of
+one (and at most a temporary ``.NAME.RANDOM.tmp`` beside it, see engine.fileio.TEMP_NAME, which the next
+trainer on the folder removes).
+
+This module is storage: it imports no science module. A structure model's layout reference is computed
+by the caller (engine.curate) and handed to :func:`export_inference` as an array.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,15 +33,14 @@ from safetensors.torch import load_file, save_file
 import engine
 from engine.config import KINDS, DiffusionConfig, UNetConfig
 from engine.errors import CheckpointError
+from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, file_sha256,
+                           is_whole_number, read_json_record)
 
 FORMAT = 1
+GUIDANCE_KEY = "guidance"  # record field of an image model's calibrated guidance (engine.guidance)
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "read_record", "checkpoint_paths",
-           "atomic_write_bytes", "file_sha256", "export_inference", "TEMP_NAME"]
-
-#: Name of the temporary file a write of ``<target>`` goes through (``tempfile.mkstemp`` beside it):
-#: ``.<target>.<random>.tmp``. A killed writer leaves one behind; engine.runlock.clean_temp_files
-#: removes those of a run folder when the next trainer takes the folder.
-TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<random>[A-Za-z0-9_]+)\.tmp$")
+           "atomic_write_bytes", "file_sha256", "export_inference", "TEMP_NAME", "GUIDANCE_KEY", "recommended_w",
+           "sample_size"]
 
 
 def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
@@ -49,29 +49,6 @@ def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write data to path via a temporary file in the same folder and an atomic rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
@@ -131,17 +108,9 @@ def save_checkpoint(
     weights, record_path = checkpoint_paths(path)
     weights.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{weights.name}.", suffix=".tmp", dir=weights.parent)
-    os.close(fd)
-    try:
+    with atomic_output(weights) as tmp:
         save_file(flat, tmp, metadata={"format": str(FORMAT), "kind": kind})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        sha = file_sha256(Path(tmp))
-        os.replace(tmp, weights)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        sha = file_sha256(tmp)
     record = {
         "format": FORMAT,
         "kind": kind,
@@ -172,17 +141,10 @@ def read_record(path: str | os.PathLike, *, kind: str | None = None) -> tuple[Pa
         raise CheckpointError(f"checkpoint record missing: {record_path} (a checkpoint is .safetensors + .json)")
     if not weights.exists():
         raise CheckpointError(f"checkpoint weights missing: {weights}")
-    try:
-        record = json.loads(record_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"checkpoint record {record_path} is not valid JSON: {e}") from None
+    record = read_json_record(record_path, "checkpoint record")
     if not isinstance(record, dict) or "kind" not in record or "model" not in record:
         raise CheckpointError(f"{record_path} is not a NuDiff checkpoint record (no 'kind'/'model')")
-    fmt = record.get("format", 0)
-    if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 0:
-        raise CheckpointError(f"{record_path}: 'format' must be a whole number, got {fmt!r}")
-    if fmt > FORMAT:
-        raise CheckpointError(f"{record_path} was written by a newer NuDiff (format {record['format']})")
+    check_format(record, FORMAT, record_path)
     if record["kind"] not in KINDS:
         raise CheckpointError(f"{record_path}: unknown model kind {record['kind']!r} (structure or image)")
     if not isinstance(record["model"], dict):
@@ -209,7 +171,7 @@ def _check_diffusion(d: Any, record_path: Path) -> None:
         t, b0, b1 = cfg.num_timesteps, float(cfg.beta_start), float(cfg.beta_end)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{record_path}: invalid diffusion config: {e}") from None
-    if not isinstance(t, int) or isinstance(t, bool) or t < 2:
+    if not is_whole_number(t, 2):
         raise CheckpointError(f"{record_path}: diffusion num_timesteps must be a whole number of at least 2, "
                               f"got {t!r}")
     if not 0 < b0 < b1 < 1:
@@ -238,24 +200,22 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
 
 def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True,
                      extra: dict[str, Any] | None = None,
-                     reference: torch.Tensor | np.ndarray | str | os.PathLike | None = None) -> Path:
+                     reference: torch.Tensor | np.ndarray | None = None) -> Path:
     """Write the EMA weights of a training (or inference) checkpoint as a small inference checkpoint
     (fp16 if half). Tensors ``reference.*`` (a structure model's layout reference, engine.curate) are
     copied as they are.
 
     extra: more record fields, e.g. ``sample_size`` (default tile size for sampling).
     reference: layout reference to store as ``reference.layout`` (structure models only), replacing any
-    copied one: (N, 5) float32 layout features, or a folder of real labeled images whose tiles of the
-    model's sampling size give them (engine.curate.reference_from_folder).
+    copied one: (N, 5) float32 layout features, e.g. engine.curate.reference_from_folder of a folder of
+    real labeled images at the model's :func:`sample_size`.
     """
     ck = load_checkpoint(src)
     if reference is not None and ck.kind != "structure":
         raise CheckpointError("a layout reference applies to structure models only")
     if isinstance(reference, (str, os.PathLike)):
-        from engine.curate import reference_from_folder
-
-        size = (extra or {}).get("sample_size") or ck.record.get("sample_size") or ck.model_config.image_size
-        reference = reference_from_folder(reference, int(size))
+        raise TypeError("reference must be an array of layout features (engine.curate.reference_from_folder "
+                        "makes one of a folder)")
     sd = ck.weights_for_inference()
     dtype = torch.float16 if half else torch.float32
     tensors = {f"model.{k}": v.to(dtype) for k, v in sd.items()}
@@ -274,3 +234,21 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bo
     keep.update(extra or {})
     return save_checkpoint(dst, tensors, kind=ck.kind, model=ck.model_config, diffusion=ck.diffusion_config,
                            contents="inference", step=ck.step, extra=keep)
+
+
+def sample_size(record: dict[str, Any]) -> int:
+    """Default tile size for sampling of a checkpoint record: ``sample_size``, else the model's training size."""
+    return int(record.get("sample_size") or UNetConfig.from_dict(record["model"]).image_size)
+
+
+def recommended_w(record: dict[str, Any]) -> float | None:
+    """The calibrated guidance scale stored in an image checkpoint's record (``guidance.w``, written by
+    engine.guidance.store_calibration), or None when the model was never calibrated."""
+    g = record.get(GUIDANCE_KEY)
+    if not isinstance(g, dict) or "w" not in g:
+        return None
+    try:
+        w = float(g["w"])
+    except (TypeError, ValueError):
+        return None
+    return w if 0 <= w <= 50 else None

@@ -155,14 +155,18 @@ def _tiling(args: argparse.Namespace):
                          max_memory_gb=args.max_memory_gb)
 
 
-W_HELP = ("classifier-free guidance scale (paper: 2), or 'recommended': the image model's calibrated w "
-          "(calibrate-w), at which its nuclei stand out as much as real ones")
+PAPER_W = 2.0
+W_HELP = ("classifier-free guidance scale; default: the image model's calibrated w (calibrate-w: nuclei "
+          "stand out as much as in real images) when it has one, else the paper's 2. 'paper' = 2; "
+          "'recommended' = the calibrated w, an error when the model has none")
 
 
 def _w_arg(text: str) -> float | str:
-    """--w: a number in [0, 50] or 'recommended'."""
+    """--w: a number in [0, 50], 'paper' (2) or 'recommended'."""
     if text.strip().lower() == "recommended":
         return "recommended"
+    if text.strip().lower() == "paper":
+        return PAPER_W
     try:
         w = float(text)
     except ValueError:
@@ -180,9 +184,16 @@ def _grid_arg(text: str) -> list[float]:
 
 
 def _model_w(args: argparse.Namespace, model) -> float:
-    """args.w resolved for this image model ('recommended' -> its calibrated w, said on stderr)."""
+    """args.w resolved for this image model: none given -> its calibrated w, else the paper's 2;
+    'recommended' -> its calibrated w (said on stderr)."""
     from engine.guidance import resolve_w
 
+    if args.w is None:
+        if model.recommended_w is None:
+            return PAPER_W
+        print(f"w = {model.recommended_w:g}, the calibrated w of {model.path.name} (--w paper for the paper's "
+              f"{PAPER_W:g})", file=sys.stderr)
+        return float(model.recommended_w)
     w = resolve_w(args.w, model.recommended_w, model.path.name)
     if args.w == "recommended":
         print(f"w = {w:g} (calibrated for {model.path.name})", file=sys.stderr)
@@ -251,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("synthesize", help="synthesize images for given label maps with guidance scale w")
     p.add_argument("--checkpoint", default=None, help="image checkpoint (default: the embedded demo)")
     p.add_argument("--labels", nargs="+", required=True, help="instance-map files (png/tif/npy/mat) or folders")
-    p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
+    p.add_argument("--w", type=_w_arg, default=None, help=W_HELP)
     p.add_argument("--variants", type=_int_at_least(1), default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
     _add_sampling_args(p)
@@ -261,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--structure-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--image-checkpoint", default=None, help="default: the embedded demo")
     p.add_argument("--n", type=_int_at_least(1), default=8, help="number of pairs")
-    p.add_argument("--w", type=_w_arg, default=2.0, help=W_HELP)
+    p.add_argument("--w", type=_w_arg, default=None, help=W_HELP)
     p.add_argument("--size", type=_int_at_least(8), default=None,
                    help="side in px (default: the image model's); larger than the tile: fused overlapping windows")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
@@ -341,6 +352,12 @@ def _add_benchmark_commands(sub) -> None:
     p.add_argument("--real", default=None, help="folder of real labeled images to compare with")
     p.add_argument("--segmenter", default=None, help="segmenter trained on real data (.json/.safetensors)")
     p.add_argument("--max-real-tiles", type=int, default=500)
+    p.add_argument("--two-sample", action="store_true",
+                   help="also run the classifier two-sample test against --real (a small CNN trained to tell real "
+                        "from synthetic tiles; held-out accuracy 0.5 = indistinguishable; ~1 min per 100 tiles)")
+    p.add_argument("--training", default=None,
+                   help="the generator's training images (labeled folder): flag synthetic tiles that are "
+                        "near-copies of a training tile")
     p.add_argument("--json", default=None, help="also write the full report as JSON here")
     p.add_argument("--device", default="auto")
 
@@ -352,8 +369,6 @@ def _synthetic_spec(values: list[str] | None):
     if all("=" in v for v in values):
         return dict(v.split("=", 1) for v in values)
     if len(values) > 1:
-        from engine.errors import NuDiffError
-
         raise NuDiffError("give one --synthetic folder or template, or several PCT=DIR")
     return values[0]
 
@@ -390,10 +405,13 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
     from engine.segment import Segmenter
 
     seg = Segmenter.load(args.segmenter, args.device) if args.segmenter else None
-    report = quality_report(args.synthetic, args.real, seg, max_real_tiles=args.max_real_tiles)
+    if args.two_sample and not args.real:
+        raise NuDiffError("--two-sample needs --real (the real tiles to tell the synthetic ones from)")
+    report = quality_report(args.synthetic, args.real, seg, max_real_tiles=args.max_real_tiles,
+                            realism=args.two_sample, training=args.training)
     print(format_quality_markdown(report))
     if args.json:
-        from engine.checkpoint import atomic_write_bytes
+        from engine.fileio import atomic_write_bytes
 
         atomic_write_bytes(Path(args.json), json.dumps(report, indent=2, default=float).encode())
     return 0
@@ -423,8 +441,8 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     import torch
 
     from engine.config import TrainConfig
-    from engine.runlock import RunFolderBusy
-    from engine.train import Trainer, read_status, write_status
+    from engine.runlock import RunFolderBusy, busy_message, lock_holder
+    from engine.train import Trainer
 
     if kind == "image" and args.steps + args.finetune_steps < 1:  # refused before anything is written
         raise NuDiffError("--steps and --finetune-steps are both 0: nothing to train")
@@ -448,19 +466,24 @@ def _train(args: argparse.Namespace, kind: str) -> int:
             preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
             mixed_precision=args.mixed_precision, init_from=args.init_from,
             extra={"sample_size": args.sample_size} if args.sample_size else {})
+        existed = Path(args.run_dir).is_dir()  # made by a watching studio, or a run to resume
         try:
             if args.time_limit is not None and not args.time_limit > 0:
                 raise NuDiffError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
             preset, size = _model_shape(args, kind)
             cfg = dataclasses.replace(cfg, preset=preset, image_size=size)
-            trainer = Trainer(cfg, args.run_dir, show_progress=not args.quiet, allow_changes=args.allow_changes,
+            owner = lock_holder(args.run_dir)  # refused at once, before reading the data
+            if owner:
+                raise RunFolderBusy(busy_message(args.run_dir, owner))
+            data = _training_set(cfg)
+            trainer = Trainer(cfg, args.run_dir, data=data, show_progress=not args.quiet,
+                              allow_changes=args.allow_changes,
                               time_limit=None if args.time_limit is None else args.time_limit * 60.0)
         except RunFolderBusy:  # the folder is another process's: touch nothing there
             raise
-        except NuDiffError as e:  # let a watching studio see why the job never started
-            step = read_status(args.run_dir).get("step", 0)  # (a refused resume keeps the step reached)
-            write_status(args.run_dir, {"state": "failed", "kind": kind, "step": step, "total": cfg.total_steps,
-                                        "message": str(e)})
+        except NuDiffError as e:  # refused before training: no run folder is made for it, and one that
+            if existed:           # exists (a watching studio's, a run to resume) is told why in its status
+                _failed_status(args.run_dir, kind, cfg, e)
             raise
         out = trainer.run()
     finally:
@@ -468,6 +491,66 @@ def _train(args: argparse.Namespace, kind: str) -> int:
             signal.signal(signal.SIGTERM, previous)
     print(f"model: {out}")
     return 0
+
+
+class RefusedBeforeRun(NuDiffError):
+    """A training run refused before its run folder is touched: a tile size the preset cannot take, or data
+    whose label maps hold no nucleus at all. (A run folder that exists, e.g. made by a watching studio or a
+    run to resume, is told why in its status.json.)"""
+
+
+MAX_PROBLEM_LINES = 20  # problems of the training data printed before "... and N more"
+
+
+def _failed_status(run_dir: str, kind: str, cfg, error: BaseException) -> None:
+    from engine.train import read_status, write_status
+
+    step = read_status(run_dir).get("step", 0)  # (a refused resume keeps the step reached)
+    write_status(run_dir, {"state": "failed", "kind": kind, "step": step, "total": cfg.total_steps,
+                           "message": str(error)})
+
+
+def _print_problems(problems, data: str) -> None:
+    """The data's problems on stderr, one line each (skipped files and caveats; `inspect` lists them all)."""
+    import os
+
+    if not problems or os.environ.get("RANK", "0") != "0":  # once under accelerate launch / torchrun
+        return
+    for p in problems[:MAX_PROBLEM_LINES]:
+        print(" ".join(str(p).split()), file=sys.stderr)
+    if len(problems) > MAX_PROBLEM_LINES:
+        print(f"... and {len(problems) - MAX_PROBLEM_LINES} more problems (python -m engine inspect {data} "
+              "lists them all)", file=sys.stderr)
+
+
+def _training_set(cfg):
+    """The run's training tiles (engine.train.TrainingSet.from_folder's), read here so that the data's
+    problems are printed, and a folder whose label maps hold no nucleus at all is refused
+    (RefusedBeforeRun) before the run folder is touched."""
+    from engine.config import preset
+    from engine.data import load_tiles, select_subset
+    from engine.train import TrainingSet
+
+    if not cfg.data:
+        raise NuDiffError("no training data folder given")
+    try:
+        size = preset(cfg.preset, cfg.kind, cfg.image_size).image_size
+    except ValueError as e:  # e.g. "image_size 33 must be divisible by 2"
+        raise RefusedBeforeRun(f"--image-size {cfg.image_size} does not suit preset {cfg.preset!r}: {e}") \
+            from None
+    tiles, problems = load_tiles(cfg.data, size=size, stride=cfg.tile_stride or size // 2)
+    if not any(t.inst.any() for t in tiles):
+        # the files skipped may be why; the "no nuclei" warnings of the others would only repeat the refusal
+        _print_problems([p for p in problems if p.severity == "error"], cfg.data)
+        n = len({t.stem for t in tiles})
+        raise RefusedBeforeRun(f"no nuclei to train on in {cfg.data}: every label map is background only "
+                               f"(0 everywhere; {n} usable image{'s' if n != 1 else ''}); labels must be "
+                               "instance maps (0 = background, one id per nucleus)")
+    _print_problems(problems, cfg.data)
+    if cfg.fraction < 1.0:
+        keep = select_subset(tiles, cfg.fraction, seed=cfg.seed)
+        tiles = [tiles[i] for i in keep]
+    return TrainingSet.from_arrays([t.image for t in tiles], [t.inst for t in tiles])
 
 
 def _subset(args: argparse.Namespace) -> int:
@@ -625,11 +708,15 @@ def _run(args: argparse.Namespace) -> int:
             if not sep or not key:
                 raise NuDiffError(f"--meta expects KEY=VALUE, got {item!r}")
             extra[key] = value
-        from engine.checkpoint import read_record
+        from engine.checkpoint import read_record, sample_size
+        from engine.curate import reference_from_folder
 
-        image = args.reference and read_record(args.src)[1]["kind"] == "image"
-        path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra,
-                                reference=None if image else args.reference)
+        record = read_record(args.src)[1] if args.reference else {}
+        image = args.reference and record["kind"] == "image"
+        reference = None
+        if args.reference and not image:  # a structure model's layout reference: real tiles of its sampling size
+            reference = reference_from_folder(args.reference, args.sample_size or sample_size(record))
+        path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference)
         print(path)
         if image:
             _calibrate(path, args.reference)

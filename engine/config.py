@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-ModelKind = Literal["structure", "image"]
 KINDS: tuple[str, ...] = ("structure", "image")
 
 

@@ -26,12 +26,12 @@ is trained or exported with a data folder, so sampling needs no access to the tr
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
 from engine.errors import NuDiffError
+from engine.morphology import nuclei, solidities, tile_measures
 
 __all__ = ["LAYOUT_FEATURES", "layout_features", "realism_ratio", "curate", "CURATE_MODES", "REFERENCE_KEY",
            "reference_from_insts", "reference_from_folder"]
@@ -45,25 +45,15 @@ REFERENCE_KEY = "reference.layout"  # checkpoint tensor name
 
 def layout_features(insts: Sequence[np.ndarray]) -> np.ndarray:
     """(N, 5) float32 layout statistics (LAYOUT_FEATURES) of N (H, W) integer instance maps."""
-    from skimage.measure import regionprops
-
-    from engine.quality import _solidity
-
     rows = []
     for inst in insts:
-        inst = np.asarray(inst)
-        if inst.ndim != 2 or not np.issubdtype(inst.dtype, np.integer):
-            raise NuDiffError(f"instance maps must be (H, W) integer arrays, got {inst.shape} {inst.dtype}")
-        regions = regionprops(inst.astype(np.int32, copy=False))
-        density = len(regions) * 1.0e4 / max(1, inst.size)
-        fg = float(np.count_nonzero(inst)) / max(1, inst.size)
+        inst, regions = nuclei(inst, NuDiffError)
+        _, density, fg = tile_measures(inst, regions)
         if not regions:
             rows.append((np.log1p(density), fg, 0.0, 1.0, 0.0))
             continue
         area = np.array([r.area for r in regions], np.float64)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sol = np.array([_solidity(r) for r in regions])
+        sol = solidities(regions)
         rows.append((np.log1p(density), fg, np.log(area.mean()), sol.mean(), float((sol < 0.85).mean())))
     return np.asarray(rows, np.float32).reshape(-1, len(LAYOUT_FEATURES))
 

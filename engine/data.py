@@ -9,8 +9,12 @@ Folder layout::
 Labels are instance maps (0 = background, one id per nucleus): integer PNG / TIFF, ``.npy``,
 HoVer-Net ``.mat`` (``inst_map``), MoNuSeg XML polygons or QuPath GeoJSON outlines
 (``<stem>.geojson``, also ``<stem>.json`` or ``<stem>.<image ext>.geojson``). When several label
-files match one image, ``labels/`` beats ``masks/`` beats ``annotations/``, then png > tif > tiff >
-npy > mat > xml > geojson > json.
+files match one image (``labels/a.png`` beside ``labels/a.tif``, ``masks/a.png`` or ``annotations/a.xml``),
+all are read: if they hold the same nuclei (the same instance map up to the numbering of its ids, e.g. a
+PNG rendered from MoNuSeg's XML), the first in the order ``labels/`` > ``masks/`` > ``annotations/``, then
+png > tif > tiff > npy > mat > xml > geojson > json, is used; if they differ (or one cannot be read) the
+image is skipped with an error :class:`Problem` naming every candidate, since picking one would be a
+guess. A ``.json`` beside other candidates that is not GeoJSON is ignored with a warning.
 
 Every problem with the user's files is a :class:`~engine.errors.DataError` (or a :class:`Problem`
 in a folder report) whose message names the file at fault.
@@ -38,7 +42,7 @@ __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "DataWarning", "LabeledImage", "Tile", "Problem",
     "Inspection", "SubsetSelection", "read_image", "read_label", "load_folder", "tile_positions",
     "tile_image", "load_tiles", "inspect_folder", "select_subset", "plan_subset",
-    "MAX_LABEL_PIXELS", "max_pixels", "raster_size",
+    "MAX_LABEL_PIXELS", "max_pixels", "raster_size", "find_pairs",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -715,8 +719,8 @@ def _collect_labels(label_dirs: list[Path], problems: list[Problem]) -> dict[str
     return {key: [p for _, p in sorted(items)] for key, items in found.items()}
 
 
-def _pair_files(root: Path) -> tuple[list[tuple[str, Path, Path]], list[Problem]]:
-    """[(stem, image path, label path)] and the problems met while pairing."""
+def _pair_files(root: Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Problem]]:
+    """[(stem, image path, candidate label paths best first)] and the problems met while pairing."""
     problems: list[Problem] = []
     images_dir, label_dirs = _subfolders(root)
     images = _collect_images(images_dir, problems)
@@ -729,7 +733,15 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path, Path]], list[Problem]
             problems.append(Problem(str(image_path), f"image {image_path} has no label (looked "
                                     f"for {stem}.* or {stem}_label.* in {where})", "error"))
             continue
-        pairs.append((stem, image_path, candidates[0]))
+        if len(candidates) > 1:  # a .json that is not GeoJSON (metadata, COCO) is no label candidate
+            other_json = [p for p in candidates if p.suffix.lower() == ".json" and not _looks_like_geojson(p)]
+            if other_json and len(other_json) < len(candidates):
+                for path in other_json:
+                    problems.append(Problem(str(path), f"ignored {path}: JSON but not GeoJSON outlines "
+                                            f"(the label of {image_path.name} is read from another file)",
+                                            "warning"))
+                candidates = [p for p in candidates if p not in other_json]
+        pairs.append((stem, image_path, candidates))
     for key, candidates in labels.items():
         for path in candidates:
             if key == _label_stem(path) and key not in images and _label_key(key) not in images:
@@ -738,9 +750,54 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path, Path]], list[Problem]
     return pairs, problems
 
 
-def _load_pair(stem: str, image_path: Path, label_path: Path,
+def _same_nuclei(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether two instance maps hold the same nuclei: equal shape and foreground, and a one-to-one
+    correspondence of their ids (the numbering may differ)."""
+    if a.shape != b.shape or not np.array_equal(a > 0, b > 0):
+        return False
+    fg = a > 0
+    if not fg.any():
+        return True
+    ids_a, ids_b = np.unique(a[fg]), np.unique(b[fg])
+    pairs = np.unique(a[fg].astype(np.int64) * (int(b.max()) + 1) + b[fg])
+    # each id of a meets exactly one id of b, and vice versa
+    return len(ids_a) == len(ids_b) == len(pairs)
+
+
+def _read_candidates(image_path: Path, shape: tuple[int, int], paths: list[Path],
+                     notes: Notes) -> tuple[Path, np.ndarray]:
+    """(label path, instance map) of an image from its candidate label files (best first).
+
+    One candidate: read it (DataError as read_label). Several: all are read, and used only if they hold
+    the same nuclei; else DataError naming every candidate and how it differs (picking one would be a
+    guess: they may be two versions of the annotation, or a mask that merges touching nuclei).
+    """
+    if len(paths) == 1:
+        return paths[0], _read_label(paths[0], shape, notes)
+    read: list[tuple[Path, np.ndarray | None, str, Notes]] = []
+    for path in paths:
+        own: Notes = []
+        try:
+            inst = _read_label(path, shape, own)
+        except DataError as exc:
+            read.append((path, None, f"unreadable ({exc})", own))
+            continue
+        what = (f"{int(inst.max())} nuclei over {int(np.count_nonzero(inst))} px"
+                + ("" if inst.shape == shape else f", {inst.shape[0]}x{inst.shape[1]} px in all"))
+        read.append((path, inst, what, own))
+    best = read[0][1]
+    if best is not None and all(
+            inst is not None and _same_nuclei(best, inst) for _, inst, _, _ in read[1:]):
+        notes.extend(read[0][3])
+        return paths[0], best
+    details = "; ".join(f"{path} ({what})" for path, _, what, _ in read)
+    raise DataError(f"image {image_path} skipped: {len(paths)} label files match it and they do not hold "
+                    f"the same nuclei: {details}. Keep one label file per image (or make them identical)")
+
+
+def _load_pair(stem: str, image_path: Path, label_paths: list[Path],
                problems: list[Problem]) -> LabeledImage | None:
-    """Load one pair; on failure record a Problem naming the file at fault and return None."""
+    """Load one pair; on failure record a Problem naming the file(s) at fault and return None."""
     notes: Notes = []
     try:
         image = _read_image(image_path, notes)
@@ -748,9 +805,10 @@ def _load_pair(stem: str, image_path: Path, label_path: Path,
         problems.append(Problem(str(image_path), str(exc), "error"))
         return None
     try:
-        inst = _read_label(label_path, image.shape[:2], notes)
+        label_path, inst = _read_candidates(image_path, image.shape[:2], label_paths, notes)
     except DataError as exc:
-        problems.append(Problem(str(label_path), str(exc), "error"))
+        where = label_paths[0] if len(label_paths) == 1 else image_path
+        problems.append(Problem(str(where), str(exc), "error"))
         return None
     if inst.shape != image.shape[:2]:
         problems.append(Problem(str(label_path), f"size mismatch: image {image_path} is "
@@ -765,12 +823,25 @@ def _load_pair(stem: str, image_path: Path, label_path: Path,
 
 
 def _nothing_usable(what: str, root: Path, problems: list[Problem]) -> DataError:
-    listed = [p.message for p in problems if p.severity == "error"][:_MAX_LISTED]
-    more = len([p for p in problems if p.severity == "error"]) - len(listed)
+    """One line: what is missing, then the first few files skipped and why."""
+    errors = [" ".join(p.message.split()) for p in problems if p.severity == "error"]
+    listed = errors[:_MAX_LISTED]
     text = f"no usable {what} in {root}"
     if listed:
-        text += ":\n  " + "\n  ".join(listed) + (f"\n  ... and {more} more" if more > 0 else "")
+        text += ": " + "; ".join(listed) + (f"; ... and {len(errors) - len(listed)} more"
+                                            if len(errors) > len(listed) else "")
     return DataError(text)
+
+
+def find_pairs(folder: str | Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Problem]]:
+    """The folder's (stem, image file, candidate label files) without reading any pixels: a quick check of
+    its layout (load_folder reads them). Raises DataError as load_folder does for a missing folder or
+    subfolder, or when no image has a label file."""
+    root = _check_folder(folder)
+    pairs, problems = _pair_files(root)
+    if not pairs:
+        raise _nothing_usable("image/label pairs", root, problems)
+    return pairs, problems
 
 
 def load_folder(folder: str | Path) -> tuple[list[LabeledImage], list[Problem]]:
@@ -782,8 +853,8 @@ def load_folder(folder: str | Path) -> tuple[list[LabeledImage], list[Problem]]:
     """
     root = _check_folder(folder)
     pairs, problems = _pair_files(root)
-    items = [item for stem, image_path, label_path in pairs
-             if (item := _load_pair(stem, image_path, label_path, problems)) is not None]
+    items = [item for stem, image_path, label_paths in pairs
+             if (item := _load_pair(stem, image_path, label_paths, problems)) is not None]
     if not items:
         raise _nothing_usable("image/label pairs", root, problems)
     return items, problems

@@ -14,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 import engine
+from engine.fileio import commit
 
 CHECKPOINT_DIR = Path(__file__).resolve().parents[1] / "checkpoints"
 DEMO_STRUCTURE = CHECKPOINT_DIR / "structure-demo.json"
@@ -44,7 +45,7 @@ def standin_checkpoints(steps: int = 60, size: int = 32) -> tuple[Path, Path]:
     try:
         _build_test_models(tmp, steps, size)
         try:
-            os.replace(tmp, folder)  # atomic publish; fails if another process won the race
+            commit(tmp, folder)  # atomic publish; fails if another process won the race
         except OSError:
             if not (s.exists() and i.exists()):
                 raise

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from engine.checkpoint import atomic_write_bytes
 from engine.data import LabeledImage, SubsetSelection, Tile, load_folder, plan_subset, tile_image
 from engine.errors import DataError, NuDiffError
+from engine.fileio import atomic_write_bytes
 from engine.metrics import aji, aji_plus, dice, pq
 from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
 

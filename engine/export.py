@@ -24,9 +24,9 @@ written, so nucleus ``k`` is the same object in every format of a pair:
                            overlap, windows of an image synthesized as fused windows (else empty)
 =========================  ==================================================================
 
-All writers are atomic: the archive (or folder) is built under a temporary name next to the target
-(``.<name>.<random>.tmp``) and renamed into place only when complete; on any error nothing is left
-behind. A writer holds a ``flock`` on its temporary while it works; one that was killed leaves its
+All writers are atomic (engine.fileio.atomic_output): the archive (or folder) is built under a temporary
+name next to the target (``.<name>.<random>.tmp``) and renamed into place only when complete; on any
+error nothing is left behind. A writer holds a ``flock`` on its temporary while it works; one that was killed leaves its
 temporary unlocked, and the next write to the same target removes it first.
 """
 
@@ -38,10 +38,7 @@ import errno
 import io
 import json
 import os
-import re
-import shutil
 import stat
-import tempfile
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -52,6 +49,7 @@ import cv2
 import numpy as np
 
 from engine.errors import DataError
+from engine.fileio import TEMP_NAME, atomic_output, discard, temp_beside
 from engine.structure import relabel
 
 __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_zip", "nucleus_polygons",
@@ -290,12 +288,8 @@ def _held_temp(target: Path, *, folder: bool):
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(target)
     while True:
-        if folder:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-            fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        else:
-            fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-            tmp = Path(name)
+        tmp = temp_beside(target, folder=folder)
+        fd = os.open(tmp, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
         _flock(fd, wait=True)
         try:  # another writer's clean-up may have taken it between creation and lock: make another
             if os.path.samestat(os.fstat(fd), os.stat(tmp)):
@@ -309,21 +303,13 @@ def _held_temp(target: Path, *, folder: bool):
         os.close(fd)
 
 
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
-
-
 def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
     """Remove the temporaries that killed writers of `target` left beside it (``.<name>.<random>.tmp``
     files or folders nobody holds locked); returns them. Those of a live writer are left alone."""
     target = Path(target)
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.[A-Za-z0-9_]+\.tmp$")
     removed = []
     try:
-        names = [p for p in target.parent.iterdir() if pattern.match(p.name)]
+        names = [p for p in target.parent.iterdir() if (m := TEMP_NAME.match(p.name)) and m["target"] == target.name]
     except OSError:
         return removed
     for p in names:
@@ -338,7 +324,7 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
             if got is None:  # no flock here: only what is surely abandoned
                 got = time.time() - os.fstat(fd).st_mtime > STALE_UNLOCKABLE_S
             if got:
-                _remove(p)
+                discard(p)
                 removed.append(p)
         except OSError:
             pass
@@ -363,7 +349,7 @@ def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bo
 
 def _write_zip(items: list[ExportPair], zip_path: Path, tmp: Path, *, hovernet: bool, coco: bool,
                geojson: bool) -> None:
-    try:
+    with atomic_output(zip_path, temp=tmp):
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             polys = [nucleus_polygons(p.inst) for p in items] if (coco or geojson) else []
             for i, p in enumerate(items):
@@ -376,12 +362,6 @@ def _write_zip(items: list[ExportPair], zip_path: Path, tmp: Path, *, hovernet: 
             if coco:
                 zf.writestr("coco.json", json.dumps(_coco(items, polys)))
             zf.writestr("manifest.csv", _manifest(items, hovernet=hovernet, geojson=geojson))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, zip_path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str = "pair") -> Path:
@@ -395,20 +375,13 @@ def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str
     items = as_pairs(pairs, prefix)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"output folder {folder} already exists and is not empty")
-    with _held_temp(folder, folder=True) as tmp:
-        try:
-            (tmp / "images").mkdir()
-            (tmp / "labels").mkdir()
-            for p in items:
-                (tmp / "images" / f"{p.id}.png").write_bytes(_png(p.image))
-                (tmp / "labels" / f"{p.id}.tif").write_bytes(_tif(p.inst))
-            (tmp / "manifest.csv").write_bytes(_manifest(items, hovernet=False, geojson=False))
-            if folder.exists():
-                folder.rmdir()
-            os.replace(tmp, folder)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    with _held_temp(folder, folder=True) as tmp, atomic_output(folder, temp=tmp):
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
+        for p in items:
+            (tmp / "images" / f"{p.id}.png").write_bytes(_png(p.image))
+            (tmp / "labels" / f"{p.id}.tif").write_bytes(_tif(p.inst))
+        (tmp / "manifest.csv").write_bytes(_manifest(items, hovernet=False, geojson=False))
     return folder
 
 
@@ -466,7 +439,7 @@ def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *,
 
 def _extract(zf: zipfile.ZipFile, name: str, dest: Path, tmp: Path, *, max_bytes: int, max_files: int) -> None:
     try:
-        with zf:
+        with atomic_output(dest, temp=tmp), zf:
             infos = zf.infolist()
             if len(infos) > max_files:
                 raise DataError(f"{name} holds {len(infos)} entries; at most {max_files} are accepted")
@@ -489,15 +462,7 @@ def _extract(zf: zipfile.ZipFile, name: str, dest: Path, tmp: Path, *, max_bytes
                             raise DataError(f"{name} unpacks to more than {max_bytes / 1e6:.0f} MB; "
                                             "refusing (possible zip bomb)")
                         out.write(chunk)
-        if dest.exists():
-            dest.rmdir()
-        os.replace(tmp, dest)
     except DataError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        raise  # (atomic_output has removed the temporary folder)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"{name} could not be unpacked: {e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

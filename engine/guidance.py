@@ -19,6 +19,7 @@ touched), read back by :func:`recommended_w` and offered by the CLI (``--w recom
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Sequence
@@ -28,14 +29,16 @@ from typing import Any, Callable
 
 import numpy as np
 
+from engine.checkpoint import GUIDANCE_KEY, checkpoint_paths, read_record, recommended_w
 from engine.errors import CheckpointError, DataError, NuDiffError
+from engine.fileio import atomic_write_bytes
 
 __all__ = ["GuidanceCalibration", "calibrate_guidance", "match_w", "recommended_w", "store_calibration",
            "DEFAULT_GRID", "DEFAULT_TILES", "RECORD_KEY", "resolve_w"]
 
 DEFAULT_GRID = (0.0, 1.0, 2.0, 3.0)
 DEFAULT_TILES = 8
-RECORD_KEY = "guidance"
+RECORD_KEY = GUIDANCE_KEY  # the image checkpoint's record field (read by engine.checkpoint.recommended_w)
 
 
 @dataclass
@@ -139,7 +142,7 @@ def calibrate_guidance(
     tiles of it. grid: guidance scales to try, at least two, each in [0, 50]. n: real tiles used (at most).
     Cost: len(grid) * n synthesized images. Reproducible from seed.
     """
-    from engine import pipeline
+    from engine import pipeline  # (imported here: reading a calibrated w needs none of the sampling code)
     from engine.quality import appearance_stats
     from engine.samplers import DEFAULT_STEPS
 
@@ -172,27 +175,11 @@ def calibrate_guidance(
 
 def store_calibration(checkpoint: str | os.PathLike, calibration: GuidanceCalibration) -> Path:
     """Write the calibration into an image checkpoint's JSON record (atomically; weights untouched)."""
-    import json
-
-    from engine.checkpoint import atomic_write_bytes, checkpoint_paths, read_record
-
     _, record = read_record(checkpoint, kind="image")
     record[RECORD_KEY] = calibration.to_dict()
     path = checkpoint_paths(checkpoint)[1]
     atomic_write_bytes(path, json.dumps(record, indent=2, default=str).encode())
     return path
-
-
-def recommended_w(record: dict[str, Any]) -> float | None:
-    """The calibrated w stored in a checkpoint record, or None when the model was never calibrated."""
-    g = record.get(RECORD_KEY)
-    if not isinstance(g, dict) or "w" not in g:
-        return None
-    try:
-        w = float(g["w"])
-    except (TypeError, ValueError):
-        return None
-    return w if 0 <= w <= 50 else None
 
 
 def resolve_w(w: float | str, recommended: float | None, name: str = "this image model") -> float:

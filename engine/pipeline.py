@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from engine.canvas import CanvasPlan, plan_canvas, sample_canvas
-from engine.checkpoint import load_checkpoint
+from engine.checkpoint import load_checkpoint, recommended_w
 from engine.config import DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
-from engine.guidance import recommended_w
+from engine.fileio import resolve_device
 from engine.memory import plan_windows
 from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
@@ -31,12 +31,6 @@ __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_struc
            "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
 
 Progress = Callable[[int, int], None]
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 @dataclass

@@ -32,6 +32,7 @@ import numpy as np
 
 from engine.errors import DataError
 from engine.metrics import aji, dice, pq
+from engine.morphology import nuclei, solidities, tile_measures
 
 __all__ = ["PER_TILE", "PER_NUCLEUS", "APPEARANCE", "morphology_stats", "morphology_distance", "appearance_stats",
            "appearance_distance", "hematoxylin_alignment", "alignment_score", "quality_report",
@@ -53,33 +54,20 @@ def morphology_stats(insts: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
     ``fg_fraction`` (nucleus pixels / all pixels), each of shape (n_maps,); per nucleus ``area`` (px),
     ``eccentricity`` in [0, 1), ``solidity`` in (0, 1], each of shape (n_nuclei_total,).
     """
-    from skimage.measure import regionprops
-
     out: dict[str, list[float]] = {k: [] for k in (*PER_TILE, *PER_NUCLEUS)}
     for inst in insts:
-        inst = np.asarray(inst)
-        if inst.ndim != 2 or not np.issubdtype(inst.dtype, np.integer):
-            raise DataError(f"instance maps must be (H, W) integer arrays, got {inst.shape} {inst.dtype}")
-        regions = regionprops(inst.astype(np.int32, copy=False))
-        out["nuclei_per_tile"].append(float(len(regions)))
-        out["density"].append(len(regions) * 1.0e4 / max(1, inst.size))
-        out["fg_fraction"].append(float(np.count_nonzero(inst)) / max(1, inst.size))
+        inst, regions = nuclei(inst, DataError)
+        n, density, fg = tile_measures(inst, regions)
+        out["nuclei_per_tile"].append(float(n))
+        out["density"].append(density)
+        out["fg_fraction"].append(fg)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             for r in regions:
                 out["area"].append(float(r.area))
                 out["eccentricity"].append(float(r.eccentricity))
-                out["solidity"].append(_solidity(r))
+        out["solidity"].extend(solidities(regions).tolist())
     return {k: np.asarray(v, np.float64) for k, v in out.items()}
-
-
-def _solidity(region: Any) -> float:
-    """Solidity, or 1.0 where the convex hull is degenerate (single row / column of pixels)."""
-    try:
-        value = float(region.solidity)
-    except Exception:  # noqa: BLE001 - qhull fails on collinear pixels
-        return 1.0
-    return value if np.isfinite(value) else 1.0
 
 
 def morphology_distance(real: Sequence[np.ndarray] | Mapping[str, np.ndarray],
@@ -288,7 +276,7 @@ def _summary(stats: Mapping[str, np.ndarray]) -> dict[str, dict[str, float]]:
 
 
 def quality_report(synthetic: Any, real: Any | None = None, segmenter: Any | None = None, *,
-                   max_real_tiles: int = 500) -> dict[str, Any]:
+                   max_real_tiles: int = 500, realism: bool = False, training: Any | None = None) -> dict[str, Any]:
     """Quality of a synthetic set against real data.
 
     Args:
@@ -298,6 +286,10 @@ def quality_report(synthetic: Any, real: Any | None = None, segmenter: Any | Non
         segmenter: optional Segmenter (or path) trained on real data, for the learned alignment score.
             Its score on the real tiles is optimistic when it was trained on those same images.
         max_real_tiles: cap on real tiles used (evenly spaced), for speed.
+        realism: also run the classifier two-sample test (engine.two_sample) between the synthetic tiles
+            of the median size and the real tiles (needs ``real``; about a minute on a CPU per 100 tiles).
+        training: the generator's training images (labeled folder or pairs): report each synthetic
+            tile's nearest training tile and flag near-copies (engine.copying).
     Returns:
         JSON-serialisable dict: n_synthetic, n_real_tiles, tile_size, alignment {synthetic, real},
         morphology {synthetic, real (summaries: mean/median/std/n per statistic), distance}, appearance
@@ -328,8 +320,34 @@ def quality_report(synthetic: Any, real: Any | None = None, segmenter: Any | Non
         report["morphology"]["distance"] = morphology_distance(r_stats, s_stats)
         report["appearance"]["real"] = _summary(r_look)
         report["appearance"]["distance"] = appearance_distance(r_look, s_look)
+        if realism:
+            report["two_sample"] = _two_sample([im for im, _ in synth], [im for im, _ in tiles], size)
+    if training is not None:
+        report["copying"] = _copying([im for im, _ in synth], load_pairs(training, "training pairs"), size)
     report["notes"] = _notes(report)
     return report
+
+
+def _two_sample(synthetic: list[np.ndarray], real: list[np.ndarray], size: int) -> dict[str, Any]:
+    """Classifier two-sample test on the square tiles of ``size`` px of both sets (or why it was skipped)."""
+    from engine.two_sample import two_sample_test
+
+    s = [im for im in synthetic if im.shape[:2] == (size, size)]
+    r = [im for im in real if im.shape[:2] == (size, size)]
+    if min(len(s), len(r)) < 4 or size < 32:
+        return {"skipped": f"needs at least 4 square tiles of {size} px (>= 32 px) in each set; "
+                           f"has {len(s)} synthetic and {len(r)} real"}
+    return two_sample_test(r, s).to_dict()
+
+
+def _copying(synthetic: list[np.ndarray], training: list[tuple[np.ndarray, np.ndarray]], size: int) -> dict[str, Any]:
+    """Anti-copying check of the synthetic tiles against size-px tiles of the training images."""
+    from engine.copying import copy_check, training_tiles
+
+    tiles, boxes = training_tiles([im for im, _ in training], size)
+    if len(tiles) < 2:
+        return {"skipped": f"the training images give fewer than two tiles of {size} px"}
+    return copy_check(synthetic, tiles, boxes, size=size).to_dict()
 
 
 def _drop(d: Mapping[str, Any], key: str) -> dict[str, Any]:
@@ -342,6 +360,14 @@ def _notes(report: Mapping[str, Any]) -> list[str]:
     empty = sum(1 for p in report["per_pair"] if p["n_nuclei"] == 0)
     if empty:
         notes.append(f"{empty} of {report['n_synthetic']} synthetic pairs have no nuclei")
+    ts = report.get("two_sample") or {}
+    if ts.get("ci_low", 0.0) > 0.6:
+        notes.append(f"a classifier tells these synthetic tiles from real ones {ts['accuracy']:.0%} of the time: "
+                     f"they do not look scanned yet")
+    cp = report.get("copying") or {}
+    if cp.get("n_flagged"):
+        notes.append(f"{cp['n_flagged']} synthetic tiles are near-copies of training tiles "
+                     f"({', '.join(f'#{i}' for i in cp['flagged'][:10])}): do not export them")
     real = report["alignment"].get("real")
     synth = report["alignment"]["synthetic"]
     for key in ("hematoxylin_dice", "segmenter_dice"):
@@ -421,6 +447,29 @@ def format_quality_markdown(report: Mapping[str, Any]) -> str:
         if adist:
             row += f" {_f(look['real'][key]['mean'], 1)} | {_f(adist[key]['normalised'], 3)} |"
         lines.append(row)
+    ts = report.get("two_sample")
+    if ts:
+        lines += [""]
+        if "skipped" in ts:
+            lines.append(f"**Classifier two-sample test:** skipped: {ts['skipped']}")
+        else:
+            lines.append(f"**Classifier two-sample test:** a small CNN trained on half of each set tells the other "
+                         f"half apart with accuracy **{ts['accuracy']:.3f}** (95 % CI {ts['ci_low']:.3f}-"
+                         f"{ts['ci_high']:.3f}; {ts['n_per_set']} + {ts['n_per_set']} tiles of {ts['tile_size']} px). "
+                         f"0.5 = indistinguishable, 1 = always told apart.")
+    cp = report.get("copying")
+    if cp:
+        lines += [""]
+        if "skipped" in cp:
+            lines.append(f"**Copy check:** skipped: {cp['skipped']}")
+        else:
+            sn, rn = cp["synthetic_nn"], cp["real_nn"]
+            flagged = ", ".join(f"#{i}" for i in cp["flagged"][:20]) or "none"
+            lines.append(f"**Copy check:** {cp['n_flagged']} of {len(cp['distance'])} synthetic tiles are near-copies "
+                         f"of a training tile ({flagged}). Distance to the nearest of {cp['n_training_tiles']} "
+                         f"training tiles: median {sn['median']:.3f}, min {sn['min']:.3f}; real tiles to their "
+                         f"nearest other real tile: median {rn['median']:.3f}, 1st percentile {cp['threshold']:.3f} "
+                         f"(the flag threshold).")
     if report.get("notes"):
         lines += ["", *[f"- {n}" for n in report["notes"]]]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from engine.errors import TrainingError
+from engine.fileio import TEMP_NAME
 
 try:
     import fcntl
@@ -33,13 +34,13 @@ except ImportError:  # pragma: no cover - not POSIX
     fcntl = None  # type: ignore[assignment]
 
 __all__ = ["LOCK_NAME", "RunFolderBusy", "RunLock", "process_running", "process_start", "host_name",
-           "read_lock", "lock_holder", "busy_message", "clean_temp_files"]
+           "read_lock", "lock_holder", "busy_message", "clean_temp_files", "PREVIEW_TEMP"]
 
 LOCK_NAME = "lock.json"
-# files of a run folder that are written through a temporary file (engine.checkpoint.atomic_write_bytes,
-# save_checkpoint); a temporary of any other name is left alone
+# files of a run folder that are written through a temporary file (engine.fileio.atomic_output: save_checkpoint,
+# atomic_write_bytes); a temporary of any other name is left alone
 _RUN_TARGETS = re.compile(r"^(?:(?:latest|model|step_\d+)\.(?:safetensors|json)|(?:status|train_config)\.json)$")
-_PREVIEW_TEMP = ".latest.png.tmp"  # Trainer.preview
+PREVIEW_TEMP = ".latest.png.tmp"  # Trainer.preview writes previews/latest.png through this fixed name
 
 
 class RunFolderBusy(TrainingError):
@@ -308,8 +309,6 @@ def clean_temp_files(run_dir: str | os.PathLike) -> list[Path]:
     engine.checkpoint (latest / step_* / model checkpoints, status.json, train_config.json), and
     ``previews/.latest.png.tmp``. Call it only while holding the folder's lock (nobody else writes there).
     """
-    from engine.checkpoint import TEMP_NAME
-
     run_dir = Path(run_dir)
     removed: list[Path] = []
     candidates: list[Path] = []
@@ -318,7 +317,7 @@ def clean_temp_files(run_dir: str | os.PathLike) -> list[Path]:
                       _RUN_TARGETS.match(m["target"])]
     except OSError:
         pass
-    candidates.append(run_dir / "previews" / _PREVIEW_TEMP)
+    candidates.append(run_dir / "previews" / PREVIEW_TEMP)
     for p in candidates:
         try:
             if p.is_file() and not p.is_symlink():

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
+from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
 
-__all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "load_segmenter", "as_image_label_pairs",
+__all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "as_image_label_pairs",
            "dihedral", "segmenter_paths", "FORMAT"]
 
 FORMAT = 1
@@ -305,12 +306,6 @@ def segmentation_loss(out: torch.Tensor, target: torch.Tensor,
 # ----------------------------------------------------------------------------- segmenter
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def segmenter_paths(path: str | Path) -> tuple[Path, Path]:
     """(weights .safetensors, record .json) of a segmenter given its stem or either file."""
     p = Path(path)
@@ -371,7 +366,7 @@ class Segmenter:
         return self.instances(self.predict_structure(image, batch_size=batch_size))
 
     def to(self, device: str | torch.device) -> "Segmenter":
-        self.device = _resolve_device(device)
+        self.device = resolve_device(device)
         self.net.to(self.device)
         return self
 
@@ -379,7 +374,6 @@ class Segmenter:
         """Write ``<stem>.safetensors`` + ``<stem>.json`` atomically (JSON last); returns the JSON path."""
         from safetensors.torch import save as st_save
 
-        from engine.checkpoint import atomic_write_bytes
         import engine
 
         weights, record_path = segmenter_paths(path)
@@ -402,15 +396,11 @@ class Segmenter:
         for p in (record_path, weights):
             if not p.is_file():
                 raise CheckpointError(f"segmenter file not found: {p} (a segmenter is .safetensors + .json)")
-        try:
-            record = json.loads(record_path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"segmenter record {record_path} is not valid JSON: {e}") from None
+        record = read_json_record(record_path, "segmenter record")
         if not isinstance(record, dict) or record.get("kind") != KIND:
             kind = record.get("kind") if isinstance(record, dict) else None
             raise CheckpointError(f"{record_path} is not a segmenter (kind {kind!r})")
-        if int(record.get("format", 0)) > FORMAT:
-            raise CheckpointError(f"{record_path} was written by a newer NuDiff (format {record['format']})")
+        check_format(record, FORMAT, record_path)
         blob = weights.read_bytes()
         if record.get("weights_sha256") and hashlib.sha256(blob).hexdigest() != record["weights_sha256"]:
             raise CheckpointError(f"{weights} does not match its record (corrupt or replaced file)")
@@ -420,14 +410,9 @@ class Segmenter:
             net.load_state_dict(st_load(blob))
         except (NuDiffError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"cannot load segmenter {weights}: {str(e).splitlines()[0]}") from None
-        dev = _resolve_device(device)
+        dev = resolve_device(device)
         net.to(dev).eval()
         return cls(net, cfg, dev, dict(record.get("train", {})))
-
-
-def load_segmenter(path: str | Path, device: str | torch.device = "auto") -> Segmenter:
-    """Alias of :meth:`Segmenter.load`."""
-    return Segmenter.load(path, device)
 
 
 def _json_default(obj: Any) -> Any:
@@ -508,7 +493,7 @@ def train_segmenter(
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise NuDiffError(f"steps and batch_size must be >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
     size = _ceil_to(max(int(size), cfg.multiple), cfg.multiple)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     sampler = _Sampler.build(pairs, size, jitter, pair_weights, augment)

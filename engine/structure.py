@@ -23,18 +23,10 @@ import torch
 from scipy import ndimage
 from skimage.segmentation import watershed
 
+from engine.metrics import relabel  # (one relabelling for the engine: ids 1..N consecutive, order kept)
+
 __all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "relabel", "dihedral",
            "dihedral_batch"]
-
-
-def relabel(inst: np.ndarray) -> np.ndarray:
-    """Map arbitrary positive ids of an (H, W) integer map to consecutive 1..N (int32), 0 kept."""
-    inst = np.asarray(inst)
-    ids, inverse = np.unique(inst, return_inverse=True)
-    inverse = inverse.reshape(inst.shape).astype(np.int32)
-    if ids.size and ids[0] == 0:
-        return inverse
-    return inverse + 1
 
 
 def instances_to_structure(inst: np.ndarray) -> np.ndarray:

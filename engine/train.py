@@ -35,7 +35,7 @@ import sys
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,17 +44,18 @@ import torch
 from torch import nn
 
 from engine import render
-from engine.checkpoint import (atomic_write_bytes, checkpoint_paths, export_inference, load_checkpoint,
-                               save_checkpoint)
+from engine.checkpoint import checkpoint_paths, export_inference, load_checkpoint, save_checkpoint
 from engine.config import DiffusionConfig, TrainConfig, preset
 from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
-from engine.runlock import RunFolderBusy, RunLock, clean_temp_files, host_name, process_running, process_start
+from engine.fileio import atomic_output, atomic_write_bytes
+from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files, host_name, process_running,
+                            process_start)
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "train", "read_status", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
+__all__ = ["TrainingSet", "Trainer", "read_status", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
            "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
@@ -358,9 +359,10 @@ class Trainer:
                 self._log_event(f"resumed from step {self.step}")
         elif self.cfg.init_from:
             ck = load_checkpoint(self.cfg.init_from, kind=self.cfg.kind)
-            if ck.model_config != self.model_cfg:
+            # the U-Net is fully convolutional: the same weights train on tiles of another size
+            if replace(ck.model_config, image_size=self.model_cfg.image_size) != self.model_cfg:
                 raise CheckpointError(f"{self.cfg.init_from} has another model config than preset "
-                                      f"{self.cfg.preset!r} at {self.model_cfg.image_size} px")
+                                      f"{self.cfg.preset!r}")
             sd = ck.weights_for_inference()
             model.load_state_dict(sd)
             self.ema.load_state_dict(sd)
@@ -529,9 +531,8 @@ class Trainer:
         pic = Image.fromarray(render.grid(pics, cols=min(n, 4)))
         path = out / f"step_{self.step:07d}.png"
         pic.save(path)
-        tmp = out / ".latest.png.tmp"
-        pic.save(tmp, format="PNG")
-        os.replace(tmp, out / "latest.png")
+        with atomic_output(out / "latest.png", temp=out / PREVIEW_TEMP) as tmp:
+            pic.save(tmp, format="PNG")
         return path
 
     def _log_layouts(self, layouts: list[np.ndarray]) -> None:
@@ -705,9 +706,4 @@ class Trainer:
             return int(json.loads((self.run_dir / "latest.json").read_text())["step"])
         except (OSError, KeyError, json.JSONDecodeError):
             return 0
-
-
-def train(cfg: TrainConfig, run_dir: str | os.PathLike, data: TrainingSet | None = None, **kwargs) -> Path:
-    """Train (or resume) a run; see :class:`Trainer`."""
-    return Trainer(cfg, run_dir, data, **kwargs).run()
 

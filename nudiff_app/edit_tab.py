@@ -28,6 +28,7 @@ MERGE = "merge into one nucleus"
 SPLIT = "keep as separate nuclei"
 REGION_CHOICES = [(f"{s} px", s) for s in editing.REGION_SIZES] + [("whole map", 0)]
 UNDO_BYTES = 1 << 30  # undo copies of a large map are limited to about this much memory (at least one)
+MIN_SIDE = 8  # smallest label map side (px) the Edit tab takes (a blank tile's, and what synthesis needs)
 NO_STRUCTURE = "No structure yet: sample one, upload a label map, or start from a blank tile."
 
 
@@ -147,6 +148,9 @@ def upload_label(sess: Session, file) -> tuple:
         editing.check_edit_size(shape, f"label map {path.name}")
     inst = read_label(path)
     editing.check_edit_size(inst.shape, f"label map {path.name}")
+    if min(inst.shape) < MIN_SIDE:
+        raise NuDiffError(f"label map {path.name} is {inst.shape[1]}×{inst.shape[0]} px (width × height); the "
+                          f"Edit tab takes maps of at least {MIN_SIDE} px a side")
     sess.set_current(inst, {"source": "uploaded", "label_file": path.name, "edited": False})
     region = region_of(sess.current)
     note = "" if region.covers(inst.shape) else \
@@ -156,8 +160,8 @@ def upload_label(sess: Session, file) -> tuple:
 
 def blank_tile(sess: Session, size: int) -> tuple:
     size = int(size)
-    if not 8 <= size <= editing.MAX_EDIT_SIDE:
-        raise NuDiffError(f"blank tile size must be between 8 and {editing.MAX_EDIT_SIDE} px")
+    if not MIN_SIDE <= size <= editing.MAX_EDIT_SIDE:
+        raise NuDiffError(f"blank tile size must be between {MIN_SIDE} and {editing.MAX_EDIT_SIDE} px")
     sess.set_current(np.zeros((size, size), np.int32), {"source": "blank", "edited": False})
     return (f"Blank {size}×{size} tile: draw nuclei with the white brush.", *view(sess))
 

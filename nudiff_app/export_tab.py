@@ -62,6 +62,25 @@ def _exported_items(sess: Session, include_pending: bool, action: str = "export"
     return items
 
 
+def _training_folder(text: str | None, ctx: AppContext) -> Path | None:
+    """The copy check's training folder: the one given (must exist), else the default image model's
+    recorded training data when that folder is on this server, else None (no copy check)."""
+    text = (text or "").strip()
+    if text:
+        folder = Path(text).expanduser()
+        if not folder.is_dir():
+            raise NuDiffError(f"training folder not found: {text}")
+        return folder
+    from engine.checkpoint import read_record
+
+    try:
+        _, record = read_record(ctx.default_checkpoint("image"), kind="image")
+    except NuDiffError:
+        return None
+    data = (record.get("train") or {}).get("data")
+    return Path(data) if isinstance(data, str) and Path(data).is_dir() else None
+
+
 def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Review each pair (image and label side by side, and label outlines over the image), accept "
                 "or reject it, then export the basket as one zip (PNG images, 16-bit TIFF labels, HoVer-Net "
@@ -99,6 +118,12 @@ def build(ctx: AppContext, ui) -> None:
                                     elem_id="ex-real")
             ui.ex_segmenter = gr.Textbox(label="Segmenter checkpoint (optional, .json)", scale=2,
                                          placeholder="runs/evaluate/.../segmenter.json")
+        with gr.Row():
+            ui.ex_two_sample = gr.Checkbox(False, label="Classifier two-sample test (needs the real folder; "
+                                           "about a minute per 100 tiles)", elem_id="ex-two-sample")
+            ui.ex_training = gr.Textbox(label="Generator's training images, for the copy check (optional)",
+                                        placeholder="empty: the image model's training folder, if on this server",
+                                        scale=2, elem_id="ex-training")
         ui.ex_quality_btn = gr.Button("Assess the pairs that would be exported", elem_id="ex-quality")
         ui.ex_quality = gr.Markdown(elem_id="ex-quality-report")
 
@@ -190,7 +215,7 @@ def wire(ctx: AppContext, ui) -> None:
                 f"{path.stat().st_size / 1024:.0f} KiB."), gr.update(value=str(path), visible=True)
 
     @ui_action(1)
-    def assess(sid, include_pending, real, segmenter, request: gr.Request):
+    def assess(sid, include_pending, real, segmenter, two_sample, training, request: gr.Request):
         from engine.quality import format_quality_markdown, quality_report
 
         sess = ctx.session(sid, request)
@@ -199,11 +224,15 @@ def wire(ctx: AppContext, ui) -> None:
         real_dir = Path(real).expanduser() if real else None
         if real_dir is not None and not real_dir.is_dir():
             raise NuDiffError(f"real folder not found: {real}")
-        report = quality_report(pairs, real_dir, (segmenter or "").strip() or None)
+        if two_sample and real_dir is None:
+            raise NuDiffError("the two-sample test needs a real labeled folder to tell the synthetic tiles from")
+        train_dir = _training_folder(training, ctx)
+        report = quality_report(pairs, real_dir, (segmenter or "").strip() or None, realism=bool(two_sample),
+                                training=train_dir)
         return format_quality_markdown(report)
 
-    ui.ex_quality_btn.click(assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter], ui.ex_quality,
-                            api_name="basket_quality")
+    ui.ex_quality_btn.click(assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter, ui.ex_two_sample,
+                                     ui.ex_training], ui.ex_quality, api_name="basket_quality")
 
     ui.ex_build.click(build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],
                       api_name="export_zip")

@@ -92,7 +92,19 @@ class TrainingJobs:
             raise TrainingError(f"training data folder not found: {data or '(none)'} - inspect a folder first")
         if steps < 1 or batch_size < 1:
             raise TrainingError("steps and batch size must be at least 1")
+        if finetune_steps < 0:
+            raise TrainingError("fine-tune steps must be 0 or more")
+        if image_size is not None and not init_from:
+            from engine.config import preset as preset_config
+
+            try:
+                preset_config(preset, kind, int(image_size))
+            except ValueError as e:
+                raise TrainingError(f"tile size {image_size} px does not suit preset {preset!r}: {e}") from None
         run_dir = self.run_dir(run_name, kind)
+        from engine.data import find_pairs
+
+        find_pairs(data)  # a folder without images/ + labels/ pairs is refused before any run folder is made
         args = ["--data", str(Path(data).resolve()), "--run-dir", str(run_dir),
                 "--steps", str(int(steps)), "--batch-size", str(int(batch_size)), "--fraction", f"{fraction:g}"]
         if init_from:

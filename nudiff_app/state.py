@@ -312,7 +312,8 @@ class AppContext:
                     self._models = {k: v for k, v in self._models.items() if k[0] != key[0]}
                     self._models[key] = m
         if m.kind != kind:
-            raise CheckpointError(f"{m.path.name} is a {m.kind} model, but a {kind} model is needed here")
+            raise CheckpointError(f"{m.path.name} is a {m.kind} model, but {'an' if kind[0] in 'aeiou' else 'a'} "
+                                  f"{kind} model is needed here")
         return m
 
     def checkpoint_name(self, model) -> str:

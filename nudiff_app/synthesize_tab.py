@@ -39,23 +39,39 @@ def _record(ckpt: str | None, ctx: AppContext) -> tuple[str, dict]:
     return weights.name, record
 
 
+PAPER_W = 2.0  # the paper's guidance scale: the start for a model without a calibrated w
+
+
+def starting_w(ckpt: str | None, ctx: AppContext) -> float:
+    """The w the slider starts from for an image model: its calibrated w, else the paper's 2."""
+    from engine.guidance import recommended_w
+
+    try:
+        w = recommended_w(_record(ckpt, ctx)[1])
+    except NuDiffError:
+        return PAPER_W
+    return PAPER_W if w is None else w
+
+
 def w_advice(ckpt: str | None, ctx: AppContext) -> tuple:
-    """Values for [calibrated-w line, 'Use calibrated w' button]."""
+    """Values for [calibrated-w line, 'Use calibrated w' button, w slider] when a model is chosen: the
+    slider moves to the model's calibrated w (the paper's 2 when it has none)."""
     from engine.guidance import RECORD_KEY, recommended_w
 
     try:
         name, record = _record(ckpt, ctx)
     except NuDiffError as e:
-        return f"*{e}*", gr.update(interactive=False)
+        return f"*{e}*", gr.update(interactive=False), gr.update()
     w = recommended_w(record)
     if w is None:
-        return (f"`{name}` has no calibrated w yet: open **Calibrate w for this model** below.",
-                gr.update(interactive=False))
+        return (f"`{name}` has no calibrated w yet, so w starts at the paper's {PAPER_W:g}: open **Calibrate w "
+                f"for this model** below.", gr.update(interactive=False), PAPER_W)
     g = record[RECORD_KEY]
     rc = g.get("real_contrast")
     contrast = f": contrast {rc:.0f} grey levels" if isinstance(rc, (int, float)) else ""
-    return (f"Calibrated w for `{name}`: **{w:g}** (its nuclei then stand out as much as in "
-            f"`{g.get('reference', '?')}`{contrast}, on the same layouts)", gr.update(interactive=True))
+    return (f"w starts at the calibrated w of `{name}`: **{w:g}** (its nuclei then stand out as much as in "
+            f"`{g.get('reference', '?')}`{contrast}, on the same layouts); the paper's w = {PAPER_W:g} is one "
+            f"click away.", gr.update(interactive=True), w)
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -73,13 +89,14 @@ def build(ctx: AppContext, ui) -> None:
                 ui.sy_ckpt = gr.Dropdown(ctx.list_checkpoints("image"), label="Image model",
                                          allow_custom_value=True, scale=4)
                 ui.sy_refresh = gr.Button("↻", scale=0, min_width=40)
-            ui.sy_w = gr.Slider(0, 10, value=2.0, step=0.05, label="Guidance scale w", elem_id="sy-w",
+            ui.sy_w = gr.Slider(0, 10, value=starting_w(None, ctx), step=0.05, label="Guidance scale w", elem_id="sy-w",
                                 info="how strictly the image follows the nuclei layout; 2 = the paper's; "
                                      "higher makes nuclei stand out more (starker than real beyond some w); "
                                      "near 0 nuclei can fade, and the label then no longer fits its image")
             with gr.Row(equal_height=True):
                 ui.sy_wrec = gr.Markdown(elem_id="sy-wrec")
                 ui.sy_use_w = gr.Button("Use calibrated w", scale=0, min_width=160, elem_id="sy-use-w")
+                ui.sy_paper_w = gr.Button(f"Paper's w = {PAPER_W:g}", scale=0, min_width=140, elem_id="sy-paper-w")
             with gr.Accordion("Calibrate w for this model", open=False, elem_id="sy-calibrate"):
                 gr.Markdown("Synthesizes the layouts of a few real tiles at w = 0, 1, 2 and 3, and finds the w "
                             "at which the nuclei are as much darker than their background as in the real images. "
@@ -120,7 +137,8 @@ def wire(ctx: AppContext, ui) -> None:
         return gr.update(choices=choices, value=current if current else (values[0] if values else None))
 
     ui.sy_refresh.click(refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
-    ui.sy_ckpt.change(lambda c: w_advice(c, ctx), ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w], api_visibility="private")
+    ui.sy_ckpt.change(lambda c: w_advice(c, ctx), ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w],
+                      api_visibility="private")
     ui.w_advice = lambda c: w_advice(c, ctx)
 
     @ui_action(2)
@@ -134,6 +152,8 @@ def wire(ctx: AppContext, ui) -> None:
         return f"w set to {w:g}, the calibrated w of `{name}`.", w
 
     ui.sy_use_w.click(use_w, ui.sy_ckpt, [ui.sy_status, ui.sy_w], api_name="use_calibrated_w")
+    ui.sy_paper_w.click(lambda: (f"w set to {PAPER_W:g}, the paper's guidance scale.", PAPER_W), None,
+                        [ui.sy_status, ui.sy_w], api_name="use_paper_w")
 
     @ui_action(4)
     def calibrate(sid, ckpt, real, n, train_folder, request: gr.Request, progress=gr.Progress()):
@@ -153,7 +173,7 @@ def wire(ctx: AppContext, ui) -> None:
         cal = calibrate_guidance(model, real, n=int(n or 8), progress=lambda i, t: progress((i, t), desc="Denoising"),
                                  cancel=sess.cancel.is_set)
         store_calibration(model.path, cal)
-        advice, button = w_advice(ckpt, ctx)
+        advice, button, _ = w_advice(ckpt, ctx)
         grid = ", ".join(f"{w:g} → {c:.0f}" for w, c in sorted(cal.contrast_by_w.items()))
         return (f"Calibrated `{name}` on {cal.n_tiles} tiles of `{real}`: w = **{cal.w:g}** (nucleus contrast: real "
                 f"{cal.real_contrast:.0f}; synthetic at w {grid}). The slider is set to it."), cal.w, advice, button

@@ -3,6 +3,7 @@ background subprocess, follow loss and previews."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 import uuid
@@ -29,6 +30,20 @@ def _find_dataset_root(folder: Path) -> Path:
         if (cand / "images").is_dir():
             return cand
     raise DataError("the zip holds no images/ folder; expected images/ plus labels/ (or masks/)")
+
+
+MAX_TILE = 8192  # largest tile size (px) the tab takes
+
+
+def _tile_size(size) -> int:
+    """The tile size input as a whole number of px in [8, MAX_TILE]; DataError otherwise."""
+    try:
+        value = float(str(size).strip())
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value.is_integer() and 8 <= value <= MAX_TILE):
+        raise DataError(f"tile size {size!r}: give a whole number of px from 8 to {MAX_TILE}")
+    return int(value)
 
 
 def _preview_grid(folder: str, size: int) -> np.ndarray | None:
@@ -112,8 +127,8 @@ def wire(ctx: AppContext, ui) -> None:
         folder = (folder or "").strip()
         if not folder:
             raise DataError("enter a folder path on the server, or upload a zip")
-        size = int(size)
-        ins = inspect_folder(folder, size=size, stride=size // 2)
+        size = _tile_size(size)
+        ins = inspect_folder(folder, size=size, stride=max(1, size // 2))
         grid = _preview_grid(folder, size) if ins.n_tiles else None
         n_err = sum(p.severity == "error" for p in ins.problems)
         msg = (f"Inspected: {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
@@ -125,15 +140,22 @@ def wire(ctx: AppContext, ui) -> None:
 
     @ui_action(4, status_index=1)
     def upload(file, size):
+        import shutil
+
         from engine.export import safe_extract_zip
 
         if not file:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         path = Path(file if isinstance(file, str) else file.name)
+        size = _tile_size(size)
         dest = ctx.uploads_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         safe_extract_zip(path, dest)
-        root = _find_dataset_root(dest)
-        msg, summary, grid = inspect(str(root), size)
+        try:  # a zip that is no usable dataset is not kept
+            root = _find_dataset_root(dest)
+            msg, summary, grid = inspect.__wrapped__(str(root), size)
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
         return str(root), msg, summary, grid
 
     ui.train_zip.upload(upload, [ui.train_zip, ui.train_size], [ui.train_folder, *inspect_out],
@@ -150,7 +172,7 @@ def wire(ctx: AppContext, ui) -> None:
     def _start(kind):
         @ui_action(1)
         def start(folder, run, preset, size, fraction, steps, finetune, batch, start_from="scratch"):
-            size = int(size) if size else None
+            size = _tile_size(size) if size else None  # none: the preset's
             base = ctx.default_checkpoint(kind) if start_from == "default model" else None
             rec = ctx.jobs.start(kind, data=(folder or "").strip(), run_name=run, preset=preset,
                                  image_size=size if size != PRESETS[preset]["image_size"] else None,

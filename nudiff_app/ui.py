@@ -17,11 +17,11 @@ log = logging.getLogger("nudiff_app")
 TABS = (("Train", "train", train_tab), ("Structures", "structures", structures_tab), ("Edit", "edit", edit_tab),
         ("Synthesize", "synthesize", synthesize_tab), ("Export", "export", export_tab))
 
-CSS = """
-#ed-editor canvas { image-rendering: pixelated; }
-.gallery-item img, #ed-labels img, #sy-structure img { image-rendering: pixelated; }
-footer { display: none !important; }
-"""
+ASSETS = Path(__file__).resolve().parents[1] / "assets"
+EXAMPLE_FOLDER = ASSETS / "example"  # three procedural 256 px tiles (images/ + labels/): try Train without data
+EXAMPLE_LABEL = ASSETS / "example_label.png"  # a uint16 label map: try Edit without a file of one's own
+CSS = (ASSETS / "studio.css").read_text(encoding="utf-8")
+LOGO = (ASSETS / "logo.svg").read_text(encoding="utf-8")
 
 
 def default_work_dir() -> Path:
@@ -38,7 +38,14 @@ def build_app(work_dir: str | os.PathLike | None = None, *, structure_checkpoint
         demo.nudiff = ctx  # for launch() and tests
         ui.sid = gr.State(None)
         ui.browser_sid = gr.BrowserState(None, storage_key="nudiff_session", secret=ctx.secret())
-        gr.Markdown("## NuDiff Studio · synthetic labeled nuclei for segmentation training")
+        gr.HTML(f'<div id="studio-header">{LOGO}<h2>NuDiff Studio · synthetic labeled nuclei for segmentation '
+                f'training</h2></div>')
+        with gr.Row(equal_height=True):
+            gr.Markdown("No data at hand? Try the studio on a small procedural example:", elem_id="examples-hint")
+            ui.example_folder = gr.Button("Train: use the example folder", size="sm", variant="secondary",
+                                          elem_id="example-folder")
+            ui.example_label = gr.Button("Edit: load the example label map", size="sm", variant="secondary",
+                                         elem_id="example-label")
         with gr.Tabs(selected="structures", elem_id="tabs") as ui.tabs:
             for title, tab_id, module in TABS:
                 with gr.Tab(title, id=tab_id, elem_id=f"tab-{tab_id}"):
@@ -76,6 +83,19 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
         msg = "Pending strokes applied; structure sent to Synthesize." if applied is not None else \
             "Structure sent to Synthesize."
         return (msg, *ui.edit_view(sess), *ui.synth_view(sess), gr.Tabs(selected="synthesize"))
+
+    def example_folder():
+        return str(EXAMPLE_FOLDER), gr.Tabs(selected="train")
+
+    ui.example_folder.click(example_folder, None, [ui.train_folder, ui.tabs], api_name="example_folder")
+
+    @ui_action(2 + len(edit_out))
+    def example_label(sid, request: gr.Request):
+        from nudiff_app.edit_tab import upload_label
+
+        return (*upload_label(ctx.session(sid, request), str(EXAMPLE_LABEL)), gr.Tabs(selected="edit"))
+
+    ui.example_label.click(example_label, ui.sid, [ui.ed_status, *edit_out, ui.tabs], api_name="edit_example_label")
 
     ui.ed_to_synth.click(edit_to_synth, [ui.sid, ui.ed_editor, ui.ed_touch, ui.ed_min],
                          [ui.ed_status, *edit_out, *synth_out, ui.tabs], api_name="edit_to_synthesize")
@@ -125,7 +145,7 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
         return tuple(out)
 
     demo.load(refresh_models, [ui.st_ckpt, ui.sy_ckpt], [ui.st_ckpt, ui.sy_ckpt], api_visibility="private")
-    demo.load(ui.w_advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w], api_visibility="private")
+    demo.load(ui.w_advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w], api_visibility="private")
 
 
 # the queue looks for new events this often when idle (Gradio's default: every 1 ms), and for progress to send

@@ -50,7 +50,8 @@ def test_api_names_are_stable(client):
                 "/send_to_edit", "/send_to_synthesize", "/edit_upload_label", "/edit_blank", "/edit_apply",
                 "/edit_undo", "/edit_clean", "/edit_delete_at", "/edit_to_synthesize", "/synthesize",
                 "/cancel_synthesis", "/add_to_basket", "/add_all_to_basket", "/show_pair", "/accept_pair",
-                "/reject_pair", "/export_zip", "/basket_quality", "/calibrate_w", "/use_calibrated_w"}
+                "/reject_pair", "/export_zip", "/basket_quality", "/calibrate_w", "/use_calibrated_w",
+                "/use_paper_w"}
     assert expected <= names, expected - names
 
 
@@ -72,6 +73,18 @@ def test_inspect_folder_and_bad_folder(client, labeled_folder, tmp_path):
     (tmp_path / "empty" / "images").mkdir(parents=True)
     status, _, _ = client.predict(str(tmp_path / "empty"), 32, api_name="/inspect_folder")
     assert status.startswith("**Error:**") and "labels" in status
+
+
+def test_the_examples_fill_in_train_and_edit(client):
+    from engine.data import read_label
+    from nudiff_app.ui import EXAMPLE_FOLDER, EXAMPLE_LABEL
+
+    assert client.predict(api_name="/example_folder") == str(EXAMPLE_FOLDER)
+    status, summary, _ = client.predict(str(EXAMPLE_FOLDER), 128, api_name="/inspect_folder")
+    assert status.startswith("Inspected: 3 images") and "Problems: 0 error(s)" in summary, (status, summary)
+    out = client.predict(api_name="/edit_example_label")
+    n = int(read_label(EXAMPLE_LABEL).max())
+    assert out[0].startswith("Loaded `example_label.png`") and f"**{n} nuclei**" in out[3], out
 
 
 def test_upload_zip_dataset_and_corrupt_zip(client, labeled_folder, tmp_path, studio):
@@ -179,6 +192,12 @@ def test_generate_edit_basket_export(client, tiny_checkpoints, labeled_folder, t
     assert "**Synthetic pairs:** 1 (tile 32 px)" in report and "real tiles" not in report
     report = client.predict(True, "/nonexistent/folder", "", api_name="/basket_quality")
     assert report.startswith("**Error:**") and "real folder not found" in report
+    # realism measures: two 32 px pairs are too few for the classifier (said so), the copy check runs
+    report = client.predict(True, str(labeled_folder), "", True, str(labeled_folder), api_name="/basket_quality")
+    assert "**Classifier two-sample test:** skipped: needs at least 4 square tiles of 32 px" in report
+    assert "**Copy check:** 0 of 2 synthetic tiles are near-copies" in report
+    report = client.predict(True, "", "", True, "", api_name="/basket_quality")
+    assert report.startswith("**Error:**") and "needs a real labeled folder" in report
 
 
 def test_large_field_is_synthesized_in_windows_and_exported_full_size(studio, tiny_checkpoints, tmp_path):
@@ -376,13 +395,20 @@ def test_fine_tune_the_default_model(client, labeled_folder, studio, tiny_checkp
 
 def test_cancel_a_long_sampling_job(studio, tiny_checkpoints):
     c = Client(studio[1], verbose=False)
-    job = c.submit(str(tiny_checkpoints[0]), 4, "ddpm", 1000, 0, api_name="/sample_structures")
-    t0 = time.time()
-    while not job.status().progress_data and not job.done() and time.time() - t0 < 60:
-        time.sleep(0.2)  # wait until denoising reports progress
-    assert not job.done()
+    # 16 layouts x 1000 DDPM steps (two batches of 8): far longer than a cancel takes to arrive
+    job = c.submit(str(tiny_checkpoints[0]), 16, "ddpm", 1000, 0, api_name="/sample_structures")
+    deadline = time.time() + 300
+    while True:  # the job reports progress only after it has cleared its cancel flag: a cancel now counts
+        units = job.status().progress_data or []
+        denoising = [u for u in units if u.index is not None and u.length]
+        if denoising:
+            break
+        assert not job.done(), f"the job ended before it reported progress: {job.outputs()}"
+        assert time.time() < deadline, "the sampling job never reported progress"
+        time.sleep(0.05)
+    assert denoising[-1].index < denoising[-1].length, denoising  # mid-way, not finished
     assert c.predict(api_name="/cancel_structures") == "Cancelling…"
-    status, _ = job.result(timeout=60)
+    status, _ = job.result(timeout=120)
     assert status == "Cancelled."
 
 
@@ -440,8 +466,14 @@ def test_stop_and_resume_training(client, labeled_folder, studio):
     step = int(text.split("step ")[1].split(" /")[0])
     assert 0 < step < 5000
     assert client.predict(api_name="/resume_training").startswith("Resumed image training")
-    wait_for("running")
-    client.predict(api_name="/stop_training")
+    deadline = time.time() + 300
+    while True:  # the resumed process is in its training loop (it writes "running" only there) and has trained
+        text, _ = wait_for("running")
+        if int(text.split("step ")[1].split(" /")[0]) > step:
+            break
+        assert time.time() < deadline, f"the resumed training did not get past step {step}: {text}"
+        time.sleep(0.2)
+    assert client.predict(api_name="/stop_training").startswith("Asked image training to save and stop")
     text, _ = wait_for("stopped")
-    assert int(text.split("step ")[1].split(" /")[0]) >= step
+    assert step < int(text.split("step ")[1].split(" /")[0]) < 5000
     assert (studio[2] / "runs" / "t2" / "image" / "model.json").exists()

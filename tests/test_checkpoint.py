@@ -69,6 +69,19 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
 
 
+def test_record_readers(tmp_path):
+    from engine.checkpoint import read_record, recommended_w, sample_size
+
+    _save(tmp_path / "c")
+    _, record = read_record(tmp_path / "c")
+    assert sample_size(record) == record["model"]["image_size"] == 32
+    assert sample_size({**record, "sample_size": 96}) == 96
+    assert recommended_w(record) is None
+    assert recommended_w({**record, "guidance": {"w": 1.25}}) == 1.25
+    assert recommended_w({**record, "guidance": {"w": 51}}) is None  # out of range: not trusted
+    assert recommended_w({**record, "guidance": {"w": "x"}}) is None
+
+
 def test_export_inference_half(tmp_path):
     _save(tmp_path / "full")
     out = export_inference(tmp_path / "full", tmp_path / "small", half=True, extra={"sample_size": 64})

@@ -110,6 +110,10 @@ def test_structure_checkpoints_store_a_reference(tmp_path):
     new = np.ones((3, len(LAYOUT_FEATURES)), np.float32)
     export_inference(s, tmp_path / "replaced", reference=new)
     np.testing.assert_array_equal(pipeline.load_model(tmp_path / "replaced", device="cpu").layout_reference, new)
+    # storage computes no science: a folder is turned into layout features by the caller (the CLI does)
+    with pytest.raises(TypeError, match="reference_from_folder"):
+        export_inference(s, tmp_path / "from-folder", reference=str(tmp_path))
+    assert not (tmp_path / "from-folder.json").exists()
 
 
 def test_oversampled_generation(tmp_path):
@@ -157,7 +161,7 @@ def test_cli_oversample_and_reference(tmp_path):
     ref = pipeline.load_model(tmp_path / "s2.json", device="cpu").layout_reference
     assert ref is not None and len(ref) == 2 * 9  # two 64 px images at the model's 32 px: 3 x 3 tiles each
     with pytest.raises(CheckpointError, match="structure models only"):  # (the CLI calibrates w instead)
-        export_inference(i, tmp_path / "i2", reference=real)
+        export_inference(i, tmp_path / "i2", reference=np.ones((3, len(LAYOUT_FEATURES)), np.float32))
     assert not (tmp_path / "i2.json").exists()
 
     r = _cli("generate", "--structure-checkpoint", str(tmp_path / "s2.json"), "--image-checkpoint", str(i),

@@ -274,7 +274,8 @@ def test_label_suffixes_masks_folder_and_priority(tmp_path):
     image_c, inst_c = make_tile(64, seed=2)
     write_rgb(tmp_path / "images" / "c.png", image_c)
     write_png(tmp_path / "labels" / "c-mask.png", inst_c.astype(np.uint16))
-    write_png(tmp_path / "masks" / "c.png", np.zeros((64, 64), np.uint16))  # lower priority
+    renumbered = np.where(inst_c > 0, inst_c.max() + 1 - inst_c, 0)  # the same nuclei, other ids
+    write_png(tmp_path / "masks" / "c.png", renumbered.astype(np.uint16))  # lower priority, same nuclei
     items, problems = load_folder(tmp_path)
     assert problems == []
     by_stem = {it.stem: it for it in items}
@@ -283,6 +284,90 @@ def test_label_suffixes_masks_folder_and_priority(tmp_path):
     assert by_stem["c"].label_path.name == "c-mask.png"
     for stem, inst in [("a", inst_a), ("b", inst_b), ("c", inst_c)]:
         assert np.array_equal(by_stem[stem].inst, inst)
+
+
+@pytest.mark.parametrize("others", [
+    [("labels", "a.tif")], [("labels", "a.npy")], [("masks", "a.png")], [("labels", "a_label.png")],
+    [("labels", "a.tif"), ("labels", "a.npy")]], ids=lambda o: "+".join(f"{d}/{n}" for d, n in o))
+def test_several_label_files_that_differ_skip_the_image_naming_them_all(tmp_path, others):
+    """labels/a.png beside another label file for images/a.png that holds other nuclei: which one is meant is
+    a guess, so the image is skipped with an error naming every candidate (the other images are used)."""
+    make_pair(tmp_path, "a", seed=0)
+    make_pair(tmp_path, "b", seed=1)
+    _, other = make_tile(64, seed=7)
+    paths = [tmp_path / "labels" / "a.png"]
+    for folder, name in others:
+        path = tmp_path / folder / name
+        path.parent.mkdir(exist_ok=True)
+        if path.suffix == ".npy":
+            np.save(path, other)
+        elif path.suffix == ".tif":
+            tifffile.imwrite(path, other[:, ::-1].astype(np.uint16))
+        else:
+            write_png(path, other.astype(np.uint16))
+        paths.append(path)
+    items, problems = load_folder(tmp_path)
+    assert [it.stem for it in items] == ["b"]
+    errors = [p for p in problems if p.severity == "error"]
+    assert len(errors) == 1 and errors[0].path == str(tmp_path / "images" / "a.png"), problems
+    msg = errors[0].message
+    assert all(str(p) in msg for p in paths) and "do not hold the same nuclei" in msg and "\n" not in msg
+    assert f"{len(paths)} label files" in msg
+    # the same through inspect, and a folder of only such images is refused as a whole
+    assert inspect_folder(tmp_path, size=32).n_images == 1
+    for p in (tmp_path / "images" / "b.png", tmp_path / "labels" / "b.png"):
+        p.unlink()
+    with pytest.raises(DataError, match="no usable image/label pairs") as err:
+        load_folder(tmp_path)
+    assert all(str(p) in str(err.value) for p in paths)
+
+
+def test_an_unreadable_second_label_file_skips_the_image(tmp_path):
+    make_pair(tmp_path, "a", seed=0)
+    make_pair(tmp_path, "b", seed=1)
+    (tmp_path / "labels" / "a.npy").write_bytes(b"not a numpy file")
+    items, problems = load_folder(tmp_path)
+    assert [it.stem for it in items] == ["b"]
+    (err,) = [p for p in problems if p.severity == "error"]
+    assert "unreadable" in err.message and str(tmp_path / "labels" / "a.npy") in err.message
+    assert str(tmp_path / "labels" / "a.png") in err.message
+
+
+def test_several_label_files_with_the_same_nuclei_are_fine(tmp_path):
+    """E.g. MoNuSeg: labels/a.png rendered from annotations/a.xml; and a non-GeoJSON .json beside a label."""
+    image, _ = make_tile(32, seed=0)
+    write_rgb(tmp_path / "images" / "a.png", image)
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "annotations" / "a.xml").write_text(xml_for([[(12, 14), (20, 14), (20, 24), (12, 24)],
+                                                             [(2, 2), (10, 2), (10, 10), (2, 10)]]))
+    inst = read_label(tmp_path / "annotations" / "a.xml", shape=(32, 32))
+    assert inst.max() == 2
+    write_png(tmp_path / "labels" / "a.png", inst.astype(np.uint16))
+    np.save(tmp_path / "labels" / "a.npy", np.where(inst > 0, 3 - inst, 0))  # ids swapped
+    (tmp_path / "labels" / "a.json").write_text('{"scanner": "x", "magnification": 40}')
+    (item,), problems = load_folder(tmp_path)
+    assert item.label_path == tmp_path / "labels" / "a.png" and np.array_equal(item.inst, inst)
+    assert [p.severity for p in problems] == ["warning"]
+    assert str(tmp_path / "labels" / "a.json") in problems[0].message and "not GeoJSON" in problems[0].message
+    # one polygon drawn one pixel wider: not the same nuclei any more
+    (tmp_path / "annotations" / "a.xml").write_text(xml_for([[(12, 14), (21, 14), (21, 24), (12, 24)],
+                                                             [(2, 2), (10, 2), (10, 10), (2, 10)]]))
+    with pytest.raises(DataError, match="do not hold the same nuclei") as err:
+        load_folder(tmp_path)
+    assert str(tmp_path / "annotations" / "a.xml") in str(err.value)
+
+
+def test_same_nuclei_compares_partitions_not_ids():
+    from engine.data import _same_nuclei
+
+    a = np.array([[1, 1, 0], [2, 2, 0], [0, 3, 3]])
+    assert _same_nuclei(a, np.array([[3, 3, 0], [1, 1, 0], [0, 2, 2]]))
+    assert not _same_nuclei(a, np.array([[1, 1, 0], [1, 1, 0], [0, 3, 3]]))  # two nuclei merged
+    assert not _same_nuclei(a, np.array([[1, 2, 0], [2, 2, 0], [0, 3, 3]]))  # a nucleus split across ids
+    assert not _same_nuclei(a, np.array([[1, 1, 1], [2, 2, 0], [0, 3, 3]]))  # other foreground
+    assert not _same_nuclei(a, a[:, :2])
+    assert _same_nuclei(np.zeros((0, 0), np.int32), np.zeros((0, 0), np.int32))
+    assert _same_nuclei(np.zeros((4, 4), np.int32), np.zeros((4, 4), np.uint16))
 
 
 def test_image_variants(tmp_path):

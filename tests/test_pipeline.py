@@ -165,10 +165,21 @@ def test_cli_fine_tune_takes_the_models_shape_warms_up_and_keeps_its_licence(tmp
     lrs = [json.loads(line)["lr"] for line in (tmp_path / "ft" / "log.jsonl").read_text().splitlines()
            if '"lr"' in line]
     assert lrs == pytest.approx([1e-4 * k / 100 for k in (1, 2, 3, 4)])
+    # the U-Net is fully convolutional: the same weights continue on larger tiles
+    r = _cli("train-structure", "--data", str(labeled_folder), "--run-dir", str(tmp_path / "ft64"), "--init-from",
+             str(src), "--image-size", "64", "--steps", "2", "--preview-every", "0", "--quiet")
+    assert r.returncode == 0, r.stderr
+    rec = json.loads((tmp_path / "ft64" / "model.json").read_text())
+    assert rec["model"]["image_size"] == 64 and rec["init_from_sha256"] == load_checkpoint(src).sha256
     # a source of the other kind, or none: a readable error, and the studio sees why
     r = _cli("train-image", "--data", str(labeled_folder), "--run-dir", str(tmp_path / "bad"), "--init-from",
              str(src), "--steps", "2")
     assert r.returncode == 2 and "Traceback" not in r.stderr and "structure model" in r.stderr
+    assert not (tmp_path / "bad").exists()  # refused before training: nothing written
+    (tmp_path / "bad").mkdir()  # the folder a watching studio makes first is told why
+    r = _cli("train-image", "--data", str(labeled_folder), "--run-dir", str(tmp_path / "bad"), "--init-from",
+             str(src), "--steps", "2")
+    assert r.returncode == 2 and "structure model" in r.stderr
     assert json.loads((tmp_path / "bad" / "status.json").read_text())["state"] == "failed"
 
 
@@ -184,7 +195,11 @@ def test_cli_errors_are_readable(tmp_path):
     r = _cli("generate", "--structure-checkpoint", str(tmp_path / "missing"), "--out", str(tmp_path / "g"))
     assert r.returncode == 2 and "checkpoint not found" in r.stderr and "Traceback" not in r.stderr
     r = _cli("train-image", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"), "--preset", "test")
-    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "nowhere" in r.stderr
+    assert not (tmp_path / "run").exists()  # refused before training: nothing written
+    (tmp_path / "run").mkdir()  # a folder that exists (a watching studio's) is told why
+    r = _cli("train-image", "--data", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "run"), "--preset", "test")
+    assert r.returncode == 2
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "nowhere" in status["message"]
     r = _cli("inspect", str(tmp_path / "nowhere"))

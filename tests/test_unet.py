@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
-from engine.config import PRESETS, UNetConfig, preset
+from engine.config import PRESETS, DiffusionConfig, UNetConfig, preset
+from engine.diffusion import NoiseSchedule, guided_eps
+from engine.structure import instances_to_structure
+from engine.synthetic import make_tile
 from engine.unet import UNet, count_parameters, null_condition
 
 
@@ -48,9 +52,31 @@ def test_spade_condition_changes_output_and_structure_model_ignores_it():
     assert torch.equal(s(x, t, c), s(x, t, None))
 
 
-def test_null_condition_is_zeros():
-    c = torch.rand(2, 3, 8, 8)
-    assert torch.count_nonzero(null_condition(c)) == 0
+def test_guidance_drops_to_the_null_condition_the_model_was_trained_with():
+    """Classifier-free guidance is right only if its unconditional pass gives the model exactly what training
+    gave it for a dropped structure; and that null condition must be no real structure, not even the
+    structure of a tile without nuclei (else "no condition" would mean "draw no nuclei")."""
+    torch.manual_seed(0)
+    model = UNet(preset("test", "image"))
+    seen: list[torch.Tensor] = []
+
+    def spy(x, t, cond):
+        seen.append(cond.clone())
+        return model(x, t, cond)
+
+    structure = torch.from_numpy(instances_to_structure(make_tile(32, seed=1)[1])).permute(2, 0, 1)
+    c = structure[None].repeat(2, 1, 1, 1)
+    x0 = torch.rand(2, 3, 32, 32) * 2 - 1
+    schedule = NoiseSchedule(DiffusionConfig(num_timesteps=10))
+    schedule.loss(spy, x0, c, drop_rate=0.0)
+    assert torch.equal(seen.pop(), c)  # kept conditions reach the model unchanged
+    schedule.loss(spy, x0, c, drop_rate=1.0)
+    trained_null = seen.pop()
+    guided_eps(spy, torch.randn(2, 3, 32, 32), torch.tensor(5), c, w=2.0)
+    cond_pass, uncond_pass = seen.pop().chunk(2)
+    assert torch.equal(cond_pass, c) and torch.equal(uncond_pass, trained_null)
+    empty = torch.from_numpy(instances_to_structure(np.zeros((32, 32), np.int32))).permute(2, 0, 1)
+    assert not torch.equal(trained_null[0], structure) and not torch.equal(trained_null[0], empty)
 
 
 def test_config_validation_and_round_trip():

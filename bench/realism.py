@@ -1,0 +1,209 @@
+"""Realism of a structure + image model pair against held-out real H&E tiles, measured.
+
+For one pair of checkpoints and one or more guidance scales w, this samples ``--n`` structures of
+``--size`` px (default 256), synthesizes an image for each, and reports against the real images of one
+role of the split (``--role validation`` for choices, ``--role test`` once, for the figure):
+
+- the classifier two-sample test (engine.two_sample) at 256 px (whole tiles) and 128 px (quadrants),
+  with its sanity rows measured in the same run: real vs real (two disjoint halves of the real tiles,
+  must be near 0.5) and real vs blurred real (must be near 1.0);
+- layout and morphology (nuclei per 128 px tile, foreground fraction, morphology distance) and alignment
+  (hematoxylin Dice, darker fraction) from engine.quality.quality_report;
+- the anti-copying check (engine.copying) against the tiles of the split's training images.
+
+Synthetic tiles are cached under WORK/NAME (same models, size, seed, steps: no resampling), so a rerun
+only rescores. Usage (the demo models today, held-out test images)::
+
+    python bench/realism.py --name demo --w 2 --w 0.75 --role test
+    python bench/realism.py --name r21 --structure S.json --image I.json --role validation --w 0.5 --w 1
+
+Prints one markdown table and writes WORK/NAME/realism-ROLE.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from engine.copying import copy_check, training_tiles  # noqa: E402
+from engine.data import read_image, read_label, tile_positions  # noqa: E402
+from engine.structure import relabel  # noqa: E402
+from engine.two_sample import TwoSampleConfig, blur_tiles, two_sample_test  # noqa: E402
+
+
+def grid_tiles(images, insts, size):
+    """Non-overlapping size x size tiles of each image (and instance map)."""
+    out_i, out_l = [], []
+    for im, lab in zip(images, insts):
+        h, w = lab.shape
+        for y in tile_positions(h, size, size):
+            for x in tile_positions(w, size, size):
+                out_i.append(im[y : y + size, x : x + size])
+                out_l.append(relabel(lab[y : y + size, x : x + size]))
+    return out_i, out_l
+
+
+def quadrants(images, insts):
+    out_i, out_l = [], []
+    for im, lab in zip(images, insts):
+        h2, w2 = lab.shape[0] // 2, lab.shape[1] // 2
+        for y in (0, h2):
+            for x in (0, w2):
+                out_i.append(im[y : y + h2, x : x + w2])
+                out_l.append(relabel(lab[y : y + h2, x : x + w2]))
+    return out_i, out_l
+
+
+def load_role(data: Path, stems):
+    images = [read_image(data / "images" / f"{s}.png") for s in stems]
+    labels = [read_label(data / "labels" / f"{s}.png") for s in stems]
+    return images, labels
+
+
+def synthetic_set(args, w: float, cache: Path):
+    """(images, insts) of n synthetic tiles at w, cached."""
+    import torch
+
+    from engine.pipeline import load_model, sample_structures, synthesize
+
+    torch.set_num_threads(args.threads)
+    f_struct = cache / f"structures-{args.size}-n{args.n}-s{args.seed}-{args.steps}.npz"
+    if f_struct.exists():
+        z = np.load(f_struct)
+        structures, insts = list(z["structures"]), list(z["insts"])
+    else:
+        sm = load_model(args.structure, kind="structure")
+        t = time.time()
+        samples = sample_structures(sm, args.n, steps=args.steps, seed=args.seed, size=args.size)
+        print(f"  structures: {args.n} x {args.size} px in {time.time() - t:.0f} s", file=sys.stderr)
+        structures = [s.structure for s in samples]
+        insts = [s.inst for s in samples]
+        np.savez_compressed(f_struct, structures=np.stack(structures), insts=np.stack(insts))
+    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}-w{w:g}.npz"
+    if f_img.exists():
+        images = list(np.load(f_img)["images"])
+    else:
+        im = load_model(args.image, kind="image")
+        t = time.time()
+        images = synthesize(im, structures, w=w, steps=args.steps, seed=args.seed)
+        print(f"  images: {args.n} x {args.size} px at w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
+        np.savez_compressed(f_img, images=np.stack(images))
+    return images, insts
+
+
+def sanity_rows(real256, real128, cfg):
+    """Real vs real (disjoint halves) and real vs blurred real (disjoint halves), at both sizes."""
+    rows = {}
+    for size, tiles in ((256, real256), (128, real128)):
+        rng = np.random.default_rng(cfg.seed + 7)
+        order = rng.permutation(len(tiles))
+        a = [tiles[i] for i in order[: len(tiles) // 2]]
+        b = [tiles[i] for i in order[len(tiles) // 2 :]]
+        rows[f"real_vs_real_{size}"] = two_sample_test(a, b, cfg).to_dict()
+        rows[f"real_vs_blurred_{size}"] = two_sample_test(a, blur_tiles(b), cfg).to_dict()
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True, help="label of this model pair (cache folder name)")
+    ap.add_argument("--structure", default=str(ROOT / "checkpoints" / "structure-demo.json"))
+    ap.add_argument("--image", default=str(ROOT / "checkpoints" / "image-demo.json"))
+    ap.add_argument("--w", type=float, action="append", help="guidance scale(s) (default 2)")
+    ap.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "monuseg" / "train")
+    ap.add_argument("--split", type=Path, default=ROOT / "bench" / "splits" / "monuseg.json")
+    ap.add_argument("--role", choices=("validation", "test"), default="validation")
+    ap.add_argument("--n", type=int, default=16, help="synthetic tiles of --size px")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
+    args = ap.parse_args(argv)
+    ws = args.w or [2.0]
+    split = json.loads(args.split.read_text())
+    cfg = TwoSampleConfig()
+    cache = args.work / args.name
+    cache.mkdir(parents=True, exist_ok=True)
+
+    r_img, r_lab = load_role(args.data, split[args.role])
+    real256, _ = grid_tiles(r_img, r_lab, 256)
+    real128, _ = grid_tiles(r_img, r_lab, 128)
+    t_img, _ = load_role(args.data, split["train"])
+    f_sanity = args.work / f"sanity-{args.role}.json"
+    if f_sanity.exists():
+        sanity = json.loads(f_sanity.read_text())
+    else:
+        t = time.time()
+        sanity = sanity_rows(real256, real128, cfg)
+        print(f"  sanity rows in {time.time() - t:.0f} s", file=sys.stderr)
+        f_sanity.write_text(json.dumps(sanity, indent=1))
+
+    from engine.quality import quality_report
+
+    results = {"name": args.name, "structure": args.structure, "image": args.image, "role": args.role,
+               "real_images": split[args.role], "n_real_tiles": {"256": len(real256), "128": len(real128)},
+               "n_synthetic": args.n, "size": args.size, "steps": args.steps, "seed": args.seed,
+               "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
+    train_cache = {}
+    for w in ws:
+        s_img, s_lab = synthetic_set(args, w, cache)
+        q_img, q_lab = quadrants(s_img, s_lab)
+        t = time.time()
+        row = {"two_sample_256": two_sample_test(real256, s_img, cfg).to_dict(),
+               "two_sample_128": two_sample_test(real128, q_img, cfg).to_dict()}
+        q = quality_report(list(zip(q_img, q_lab)), list(zip(r_img, r_lab)))
+        m = q["morphology"]
+        row["nuclei_per_tile"] = {"synthetic": m["synthetic"]["nuclei_per_tile"]["mean"],
+                                  "real": m["real"]["nuclei_per_tile"]["mean"]}
+        row["foreground_fraction"] = {"synthetic": m["synthetic"]["fg_fraction"]["mean"],
+                                      "real": m["real"]["fg_fraction"]["mean"]}
+        row["morphology_distance"] = m["distance"]["mean_normalised"]
+        row["alignment"] = {"synthetic": q["alignment"]["synthetic"], "real": q["alignment"]["real"]}
+        for size, tiles in ((128, q_img), (256, s_img)):
+            if size not in train_cache:
+                train_cache[size] = training_tiles(t_img, size)
+            tt, boxes = train_cache[size]
+            row[f"copying_{size}"] = copy_check(tiles, tt, boxes, size=size).to_dict()
+        print(f"  scored w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
+        results["by_w"][f"{w:g}"] = row
+    out = cache / f"realism-{args.role}.json"
+    prev = json.loads(out.read_text()) if out.exists() else {}
+    if prev.get("by_w"):
+        results["by_w"] = {**prev["by_w"], **results["by_w"]}
+    out.write_text(json.dumps(results, indent=1))
+
+    def acc(d):
+        return f"{d['accuracy']:.3f} [{d['ci_low']:.2f}, {d['ci_high']:.2f}]"
+
+    print(f"\n{args.name} against {args.role} images ({', '.join(split[args.role])})\n")
+    print(f"sanity: real vs real {acc(sanity['real_vs_real_256'])} (256 px), {acc(sanity['real_vs_real_128'])} "
+          f"(128 px); real vs blurred {acc(sanity['real_vs_blurred_256'])} (256 px), "
+          f"{acc(sanity['real_vs_blurred_128'])} (128 px)\n")
+    print("| w | two-sample 256 px | two-sample 128 px | nuclei / 128 px tile (real) | foreground (real) | "
+          "morphology distance | H Dice syn (real) | darker fraction | near-copies 128 / 256 | "
+          "nearest training tile, median (real-real median) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for w, row in results["by_w"].items():
+        al = row["alignment"]
+        c1, c2 = row["copying_128"], row["copying_256"]
+        print(f"| {w} | {acc(row['two_sample_256'])} | {acc(row['two_sample_128'])} | "
+              f"{row['nuclei_per_tile']['synthetic']:.2f} ({row['nuclei_per_tile']['real']:.2f}) | "
+              f"{row['foreground_fraction']['synthetic']:.3f} ({row['foreground_fraction']['real']:.3f}) | "
+              f"{row['morphology_distance']:.3f} | {al['synthetic'].get('hematoxylin_dice', float('nan')):.3f} "
+              f"({al['real'].get('hematoxylin_dice', float('nan')):.3f}) | "
+              f"{al['synthetic'].get('darker_fraction', float('nan')):.3f} | {c1['n_flagged']} / {c2['n_flagged']} | "
+              f"{c1['synthetic_nn']['median']:.3f} ({c1['real_nn']['median']:.3f}) |")
+    print(f"\nwritten {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Anti-copying check: does a generator hand back the training images it was trained on?
+
+Distance: every tile is shrunk to a 32 x 32 RGB thumbnail (area average, values in [0, 1]) and two
+tiles are compared by the root-mean-square difference of their thumbnails, minimised over the eight
+flips and quarter turns of the synthetic tile (training augments with them, so a memorised tile may
+come back turned).
+
+Reference: for each training tile, its nearest training tile that does not overlap it (another image,
+or a disjoint part of the same image). A synthetic tile is flagged as a near-copy when it lies closer to
+its nearest training tile than ``quantile`` (default 1 %) of the real tiles lie to theirs: closer than
+almost any two distinct pieces of real tissue are to each other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from engine.errors import DataError
+
+__all__ = ["THUMB", "CopyCheck", "thumbnails", "copy_check", "training_tiles"]
+
+THUMB = 32  # thumbnail side in px
+
+
+@dataclass
+class CopyCheck:
+    """Result of :func:`copy_check`. Distances are RMS differences of thumbnails, in [0, 1]."""
+
+    nearest: list[int]  # per synthetic tile: index of its nearest training tile
+    distance: list[float]  # per synthetic tile: distance to it
+    threshold: float  # flag below this (the `quantile` of the real nearest-neighbour distances)
+    real_nn: dict  # summary of the real tiles' own nearest-neighbour distances (min, q01, median)
+    flagged: list[int] = field(default_factory=list)  # indices of synthetic near-copies
+    n_training_tiles: int = 0
+    quantile: float = 0.01
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["synthetic_nn"] = _summary(np.asarray(self.distance))
+        d["n_flagged"] = len(self.flagged)
+        return d
+
+    def summary_line(self) -> str:
+        s = _summary(np.asarray(self.distance))
+        return (f"{len(self.flagged)} of {len(self.distance)} synthetic tiles flagged as near-copies "
+                f"(nearest training tile: median {s['median']:.3f}, min {s['min']:.3f}; real tiles among "
+                f"themselves: median {self.real_nn['median']:.3f}, 1st percentile {self.threshold:.3f})")
+
+
+def _summary(d: np.ndarray) -> dict:
+    if d.size == 0:
+        return {"min": float("nan"), "q01": float("nan"), "median": float("nan")}
+    return {"min": float(d.min()), "q01": float(np.quantile(d, 0.01)), "median": float(np.median(d))}
+
+
+def thumbnails(tiles: Sequence[np.ndarray]) -> np.ndarray:
+    """(N, 32, 32, 3) float32 in [0, 1]: area-averaged thumbnails of uint8 RGB tiles of any size."""
+    import cv2
+
+    out = []
+    for t in tiles:
+        t = np.asarray(t)
+        if t.ndim != 3 or t.shape[2] != 3 or min(t.shape[:2]) < 1:
+            raise DataError(f"copy check: tiles must be RGB images, got shape {t.shape}")
+        out.append(cv2.resize(np.ascontiguousarray(t), (THUMB, THUMB), interpolation=cv2.INTER_AREA))
+    return np.stack(out).astype(np.float32) / 255.0
+
+
+def _dihedral(th: np.ndarray) -> list[np.ndarray]:
+    views = []
+    for flip in (False, True):
+        v = th[:, :, ::-1] if flip else th
+        for k in range(4):
+            views.append(np.ascontiguousarray(np.rot90(v, k, axes=(1, 2))))
+    return views
+
+
+def _rms(q: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """(Nq, Nr) RMS distances between flattened thumbnails."""
+    qt = torch.from_numpy(q.reshape(len(q), -1)).double()
+    rt = torch.from_numpy(r.reshape(len(r), -1)).double()
+    return (torch.cdist(qt, rt) / np.sqrt(qt.shape[1])).numpy()
+
+
+def training_tiles(images: Sequence[np.ndarray], size: int, stride: int | None = None
+                   ) -> tuple[list[np.ndarray], np.ndarray]:
+    """Tiles of size x size (stride size/2) of the training images, and their boxes (N, 3): image, y, x."""
+    from engine.data import tile_positions
+
+    stride = stride or max(1, size // 2)
+    tiles, boxes = [], []
+    for k, im in enumerate(images):
+        h, w = im.shape[:2]
+        if h < size or w < size:
+            continue
+        for y in tile_positions(h, size, stride):
+            for x in tile_positions(w, size, stride):
+                tiles.append(im[y : y + size, x : x + size])
+                boxes.append((k, y, x))
+    return tiles, np.asarray(boxes, np.int64).reshape(-1, 3)
+
+
+def copy_check(synthetic: Sequence[np.ndarray], train_tiles: Sequence[np.ndarray], boxes: np.ndarray | None = None,
+               size: int | None = None, quantile: float = 0.01) -> CopyCheck:
+    """Nearest training tile of every synthetic tile, against the real tiles' own nearest neighbours.
+
+    Args:
+        synthetic: uint8 RGB tiles (any size; compared through thumbnails).
+        train_tiles: uint8 RGB tiles of the training images, e.g. from :func:`training_tiles`.
+        boxes: (N, 3) int: source image index, y, x of each training tile, so that overlapping tiles
+            are not counted as each other's neighbours (None: every pair of tiles counts as distinct).
+        size: side of the training tiles (for the overlap test; default: that of the first tile).
+        quantile: flag synthetic tiles closer than this quantile of the real nearest-neighbour distances.
+    """
+    if not len(synthetic):
+        raise DataError("copy check: no synthetic tiles")
+    if len(train_tiles) < 2:
+        raise DataError("copy check: needs at least two training tiles")
+    if not 0 < quantile < 1:
+        raise DataError(f"copy check: quantile must be in (0, 1), got {quantile}")
+    ref = thumbnails(train_tiles)
+    size = size or int(np.asarray(train_tiles[0]).shape[0])
+    d_rr = _rms(ref, ref)
+    np.fill_diagonal(d_rr, np.inf)
+    if boxes is not None:
+        b = np.asarray(boxes)
+        same = b[:, None, 0] == b[None, :, 0]
+        overlap = same & (np.abs(b[:, None, 1] - b[None, :, 1]) < size) & \
+            (np.abs(b[:, None, 2] - b[None, :, 2]) < size)
+        d_rr[overlap] = np.inf
+    real_nn = d_rr.min(axis=1)
+    real_nn = real_nn[np.isfinite(real_nn)]
+    if real_nn.size == 0:
+        raise DataError("copy check: the training tiles all overlap each other; give more training images")
+    threshold = float(np.quantile(real_nn, quantile))
+    syn = thumbnails(synthetic)
+    d = np.min(np.stack([_rms(v, ref) for v in _dihedral(syn)]), axis=0)  # (Ns, Nr)
+    nearest = d.argmin(axis=1)
+    dist = d[np.arange(len(syn)), nearest]
+    flagged = [int(i) for i in np.flatnonzero(dist < threshold)]
+    return CopyCheck(nearest=[int(i) for i in nearest], distance=[float(x) for x in dist], threshold=threshold,
+                     real_nn=_summary(real_nn), flagged=flagged, n_training_tiles=len(ref), quantile=quantile)

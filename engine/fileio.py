@@ -1,0 +1,140 @@
+"""Low-level helpers every other engine module may use: atomic file output, file hashes, JSON records,
+the compute device. This module imports nothing of the engine but engine.errors (the bottom of the
+import graph, docs/architecture.md).
+
+Atomic output: a file (or folder) is written under a temporary name in the same folder and renamed onto
+its real name only when complete (``os.replace``; files are fsynced first), so a reader sees the old
+version or the new one, never half of one. The temporary is ``.<name>.<random>.tmp`` (:data:`TEMP_NAME`)
+unless a caller names its own; a killed writer leaves it behind, and the clean-ups that remove such
+leftovers (engine.runlock.clean_temp_files, engine.export.remove_stale_temps) recognise it by that name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from engine.errors import CheckpointError, NuDiffError
+
+__all__ = ["TEMP_NAME", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes", "file_sha256",
+           "read_json_record", "is_whole_number", "check_format", "resolve_device"]
+
+#: Name of the temporary file a write of ``<target>`` goes through (made by :func:`temp_beside`):
+#: ``.<target>.<random>.tmp``.
+TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<random>[A-Za-z0-9_]+)\.tmp$")
+
+
+def temp_beside(target: str | os.PathLike, *, folder: bool = False) -> Path:
+    """A new, empty temporary file (or folder) in target's folder, named ``.<target name>.<random>.tmp``."""
+    target = Path(target)
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def commit(tmp: str | os.PathLike, target: str | os.PathLike, *, fsync: bool = True) -> None:
+    """Rename a finished temporary file or folder onto target (fsyncing a file first unless fsync=False).
+
+    A folder replaces only an empty (or missing) target folder: OSError when the target holds anything.
+    """
+    tmp, target = Path(tmp), Path(target)
+    if tmp.is_dir():
+        if target.exists():
+            target.rmdir()
+    elif fsync:
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, target)
+
+
+def discard(tmp: str | os.PathLike) -> None:
+    """Remove a temporary file or folder, if it is still there."""
+    tmp = Path(tmp)
+    if tmp.is_dir() and not tmp.is_symlink():
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_output(target: str | os.PathLike, *, temp: str | os.PathLike | None = None, folder: bool = False,
+                  fsync: bool = True) -> Iterator[Path]:
+    """Write target all at once: yields a temporary path beside it to write; when the block ends without an
+    error the temporary is committed onto target (:func:`commit`), otherwise it is removed.
+
+    temp: the temporary to write to (default: a new one from :func:`temp_beside`; give one to keep a
+    name that a clean-up looks for, or one that is held locked). folder: target is a folder (the default
+    temporary is then an empty folder).
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(temp) if temp is not None else temp_beside(target, folder=folder)
+    try:
+        yield tmp
+        commit(tmp, target, fsync=fsync)
+    except BaseException:
+        discard(tmp)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write data to path via a temporary file in the same folder, fsync and an atomic rename."""
+    with atomic_output(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------- JSON records
+
+
+def read_json_record(path: Path, what: str, error: type[NuDiffError] = CheckpointError) -> Any:
+    """The parsed JSON of a record file; `error` ("<what> <path> is not valid JSON: ...") if unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def is_whole_number(value: Any, minimum: int | None = None) -> bool:
+    """True for an int (not a bool) that is at least minimum (when given)."""
+    return isinstance(value, int) and not isinstance(value, bool) and (minimum is None or value >= minimum)
+
+
+def check_format(record: dict, current: int, path: Path, error: type[NuDiffError] = CheckpointError) -> int:
+    """A record's ``format`` (0 when absent); `error` unless it is a whole number this code can read."""
+    fmt = record.get("format", 0)
+    if not is_whole_number(fmt, 0):
+        raise error(f"{path}: 'format' must be a whole number, got {fmt!r}")
+    if fmt > current:
+        raise error(f"{path} was written by a newer NuDiff (format {fmt})")
+    return fmt
+
+
+# ----------------------------------------------------------------------------- device
+
+
+def resolve_device(device: Any = "auto") -> Any:
+    """torch.device for a name; "auto" is the first CUDA device where there is one, else the CPU."""
+    import torch
+
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
