@@ -78,7 +78,9 @@ def _training_folder(text: str | None, ctx: AppContext) -> Path | None:
     except NuDiffError:
         return None
     data = (record.get("train") or {}).get("data")
-    return Path(data) if isinstance(data, str) and Path(data).is_dir() else None
+    if not isinstance(data, str) or not Path(data).is_absolute():
+        return None
+    return Path(data) if (Path(data) / "images").is_dir() else None
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -121,7 +123,7 @@ def build(ctx: AppContext, ui) -> None:
         with gr.Row():
             ui.ex_two_sample = gr.Checkbox(False, label="Classifier two-sample test (needs the real folder; "
                                            "about a minute per 100 tiles)", elem_id="ex-two-sample")
-            ui.ex_training = gr.Textbox(label="Generator's training images, for the copy check (optional)",
+            ui.ex_training = gr.Textbox(value="", label="Generator's training images, for the copy check (optional)",
                                         placeholder="empty: the image model's training folder, if on this server",
                                         scale=2, elem_id="ex-training")
         ui.ex_quality_btn = gr.Button("Assess the pairs that would be exported", elem_id="ex-quality")
