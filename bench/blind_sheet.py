@@ -6,8 +6,8 @@ non-overlapping 256 px tiles of the split's real images of one role:
     python bench/realism.py --name demo --w 2 --role test          # makes the cache
     python bench/blind_sheet.py --name demo --w 2 --role test --out docs
 
-writes OUT/contact_sheet.png (left: real tiles with their nuclei outlined; right: synthetic pairs, same
-layout), OUT/blind_sheet.png (8 real and 8 synthetic images, no outlines, shuffled, numbered 1-16) and
+writes OUT/contact_sheet.jpg (left: real tiles with their nuclei outlined; right: synthetic pairs, same
+layout), OUT/blind_sheet.jpg (8 real and 8 synthetic images, no outlines, shuffled, numbered 1-16) and
 OUT/blind_sheet_key.md (which number is which; keep it from the scorer), with a scoring line per tile.
 """
 
@@ -75,7 +75,7 @@ def main(argv=None):
     d = ImageDraw.Draw(pic)
     d.text((6, 8), f"real ({args.role} images, held out)", fill=(0, 0, 0))
     d.text((left.shape[1] + 30, 8), f"synthetic ({args.name}, w = {args.w:g}, DDIM {args.steps})", fill=(0, 0, 0))
-    pic.save(args.out / "contact_sheet.png", optimize=True)
+    pic.save(args.out / "contact_sheet.jpg", quality=90)  # real and synthetic alike
 
     rng = np.random.default_rng(args.seed + 2026)
     items = [("real", f"{args.role} tile {i}") for i in range(k)] + [("synthetic", f"seed {args.seed + i}")
@@ -83,13 +83,13 @@ def main(argv=None):
     tiles = real_i + list(s_img)
     order = rng.permutation(len(tiles))
     cells = [_label(np.ascontiguousarray(tiles[j]), str(n + 1)) for n, j in enumerate(order)]
-    Image.fromarray(render.grid(cells, cols=4, pad=6)).save(args.out / "blind_sheet.png", optimize=True)
-    lines = [f"# Key to blind_sheet.png ({args.name}, w = {args.w:g})", "",
+    Image.fromarray(render.grid(cells, cols=4, pad=6)).save(args.out / "blind_sheet.jpg", quality=90)
+    lines = [f"# Key to blind_sheet.jpg ({args.name}, w = {args.w:g})", "",
              "Keep this file from the person scoring the sheet. Scoring: for each number, real or synthetic,",
              "and how sure (1-5).", "", "| tile | truth | source |", "|---|---|---|"]
     lines += [f"| {n + 1} | {items[j][0]} | {items[j][1]} |" for n, j in enumerate(order)]
     (args.out / "blind_sheet_key.md").write_text("\n".join(lines) + "\n")
-    print(f"written {args.out}/contact_sheet.png, blind_sheet.png, blind_sheet_key.md")
+    print(f"written {args.out}/contact_sheet.jpg, blind_sheet.jpg, blind_sheet_key.md")
 
 
 if __name__ == "__main__":
