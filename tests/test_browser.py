@@ -210,7 +210,7 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
         status = _text(page, "sy-status", "Calibrated")
         w = float(re.search(r"w = ([0-9.]+) \(nucleus contrast", status).group(1))
         assert float(page.locator("#sy-w input[type=number]").first.input_value()) == pytest.approx(w)
-        assert f": {w:g} (its nuclei" in _text(page, "sy-wrec", "Calibrated w for")
+        assert f": {w:g} (its nuclei" in _text(page, "sy-wrec", "starts at the calibrated w of")
 
     # --- Export: accept, build the zip, download it
     _tab(page, "Export")
