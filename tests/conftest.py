@@ -1,8 +1,11 @@
-"""Shared fixtures: procedural labeled data and tiny test-preset checkpoints (trained once per session)."""
+"""Shared fixtures: procedural labeled data, tiny test-preset checkpoints (trained once per session), a
+launched studio per test module, and a PNG decompression bomb."""
 
 from __future__ import annotations
 
 import socket
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
@@ -30,3 +33,36 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory, tiny_checkpoints):
+    """A studio launched on a free local port with the tiny models and a fixed 4 GiB memory budget
+    (whatever this machine's RAM), one per test module: (demo, url, work folder)."""
+    from nudiff_app import build_app, launch
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    work = tmp_path_factory.mktemp("studio")
+    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1],
+                     max_memory_gb=4)
+    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield demo, f"http://127.0.0.1:{port}/", work
+    finally:
+        demo.nudiff.close()  # the worker process too
+        demo.close()
+
+
+def png_bomb(path: Path, width: int, height: int) -> Path:
+    """A valid 8-bit greyscale PNG of width x height zeros: a few hundred kB on disk."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    comp = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path

@@ -10,11 +10,9 @@ answering: a good request follows each one.
 
 from __future__ import annotations
 
-import socket
 import struct
 import time
 import zipfile
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -25,25 +23,8 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
+from conftest import png_bomb
 from engine.synthetic import write_folder
-
-
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory, tiny_checkpoints):
-    from nudiff_app import build_app, launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    work = tmp_path_factory.mktemp("studio")
-    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1],
-                     max_memory_gb=4)
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/", work
-    finally:
-        demo.nudiff.close()
-        demo.close()
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +50,7 @@ def inputs(tmp_path_factory, tiny_checkpoints):
     (d / "coco.json").write_text('{"images": [], "annotations": [], "categories": []}')
     (d / "negative.geojson").write_text('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": '
                                         '[[[-5, 1], [4, 1], [4, 6], [-5, 1]]]}}')
-    f.bomb_png = _png_bomb(d / "bomb.png", 9000, 9000)  # 81 MP declared, a few hundred kB on disk
+    f.bomb_png = png_bomb(d / "bomb.png", 9000, 9000)  # 81 MP declared, a few hundred kB on disk
     # zips: path traversal, an absolute path, a declared size of 3 GB (zip bomb), 20001 entries, no images/,
     # images/ without labels/, and a dataset of pixel bombs
     with zipfile.ZipFile(d / "traversal.zip", "w") as zf:
@@ -85,7 +66,7 @@ def inputs(tmp_path_factory, tiny_checkpoints):
         zf.writestr("stuff/readme.txt", "x")
     with zipfile.ZipFile(d / "no_labels.zip", "w") as zf:
         zf.write(good / "images" / "synth_000.png", "d/images/a.png")
-    _png_bomb(d / "huge.png", 12000, 12000)  # 144 MP: over the 100 MP pixel budget
+    png_bomb(d / "huge.png", 12000, 12000)  # 144 MP: over the 100 MP pixel budget
     with zipfile.ZipFile(d / "pixel_bomb.zip", "w") as zf:
         zf.write(d / "huge.png", "d/images/a.png")
         zf.write(d / "huge.png", "d/labels/a.png")
@@ -101,19 +82,6 @@ def inputs(tmp_path_factory, tiny_checkpoints):
     for p in (f.no_nuclei / "labels").iterdir():
         Image.fromarray(np.zeros((64, 64), np.uint16)).save(p)
     return f
-
-
-def _png_bomb(path: Path, width: int, height: int) -> Path:
-    """A valid greyscale PNG of width x height zeros (tests/test_pixel_budget.py's)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (width + 1)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
 
 
 def _declared_size_bomb(path: Path, size: int) -> Path:

@@ -19,26 +19,6 @@ from engine.synthetic import make_tile
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, tiny_checkpoints):
-    import socket
-
-    from nudiff_app import build_app, launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    work = tmp_path_factory.mktemp("studio")
-    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1],
-                     max_memory_gb=4)  # a fixed budget, whatever this machine's RAM
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/", work
-    finally:
-        demo.nudiff.close()
-        demo.close()
-
-
-@pytest.fixture(scope="module")
 def client(studio):
     return Client(studio[1], verbose=False)
 

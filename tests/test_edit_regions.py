@@ -301,25 +301,6 @@ def test_handlers_work_on_regions_of_the_whole_map(tmp_path):
 # ----------------------------------------------------------------------------- the API end to end
 
 
-@pytest.fixture(scope="module")
-def studio(tmp_path_factory, tiny_checkpoints):
-    import socket
-
-    from nudiff_app import build_app, launch
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    work = tmp_path_factory.mktemp("studio_regions")
-    demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1])
-    launch(demo, port=port, prevent_thread_lock=True, quiet=True)
-    try:
-        yield demo, f"http://127.0.0.1:{port}/", work
-    finally:
-        getattr(demo.nudiff, "close", demo.nudiff.jobs.kill)()  # the worker process too, where there is one
-        demo.close()
-
-
 def test_api_edits_a_region_of_a_large_rectangular_map(studio, tmp_path):
     import cv2
     import tifffile

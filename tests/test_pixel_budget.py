@@ -2,38 +2,24 @@
 
 from __future__ import annotations
 
-import struct
 import subprocess
 import sys
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tifffile
 
+from conftest import png_bomb
 from engine.data import DEFAULT_MAX_PIXELS, inspect_folder, raster_size, read_image, read_label
 from engine.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _png_bomb(path: Path, width: int, height: int) -> Path:
-    """A valid 8-bit greyscale PNG of width x height zeros: a few hundred kB on disk."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    comp = zlib.compressobj(9)
-    row = b"\x00" * (width + 1)
-    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
-    return path
-
-
 def test_png_bomb_is_refused_from_its_header(tmp_path):
-    bomb = _png_bomb(tmp_path / "bomb.png", 12000, 12000)  # 144 MP, > the 100 MP default
+    bomb = png_bomb(tmp_path / "bomb.png", 12000, 12000)  # 144 MP, > the 100 MP default
     assert bomb.stat().st_size < 2_000_000 and raster_size(bomb) == (12000, 12000)
     t0 = time.perf_counter()
     for read in (read_image, read_label):
@@ -54,7 +40,7 @@ def test_tiff_header_is_checked_too(tmp_path):
 
 
 def test_the_limit_can_be_raised_and_small_files_pass(tmp_path, monkeypatch):
-    bomb = _png_bomb(tmp_path / "wide.png", 4000, 3000)  # 12 MP
+    bomb = png_bomb(tmp_path / "wide.png", 4000, 3000)  # 12 MP
     monkeypatch.setenv("NUDIFF_MAX_PIXELS", "10000000")
     with pytest.raises(DataError, match="over the limit of 10 MP"):
         read_label(bomb)
@@ -66,8 +52,8 @@ def test_the_limit_can_be_raised_and_small_files_pass(tmp_path, monkeypatch):
 def test_cli_inspect_refuses_the_bomb_in_a_folder(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    _png_bomb(tmp_path / "images" / "a.png", 12000, 12000)
-    _png_bomb(tmp_path / "labels" / "a.png", 12000, 12000)
+    png_bomb(tmp_path / "images" / "a.png", 12000, 12000)
+    png_bomb(tmp_path / "labels" / "a.png", 12000, 12000)
     r = subprocess.run([sys.executable, "-m", "engine", "inspect", str(tmp_path)], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
