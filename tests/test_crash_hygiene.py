@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,17 @@ from engine.train import read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 600  # seconds; generous for a loaded CI machine
+
+
+@contextmanager
+def reaped(proc: subprocess.Popen):
+    """The block runs with `proc`; whatever happens in it, the process is not left running."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def wait_for(cond, proc: subprocess.Popen, what: str) -> None:
@@ -55,7 +67,7 @@ def test_killed_training_reads_interrupted_and_resume_cleans_up(labeled_folder, 
     jobs = TrainingJobs(runs)
     jobs._spawn(run, "structure", cmd)  # as the Train tab launches a job (active.json records it)
     proc = jobs.proc
-    try:
+    with reaped(proc):
         wait_for(lambda: latest_step(run) >= 1 and read_status(run).get("state") == "running", proc,
                  "a checkpoint")
         # the moment of a kill inside a checkpoint / preview write: their temporary files exist
@@ -70,10 +82,6 @@ def test_killed_training_reads_interrupted_and_resume_cleans_up(labeled_folder, 
             p.write_text("user file")
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     killed_at = latest_step(run)
     assert killed_at >= 1
     lock = json.loads((run / "lock.json").read_text())  # left behind by kill -9
@@ -87,17 +95,13 @@ def test_killed_training_reads_interrupted_and_resume_cleans_up(labeled_folder, 
     # the Train tab's Resume re-runs the same command: it takes over the stale lock, removes the temporaries
     rec = jobs.resume()
     proc = jobs.proc
-    try:
+    with reaped(proc):
         assert rec["cmd"] == cmd
         wait_for(lambda: latest_step(run) >= killed_at + 2, proc, "the resumed run's checkpoints")
         assert jobs.report()["state"] == "running"
         assert "is already running" in _error(lambda: jobs.resume())
         assert jobs.stop().startswith("Asked structure training to save and stop")
         proc.wait(WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert proc.returncode == 0, (run / "process.log").read_text()[-3000:]
     st = read_status(run)
     assert st["state"] == "stopped" and st["step"] > killed_at
@@ -152,17 +156,13 @@ def test_killed_export_leaves_no_zip_and_the_next_export_removes_its_temp(tmp_pa
     out, marker = tmp_path / "out.zip", tmp_path / "writing"
     proc = subprocess.Popen([sys.executable, "-c", EXPORT_SCRIPT, str(out), str(marker)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
+    with reaped(proc):
         wait_for(marker.exists, proc, "the export to write")
         temps = list(tmp_path.glob(".out.zip.*.tmp"))
         assert len(temps) == 1 and temps[0].stat().st_size > 100_000
         assert remove_stale_temps(out) == []  # a live writer's temporary is left alone
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(WAIT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     assert not out.exists() and temps[0].exists()  # no final zip, the killed write's temporary is left
     # a writer that is alive (holds its temporary locked) is not disturbed by another write
     live = tmp_path / ".out.zip.live01.tmp"
