@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 import engine
-from engine.config import KINDS, DiffusionConfig, UNetConfig
+from engine.config import KINDS, PAPER_W, DiffusionConfig, UNetConfig
 from engine.errors import CheckpointError
 from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, file_sha256,
                            is_whole_number, read_json_record)
@@ -252,3 +252,10 @@ def recommended_w(record: dict[str, Any]) -> float | None:
     except (TypeError, ValueError):
         return None
     return w if 0 <= w <= 50 else None
+
+
+def starting_w(record: dict[str, Any]) -> float:
+    """The guidance scale an image model starts from (CLI default, studio slider): its calibrated w, else
+    the paper's (engine.config.PAPER_W)."""
+    w = recommended_w(record)
+    return PAPER_W if w is None else w

@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from engine.config import PAPER_W
 from engine.errors import NuDiffError
 
 SAMPLER_HELP = ("sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M, deterministic), dpm++sde (its "
@@ -155,7 +156,6 @@ def _tiling(args: argparse.Namespace):
                          max_memory_gb=args.max_memory_gb)
 
 
-PAPER_W = 2.0
 W_HELP = ("classifier-free guidance scale; default: the image model's calibrated w (calibrate-w: nuclei "
           "stand out as much as in real images) when it has one, else the paper's 2. 'paper' = 2; "
           "'recommended' = the calibrated w, an error when the model has none")

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+PAPER_W = 2.0  # the paper's classifier-free guidance scale: the start for an image model never calibrated
+
 KINDS: tuple[str, ...] = ("structure", "image")
 
 

@@ -6,6 +6,7 @@ import os
 
 import gradio as gr
 
+from engine.config import PAPER_W
 from engine.errors import NuDiffError
 from engine.samplers import SAMPLERS
 from nudiff_app.editing import label_view, overview, size_text, zoom_to
@@ -39,18 +40,15 @@ def _record(ckpt: str | None, ctx: AppContext) -> tuple[str, dict]:
     return weights.name, record
 
 
-PAPER_W = 2.0  # the paper's guidance scale: the start for a model without a calibrated w
-
-
 def starting_w(ckpt: str | None, ctx: AppContext) -> float:
-    """The w the slider starts from for an image model: its calibrated w, else the paper's 2."""
-    from engine.guidance import recommended_w
+    """The w the slider starts from for an image model (engine.checkpoint.starting_w: its calibrated w, else
+    the paper's); the paper's for a model that cannot be read."""
+    from engine.checkpoint import starting_w as model_w
 
     try:
-        w = recommended_w(_record(ckpt, ctx)[1])
+        return model_w(_record(ckpt, ctx)[1])
     except NuDiffError:
         return PAPER_W
-    return PAPER_W if w is None else w
 
 
 def w_advice(ckpt: str | None, ctx: AppContext) -> tuple:
