@@ -1,17 +1,33 @@
-"""The paper's Table 1 end to end on MoNuSeg: subsets, diffusion models per subset, synthetic pairs, segmenters.
+"""The paper's Table 1 end to end: subsets, diffusion models per subset, synthetic pairs, segmenters.
 
-For every fraction in --augment the paper's subset is written out (``python -m engine subset``), a structure
-model and a two-stage image model are trained on that subset alone for a wall-clock budget, ``--pairs``
-synthetic pairs are generated, and a segmenter is trained on subset + pairs; for every fraction in
---labeled a segmenter is trained on the subset alone. All segmenters share one setting and are tested on
-the three held-out images of bench/evaluate_monuseg.py; the table is collected into WORK/evaluate.
+The images play three roles, read from a split file (``--split``, JSON lists of image stems; default
+bench/splits/monuseg.json) over the labeled folder ``--train``:
+
+- train: the only images anything here learns from. For every fraction in --augment the paper's subset of
+  them is written out (``python -m engine subset``), a structure model and a two-stage image model are
+  trained on that subset alone for a wall-clock budget, ``--pairs`` synthetic pairs are generated, and a
+  segmenter is trained on subset + pairs; for every fraction in --labeled a segmenter is trained on the
+  subset alone. All segmenters share one setting.
+- validation: for choices (guidance w, checkpoints, settings; e.g. ``python -m engine calibrate-w --real
+  WORK/validation`` or ``bench/realism.py --role validation``). Linked into WORK/validation and never
+  scored by this script.
+- test: scored once per arm (``evaluate --test WORK/test``); the split's test images, or every image of
+  ``--test DIR``, a separate labeled folder, so that the same experiment runs unchanged against another
+  labeled test set. No image may have two roles.
 
 Each step is a ``python -m engine`` command (logs in WORK/logs); independent steps run concurrently
-(--parallel). Running again resumes: finished
-steps are skipped, interrupted trainings resume.
+(--parallel). Running again resumes: finished steps are skipped, interrupted trainings resume. The table
+is collected into WORK/evaluate; its results.json also names, per augmented fraction, the diffusion models
+(files and sha256), the seed and the training images they come from ("diffusion_models"), and the roles
+("split"). A later call reuses a finished fraction's recorded models (``--reuse-models``, the default, so
+that the table can be finished across sessions) when every file is present with the recorded sha256 and
+the seed and training images are the recorded ones, else retrains them; ``--no-reuse-models`` retrains. Outputs a retraining replaces (models,
+subset, pairs, augmented segmenters) are moved to WORK/replaced/<time>/, never deleted.
 
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 \\
         --augment 100=checkpoints/structure-demo.json,checkpoints/image-demo.json --labeled 10,100
+    python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 --labeled 10,100 \\
+        --test /data/other-labeled-test-set   # same models (verified by sha256), another test set
 
 Models and segmenters trained on MoNuSeg inherit its CC BY-NC-SA 4.0 licence.
 """
@@ -19,6 +35,7 @@ Models and segmenters trained on MoNuSeg inherit its CC BY-NC-SA 4.0 licence.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -27,12 +44,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.evaluate_monuseg import DATA, LICENCE, TEST_STEMS  # noqa: E402
+from bench.evaluate_monuseg import LICENCE  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
+SPLIT = ROOT / "bench" / "splits" / "monuseg.json"
+ROLES = ("train", "validation", "test")
+RECORD_KEY = "diffusion_models"  # results.json: {pct: record of the fraction's diffusion models}
+FINISHED = ("ok", "cached")
 
 
 @dataclass
@@ -53,8 +77,18 @@ class Job:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--data", type=Path, default=DATA, help="MoNuSeg folder (images/ + labels/)")
-    ap.add_argument("--work", type=Path, default=ROOT / "runs" / "table1_monuseg")
+    ap.add_argument("--train", "--data", dest="train", type=Path, default=DATA,
+                    help="labeled folder (images/ + labels/) holding the split's train and validation images")
+    ap.add_argument("--split", type=Path, default=SPLIT,
+                    help='JSON file: {"train": [stems], "validation": [stems], "test": [stems]}')
+    ap.add_argument("--test", type=Path, default=None, metavar="DIR",
+                    help="separate labeled test folder: its images are the test set instead of the split's")
+    ap.add_argument("--work", "--out", dest="work", type=Path, default=ROOT / "runs" / "table1_monuseg",
+                    help="output folder (all steps, logs, WORK/evaluate/results.*)")
+    ap.add_argument("--reuse-models", action=argparse.BooleanOptionalAction, default=True,
+                    help="reuse the diffusion models results.json records for a finished fraction when their "
+                         "files are present with the recorded sha256 (else retrain; default); "
+                         "--no-reuse-models retrains them")
     ap.add_argument("--augment", action="append", default=[], metavar="PCT[=STRUCTURE,IMAGE]",
                     help="fraction with an augmented arm; its diffusion models are trained on its subset, "
                          "or given as two model files (repeatable)")
@@ -67,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--diffusion-minutes", type=float, default=30.0,
                     help="wall clock for each structure model and for each image model (its two stages "
                          "share it 3:1)")
+    ap.add_argument("--diffusion-steps", type=int, default=None,
+                    help="also stop each diffusion training (and each image stage) after this many steps "
+                         "(default: the wall clock alone)")
     ap.add_argument("--diffusion-batch", type=int, default=16)
     ap.add_argument("--diffusion-lr", type=float, default=2e-4)
     ap.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps for structures and images")
@@ -93,42 +130,272 @@ def _pct_list(text: str) -> list[str]:
     return [f"{float(v.strip().rstrip('%')):g}" for v in text.split(",") if v.strip()]
 
 
-def prepare_split(data: Path, work: Path) -> tuple[Path, Path]:
-    """WORK/real (training images) and WORK/test (held-out images) as folders of links to the data."""
+# ----------------------------------------------------------------------------- roles of the images
+
+
+@dataclass
+class Roles:
+    """The images of each role (engine.data.LabeledImage): ``train`` is all that is learned from,
+    ``validation`` is for choices only and never scored here, ``test`` is scored once per arm. ``unused``:
+    stems of the --train folder in no role."""
+
+    train: list
+    validation: list
+    test: list
+    unused: list[str] = field(default_factory=list)
+    test_folder: Path | None = None  # --test, when the test images come from their own folder
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    """The split file's stems per role; "validation" may be absent (none), "test" too (then --test is needed)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"split file {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train"), list):
+        raise SystemExit(f"split file {path}: needs a \"train\" list of image stems")
+    out = {}
+    for role in ROLES:
+        stems = data.get(role) or []
+        if not isinstance(stems, list) or not all(isinstance(s, str) for s in stems):
+            raise SystemExit(f"split file {path}: \"{role}\" must be a list of image stems")
+        out[role] = list(stems)
+    return out
+
+
+def assign_roles(train_dir: Path, split: dict[str, list[str]], test_dir: Path | None = None) -> Roles:
+    """Load the images of each role; SystemExit for missing images, an empty train or test set, or an image
+    (stem) with two roles."""
     from engine.data import load_folder
 
-    items = load_folder(data)[0]
-    stems = {it.stem for it in items}
-    missing = [s for s in TEST_STEMS if s not in stems]
+    items = {it.stem: it for it in load_folder(train_dir)[0]}
+    wanted = ("train", "validation") if test_dir else ROLES
+    missing = [s for role in wanted for s in split[role] if s not in items]
     if missing:
-        raise SystemExit(f"held-out images not found in {data}: {', '.join(missing)}")
-    real, test = work / "real", work / "test"
-    for it in items:
-        dst = test if it.stem in TEST_STEMS else real
-        for src, sub in ((it.image_path, "images"), (it.label_path, "labels")):
-            link = dst / sub / src.name
-            link.parent.mkdir(parents=True, exist_ok=True)
-            if not link.exists():
-                link.symlink_to(src.resolve())
-    return real, test
+        raise SystemExit(f"images of the split not found in {train_dir}: {', '.join(missing)}")
+    test = load_folder(test_dir)[0] if test_dir else [items[s] for s in split["test"]]
+    roles = Roles([items[s] for s in split["train"]], [items[s] for s in split["validation"]], test,
+                  test_folder=test_dir)
+    if not roles.train or not roles.test:
+        raise SystemExit("the split needs train images, and test images (in the split or --test DIR)")
+    seen: dict[str, str] = {}
+    for role in ROLES:
+        for it in getattr(roles, role):
+            if seen.setdefault(it.stem, role) != role:
+                raise SystemExit(f"{it.stem} is both a {seen[it.stem]} and a {role} image")
+    roles.unused = sorted(set(items) - set(seen))
+    return roles
 
 
-def plan(args: argparse.Namespace, real: Path, test: Path) -> list[Job]:
+def link_roles(roles: Roles, work: Path) -> dict[str, Path]:
+    """WORK/real (train), WORK/validation and WORK/test as folders of links to the images (links of an
+    earlier call that name other images are removed)."""
+    folders = {"train": work / "real", "validation": work / "validation", "test": work / "test"}
+    for role, folder in folders.items():
+        _link_folder(folder, getattr(roles, role))
+    return folders
+
+
+def _link_folder(dst: Path, items: list) -> None:
+    for sub, attr in (("images", "image_path"), ("labels", "label_path")):
+        want = {getattr(it, attr).name: getattr(it, attr).resolve() for it in items}
+        folder = dst / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        for link in folder.iterdir():
+            if link.is_symlink() and Path(os.readlink(link)) != want.get(link.name):
+                link.unlink()
+        for name, src in want.items():
+            if not (folder / name).exists():
+                (folder / name).symlink_to(src)
+
+
+def train_fingerprint(items: list) -> str:
+    """sha256 of the training images and labels (stem, file hashes): what a fraction's subset is chosen from."""
+    from engine.fileio import file_sha256
+
+    rows = sorted((it.stem, file_sha256(it.image_path), file_sha256(it.label_path)) for it in items)
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- diffusion models per fraction
+
+
+@dataclass
+class ModelChoice:
+    """Where one augmented fraction's diffusion models come from in this call.
+
+    action: "train" (on the fraction's subset; finished steps of an interrupted call resume), "reuse" (the
+    models results.json records, verified) or "given" (--augment PCT=STRUCTURE,IMAGE). ``set_aside``: earlier
+    outputs this choice makes stale (moved to WORK/replaced/ before any job starts)."""
+
+    pct: str
+    action: str
+    structure: Path
+    image: Path
+    reason: str = ""
+    set_aside: list[Path] = field(default_factory=list)
+
+
+def trained_model_paths(work: Path, pct: str) -> tuple[Path, Path]:
+    """(structure, image) model records a fraction's training writes: the image model is its second stage."""
+    return work / f"structure_{pct}" / "model.json", work / f"image_{pct}_stage2" / "model.json"
+
+
+def model_files(model: Path, work: Path) -> dict[str, dict[str, str]]:
+    """A model's files (record and weights) -> {name: {"path", "sha256"}}; paths relative to ``work`` where
+    they lie in it."""
+    from engine.checkpoint import checkpoint_paths
+    from engine.fileio import file_sha256
+
+    weights, record = checkpoint_paths(model)
+    out = {}
+    for f in (record, weights):
+        try:
+            shown = str(f.resolve().relative_to(work.resolve()))
+        except ValueError:
+            shown = str(f.resolve())
+        out[f.name] = {"path": shown, "sha256": file_sha256(f)}
+    return out
+
+
+def _recorded_model(entry: dict, kind: str, work: Path) -> Path:
+    files = entry[kind]
+    path = Path(next(v["path"] for name, v in files.items() if name.endswith(".json")))
+    return path if path.is_absolute() else work / path
+
+
+def why_not_reusable(entry: dict[str, Any] | None, work: Path, seed: int, train_sha256: str) -> str | None:
+    """None when a fraction's recorded models can be reused; else why not."""
+    from engine.fileio import file_sha256
+
+    if not entry or not entry.get("structure") or not entry.get("image"):
+        return "results.json records no models for it"
+    if entry.get("source") == "given":
+        return "the recorded models were given (--augment PCT=...), not trained on the subset"
+    if entry.get("seed") != seed:
+        return f"the recorded models are of seed {entry.get('seed')}, not {seed}"
+    if entry.get("train_data_sha256") != train_sha256:
+        return "the training images differ from those the recorded models' subset came from"
+    for kind in ("structure", "image"):
+        for name, f in (entry.get(kind) or {}).items():
+            path = Path(f["path"]) if Path(f["path"]).is_absolute() else work / f["path"]
+            if not path.is_file():
+                return f"{kind} model file {path} is missing"
+            if file_sha256(path) != f["sha256"]:
+                return f"{kind} model file {path} does not have the sha256 results.json records"
+    return None
+
+
+def choose_models(args: argparse.Namespace, recorded: dict[str, dict], train_sha256: str,
+                  previous_train_sha256: str | None = None) -> list[ModelChoice]:
+    """Each --augment fraction's models: given, trained (resuming what an unfinished call left) or reused.
+
+    A fraction recorded in results.json has finished; training it again replaces its models, subset, pairs
+    and augmented segmenters (set aside), and so do other training images than those of the earlier calls
+    (``previous_train_sha256``, from WORK/train_data.json; None: not known). Given models other than the
+    recorded ones replace its pairs and augmented segmenters."""
+    w = args.work
+    if previous_train_sha256 is None:
+        previous_train_sha256 = train_sha256
+    choices = []
+    for spec in args.augment:
+        pct, _, given = spec.partition("=")
+        pct = _pct_list(pct)[0]
+        entry = recorded.get(pct)
+        downstream = [w / f"synthetic_{pct}", *sorted((w / "evaluate" / "runs").glob(f"{pct}pct_augmented_r*"))]
+        if given:
+            smodel, imodel = (Path(p).resolve() for p in given.split(","))
+            same = entry and all(m.is_file() and model_files(m, w) == entry.get(k)
+                                 for k, m in (("structure", smodel), ("image", imodel)))
+            choices.append(ModelChoice(pct, "given", smodel, imodel, "given",
+                                       [] if same or not entry else downstream))
+            continue
+        smodel, imodel = trained_model_paths(w, pct)
+        stale = [w / f"subset_{pct}", w / f"structure_{pct}", w / f"image_{pct}_stage1", w / f"image_{pct}_stage2"]
+        if entry is None:
+            if previous_train_sha256 != train_sha256:
+                choices.append(ModelChoice(pct, "train", smodel, imodel, "the training images are not those of "
+                                           "the earlier calls in this folder", stale + downstream))
+            else:
+                choices.append(ModelChoice(pct, "train", smodel, imodel, "not trained by a finished call yet"))
+            continue
+        why = why_not_reusable(entry, w, args.seed, train_sha256) if args.reuse_models else \
+            "--no-reuse-models retrains its recorded models"
+        if why is None:
+            choices.append(ModelChoice(pct, "reuse", _recorded_model(entry, "structure", w),
+                                       _recorded_model(entry, "image", w), "files present with the recorded sha256"))
+            continue
+        choices.append(ModelChoice(pct, "train", smodel, imodel, why, stale + downstream))
+    return choices
+
+
+def set_aside(paths: list[Path], work: Path, stamp: str) -> list[Path]:
+    """Move the paths that exist to WORK/replaced/<stamp>/ (same relative paths); returns where they went."""
+    moved = []
+    for p in paths:
+        if p.exists() or p.is_symlink():
+            dst = work / "replaced" / stamp / p.relative_to(work)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            p.rename(dst)
+            moved.append(dst)
+    return moved
+
+
+def read_recorded_models(results: Path) -> dict[str, dict]:
+    """The diffusion model records of results.json ({} when there is none)."""
+    try:
+        return dict(json.loads(results.read_text()).get(RECORD_KEY) or {})
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return {}
+
+
+def record_models(results: Path, work: Path, choices: list[ModelChoice], jobs: list[Job], recorded: dict,
+                  seed: int, train_sha256: str, roles: Roles, split_file: Path) -> dict[str, dict]:
+    """Name in results.json, per augmented fraction that finished in this call, its diffusion model files and
+    their sha256, the seed, the training images' fingerprint and where the models came from; records of
+    other fractions are kept (also a reused fraction's that did not finish: its models are unchanged).
+    Also the roles of the images ("split")."""
+    state = {j.name: j.state for j in jobs}
+    out = dict(recorded)
+    for c in choices:
+        mine = [n for n in state if f" {c.pct}% " in f" {n} " and "labeled" not in n]
+        if all(state[n] in FINISHED for n in mine):
+            out[c.pct] = {"fraction": float(c.pct) / 100, "seed": seed, "train_data_sha256": train_sha256,
+                          "source": {"train": "trained", "reuse": "reused", "given": "given"}[c.action],
+                          "structure": model_files(c.structure, work), "image": model_files(c.image, work)}
+        elif c.action != "reuse":
+            out.pop(c.pct, None)
+    from engine.fileio import atomic_write_bytes
+
+    data = json.loads(results.read_text())
+    data[RECORD_KEY] = dict(sorted(out.items(), key=lambda kv: float(kv[0])))
+    data["split"] = {"file": str(split_file), "train": [it.stem for it in roles.train],
+                     "validation": [it.stem for it in roles.validation], "test": [it.stem for it in roles.test],
+                     "test_folder": str(roles.test_folder) if roles.test_folder else None,
+                     "validation_folder": str(work / "validation")}
+    atomic_write_bytes(results, json.dumps(data, indent=2, default=str).encode())
+    return out
+
+
+# ----------------------------------------------------------------------------- the job graph
+
+
+def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelChoice] | None = None) -> list[Job]:
+    """The jobs of the experiment: per augmented fraction (subset, models unless reused or given, pairs,
+    segmenter), per labeled fraction a segmenter. Segmenters train on ``real`` and are scored on ``test``."""
     py = [args.python, "-m", "engine"]
     w = args.work
     ev = w / "evaluate"
     seg = ["--real", str(real), "--test", str(test), "--out", str(ev), "--steps", str(args.seg_steps),
            "--size", str(args.seg_size), "--batch-size", str(args.seg_batch), "--channels", str(args.seg_channels),
            "--depth", str(args.seg_depth), "--seed", str(args.seed), "--augment", args.seg_augment]
+    cap = str(args.diffusion_steps or 1000000)
     jobs: list[Job] = []
-    for spec in args.augment:
-        pct, _, models = spec.partition("=")
-        pct = _pct_list(pct)[0]
+    for c in choices if choices is not None else choose_models(args, {}, ""):
+        pct = c.pct
         n = args.pairs or (1024 if float(pct) >= 100 else 512)
-        if models:
-            smodel, imodel = (str(Path(p).resolve()) for p in models.split(","))
-            gen_after: list[str] = []
-        else:
+        gen_after: list[str] = []
+        if c.action == "train":
             sub = w / f"subset_{pct}"
             jobs.append(Job(f"subset {pct}%", py + ["subset", str(real), "--fraction", pct, "--out", str(sub),
                                                     "--seed", str(args.seed)], done=sub / "manifest.csv"))
@@ -138,22 +405,21 @@ def plan(args: argparse.Namespace, real: Path, test: Path) -> list[Job]:
                       "--seed", str(args.seed), "--quiet"]
             srun, i1, i2 = w / f"structure_{pct}", w / f"image_{pct}_stage1", w / f"image_{pct}_stage2"
             minutes = args.diffusion_minutes
-            jobs.append(Job(f"structure {pct}%", py + ["train-structure", "--run-dir", str(srun), "--steps", "1000000",
+            jobs.append(Job(f"structure {pct}%", py + ["train-structure", "--run-dir", str(srun), "--steps", cap,
                                                        "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes:g}",
                                                        *common], [f"subset {pct}%"], srun / "model.json", -2))
             jobs.append(Job(f"image {pct}% stage 1", py + [
-                "train-image", "--run-dir", str(i1), "--steps", "1000000", "--finetune-steps", "0",
+                "train-image", "--run-dir", str(i1), "--steps", cap, "--finetune-steps", "0",
                 "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes * 0.75:g}", *common],
                 [f"subset {pct}%"], i1 / "model.json", -2))
             jobs.append(Job(f"image {pct}% stage 2", py + [
                 "train-image", "--run-dir", str(i2), "--init-from", str(i1 / "model.json"), "--steps", "0",
-                "--finetune-steps", "1000000", "--drop-rate", "0.2", "--finetune-lr", "2e-5",
+                "--finetune-steps", cap, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
                 "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2))
-            smodel, imodel = str(srun / "model.json"), str(i2 / "model.json")
             gen_after = [f"structure {pct}%", f"image {pct}% stage 2"]
         synth = w / f"synthetic_{pct}"
         jobs.append(Job(f"generate {pct}%", py + [
-            "generate", "--structure-checkpoint", smodel, "--image-checkpoint", imodel, "--n", str(n),
+            "generate", "--structure-checkpoint", str(c.structure), "--image-checkpoint", str(c.image), "--n", str(n),
             "--size", str(args.pair_size), "--steps", str(args.sampler_steps), "--batch-size", "32",
             "--oversample", f"{args.oversample:g}", "--w", f"{args.w:g}",
             "--seed", str(args.seed), "--out", str(synth)], gen_after, synth / "manifest.csv", -1))
@@ -237,8 +503,8 @@ def _slug(name: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not (args.data / "images").is_dir():
-        print(f"skipped: MoNuSeg data not found at {args.data}")
+    if not (args.train / "images").is_dir():
+        print(f"skipped: training data not found at {args.train}")
         return 0
     import torch
 
@@ -249,22 +515,50 @@ def main(argv: list[str] | None = None) -> int:
     parallel = args.parallel or (4 if gpu else 1)
     threads = max(1, (os.cpu_count() or 2) // parallel)
     args.work.mkdir(parents=True, exist_ok=True)
-    real, test = prepare_split(args.data, args.work)
+    # 1. roles: train (learned from), validation (choices only), test (scored once per arm)
+    roles = assign_roles(args.train, read_split(args.split), args.test)
+    folders = link_roles(roles, args.work)
+    print(f"train: {len(roles.train)} images; validation (for choices, not scored here): "
+          f"{', '.join(it.stem for it in roles.validation) or 'none'} in {folders['validation']}; test: "
+          f"{', '.join(it.stem for it in roles.test)}" + (f" (from {args.test})" if args.test else "")
+          + (f"; in no role: {len(roles.unused)}" if roles.unused else ""))
+    # 2. diffusion models: given, reused (verified against results.json) or trained
+    results = args.work / "evaluate" / "results.json"
+    recorded = read_recorded_models(results)
+    train_sha256 = train_fingerprint(roles.train)
+    train_record = args.work / "train_data.json"  # the training images of the outputs in WORK
+    try:
+        previous = json.loads(train_record.read_text())["train_data_sha256"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError):
+        previous = "" if any(args.work.glob("subset_*")) else None  # outputs of unknown training images
+    choices = choose_models(args, recorded, train_sha256, previous)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for c in choices:
+        moved = set_aside(c.set_aside, args.work, stamp)
+        print(f"models {c.pct}%: {c.action} ({c.reason})" + (f"; replaced outputs moved to "
+                                                              f"{args.work / 'replaced' / stamp}" if moved else ""))
+    train_record.write_text(json.dumps({"train_data_sha256": train_sha256,
+                                        "train": [it.stem for it in roles.train]}, indent=1))
     (args.work / "evaluate").mkdir(exist_ok=True)
-    (args.work / "evaluate" / "LICENCE-DATA.txt").write_text(LICENCE)
-    jobs = plan(args, real, test)
+    if args.train.resolve() == DATA.resolve():
+        (args.work / "evaluate" / "LICENCE-DATA.txt").write_text(LICENCE)
+    # 3. the jobs; segmenters are scored on the test images only
+    jobs = plan(args, folders["train"], folders["test"], choices)
     print(f"{len(jobs)} jobs, {parallel} at a time, {threads} CPU threads each, "
-          f"{'GPU: ' + torch.cuda.get_device_name(0) if gpu else 'CPU only'}; held out: {', '.join(TEST_STEMS)}")
+          f"{'GPU: ' + torch.cuda.get_device_name(0) if gpu else 'CPU only'}")
     t0 = time.time()
     run_jobs(jobs, parallel, args.work / "logs", threads)
     summary = {j.name: {"state": j.state, "seconds": round(j.seconds, 1)} for j in jobs}
+    summary.update({f"models {c.pct}%": {"state": "reused", "seconds": 0.0} for c in choices if c.action == "reuse"})
     (args.work / "jobs.json").write_text(json.dumps(summary, indent=2))
     failed = [j.name for j in jobs if j.state in ("failed", "skipped", "interrupted", "waiting")]
+    # 4. the table, then the models and roles named in its results.json
     try:
         result = collect_results(args.work / "evaluate")
     except NuDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split)
     print(result.files["md"].read_text())
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0

@@ -1,7 +1,9 @@
-"""bench/table1_monuseg.py: the job graph it plans, and the runner's ordering, skipping, caching and Ctrl-C."""
+"""bench/table1_monuseg.py: the job graph it plans, the runner's ordering, skipping, caching and Ctrl-C, and
+the whole experiment on tiny procedural data with a split, a separate test folder and recorded models."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import threading
@@ -12,7 +14,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.table1_monuseg import Job, build_parser, plan, run_jobs  # noqa: E402
+from bench.table1_monuseg import (Job, build_parser, choose_models, main, plan, read_recorded_models,  # noqa: E402
+                                  run_jobs)
 
 
 def py(code: str) -> list[str]:
@@ -98,3 +101,114 @@ def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
     assert jobs[0].state == "interrupted" and jobs[1].state == "waiting"
     assert jobs[0].proc.returncode not in (None, 0)  # stopped by the signal, not run to its end
     assert "KeyboardInterrupt" in (tmp_path / "logs" / "sleeper.log").read_text()
+
+
+TINY_RUN = ["--augment", "100", "--labeled", "100", "--preset", "test", "--diffusion-size", "32",
+            "--diffusion-steps", "2", "--diffusion-batch", "2", "--diffusion-minutes", "5", "--pairs", "2",
+            "--pair-size", "32", "--sampler-steps", "2", "--seg-steps", "2", "--seg-size", "32", "--seg-batch", "2",
+            "--seg-channels", "8", "--seg-depth", "2", "--parallel", "2"]
+
+
+def _tiny_data(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(training folder of 5 tiles, split file: 3 train, 1 validation, 1 test, separate test folder of 2)."""
+    from engine.synthetic import write_folder
+
+    train = write_folder(tmp_path / "train", n_images=5, size=64, seed=0)
+    other = write_folder(tmp_path / "other", n_images=2, size=64, seed=50)
+    for f in sorted(other.glob("*/synth_*")):  # a test set of its own, with its own image names
+        f.rename(f.with_name(f.name.replace("synth_", "other_")))
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["synth_000", "synth_001", "synth_002"], "validation": ["synth_003"],
+                                 "test": ["synth_004"]}))
+    return train, split, other
+
+
+def test_experiment_on_another_test_set_records_its_models_and_reuses_them(tmp_path, capsys):
+    from engine.fileio import file_sha256
+
+    train, split, other = _tiny_data(tmp_path)
+    work = tmp_path / "work"
+    argv = ["--train", str(train), "--split", str(split), "--test", str(other), "--work", str(work), *TINY_RUN]
+    rc = main(argv)
+    first = capsys.readouterr().out
+    assert rc == 0, first + "".join(p.read_text() for p in (work / "logs").glob("*.log"))
+    record = json.loads((work / "evaluate" / "results.json").read_text())
+    # roles: trained on the split's train images, scored on the separate test folder, validation kept apart
+    assert record["test_images"] == ["other_000", "other_001"]
+    assert record["split"]["train"] == ["synth_000", "synth_001", "synth_002"]
+    assert record["split"]["validation"] == ["synth_003"] and record["split"]["test"] == ["other_000", "other_001"]
+    assert sorted(p.stem for p in (work / "real" / "images").iterdir()) == record["split"]["train"]
+    assert [p.stem for p in (work / "validation" / "images").iterdir()] == ["synth_003"]
+    assert sorted(p.stem for p in (work / "test" / "images").iterdir()) == ["other_000", "other_001"]
+    assert {r["training_data"] for r in record["rows"]} == {"100% labeled", "100% augmented"}
+    # the diffusion models of the subset: files and sha256 named in results.json
+    models = record["diffusion_models"]["100"]
+    assert models["source"] == "trained" and models["seed"] == 0 and models["fraction"] == 1.0
+    files = {}
+    for kind, folder in (("structure", "structure_100"), ("image", "image_100_stage2")):
+        assert sorted(models[kind]) == ["model.json", "model.safetensors"]
+        for name, f in models[kind].items():
+            assert f["path"] == f"{folder}/{name}"
+            assert f["sha256"] == file_sha256(work / f["path"])
+            files[work / f["path"]] = (work / f["path"]).stat().st_mtime_ns
+    jobs = json.loads((work / "jobs.json").read_text())
+    assert jobs["structure 100%"]["state"] == "ok" and jobs["image 100% stage 2"]["state"] == "ok"
+
+    # again (--reuse-models is the default): the recorded models are verified and reused, nothing retrained
+    rc = main(argv)
+    second = capsys.readouterr().out
+    assert rc == 0, second
+    assert "models 100%: reuse (files present with the recorded sha256)" in second
+    jobs = json.loads((work / "jobs.json").read_text())
+    assert jobs["models 100%"]["state"] == "reused"
+    assert not any(name.startswith(("subset", "structure", "image")) for name in jobs)
+    assert {path: path.stat().st_mtime_ns for path in files} == files
+    again = json.loads((work / "evaluate" / "results.json").read_text())["diffusion_models"]["100"]
+    assert again["source"] == "reused" and again["structure"] == models["structure"]
+    assert again["image"] == models["image"]
+    assert not (work / "replaced").exists()
+
+    # when the recorded hashes do not match (or with --no-reuse-models) the models would be retrained, their old
+    # outputs set aside first
+    recorded = read_recorded_models(work / "evaluate" / "results.json")
+    args = build_parser().parse_args([*argv, "--reuse-models"])
+    train_sha256 = recorded["100"]["train_data_sha256"]
+    tampered = json.loads(json.dumps(recorded))
+    tampered["100"]["image"]["model.safetensors"]["sha256"] = "0" * 64
+    choice, = choose_models(args, tampered, train_sha256)
+    assert choice.action == "train" and "does not have the sha256 results.json records" in choice.reason
+    assert work / "structure_100" in choice.set_aside and work / "synthetic_100" in choice.set_aside
+    assert work / "evaluate" / "runs" / "100pct_augmented_r0" in choice.set_aside
+    choice, = choose_models(args, recorded, "another training set")
+    assert choice.action == "train" and "training images differ" in choice.reason
+    choice, = choose_models(build_parser().parse_args([*argv, "--no-reuse-models"]), recorded, train_sha256)
+    assert choice.action == "train" and "--no-reuse-models retrains" in choice.reason
+    choice, = choose_models(build_parser().parse_args(argv), recorded, train_sha256)  # reuse is the default
+    assert choice.action == "reuse"
+    choice, = choose_models(args, recorded, train_sha256)
+    assert choice.action == "reuse" and choice.set_aside == []
+
+
+def test_split_roles_are_checked(tmp_path, capsys):
+    from bench.table1_monuseg import assign_roles, read_split
+
+    train, split, other = _tiny_data(tmp_path)
+    roles = assign_roles(train, read_split(split))
+    assert [it.stem for it in roles.test] == ["synth_004"] and roles.unused == []
+    roles = assign_roles(train, read_split(split), other)
+    assert [it.stem for it in roles.test] == ["other_000", "other_001"] and roles.unused == ["synth_004"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"train": ["synth_000", "synth_001"], "validation": ["synth_001"], "test": []}))
+    with pytest.raises(SystemExit, match="synth_001 is both a train and a validation image"):
+        assign_roles(train, read_split(bad), other)
+    with pytest.raises(SystemExit, match="test images"):
+        assign_roles(train, read_split(bad))
+    bad.write_text(json.dumps({"train": ["nope"]}))
+    with pytest.raises(SystemExit, match="not found"):
+        assign_roles(train, read_split(bad), other)
+    with pytest.raises(SystemExit, match="train"):
+        bad.write_text(json.dumps({"validation": []}))
+        read_split(bad)
+    # the same stem in the training folder and the separate test folder is refused (a leak or a name clash)
+    with pytest.raises(SystemExit, match="synth_000 is both a train and a test image"):
+        assign_roles(train, read_split(split), train)
