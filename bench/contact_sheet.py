@@ -49,8 +49,8 @@ def main() -> None:
     real = [tiles[i] for i in pick]
     s_path, i_path = default_checkpoints()
     smodel, imodel = pipeline.load_model(s_path, "structure"), pipeline.load_model(i_path, "image")
-    pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=args.w, sampler=args.sampler, steps=args.steps,
-                                    seed=args.seed)
+    pairs = pipeline.generate_pairs(smodel, imodel, args.n, pipeline.PairSettings(
+        w=args.w, sampler=args.sampler, steps=args.steps, seed=args.seed))
     left = _block([t.image for t in real], [t.inst for t in real])
     right = _block([p.image for p in pairs], [p.inst for p in pairs])
     h = max(left.shape[0], right.shape[0])

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     from engine.cli import _synthetic_spec
     from engine.data import load_folder
     from engine.errors import NuDiffError
-    from engine.evaluate import run_experiment
+    from engine.evaluate import ExperimentConfig, run_experiment
     from engine.segment import SegmenterConfig
 
     if args.threads:
@@ -84,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg = SegmenterConfig(base_channels=args.channels, depth=args.depth, groups=8)
         args.out.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(args.out / "LICENCE-DATA.txt", LICENCE.encode())
-        result = run_experiment(train, _synthetic_spec(args.synthetic), test, args.out, fractions=args.fractions,
-                                repeats=args.repeats, seed=args.seed, steps=args.steps, size=args.size,
-                                batch_size=args.batch_size, lr=args.lr, tile_size=256, stride=128,
-                                device=args.device, config=cfg, synthetic_share=args.synthetic_share,
-                                resume=not args.no_resume)
+        config = ExperimentConfig(fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
+                                  size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=256, stride=128,
+                                  device=args.device, segmenter=cfg, synthetic_share=args.synthetic_share,
+                                  resume=not args.no_resume)
+        result = run_experiment(train, _synthetic_spec(args.synthetic), test, args.out, config)
     except NuDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

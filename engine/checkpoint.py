@@ -135,6 +135,10 @@ def read_record(path: str | os.PathLike, *, kind: str | None = None) -> tuple[Pa
     with a readable message on any problem.
     """
     weights, record_path = checkpoint_paths(path)
+    given = Path(path)
+    if given.suffix.lower() not in ("", ".safetensors", ".json") and given.exists():
+        raise CheckpointError(f"{given} is not a checkpoint: a checkpoint is NAME.safetensors + NAME.json "
+                              f"(give either, or NAME)")
     if not record_path.exists() and not weights.exists():
         raise CheckpointError(f"checkpoint not found: {weights} (and {record_path.name})")
     if not record_path.exists():

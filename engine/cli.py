@@ -13,13 +13,13 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.config import PAPER_W
 from engine.errors import NuDiffError
 
-SAMPLER_HELP = ("sampler: ddim (default, 20 steps), dpm++ (DPM-Solver++ 2M, deterministic), dpm++sde (its "
-                "stochastic variant), or ddpm (ancestral; paper: 1000 steps)")
-
+if TYPE_CHECKING:
+    import numpy as np
 
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     # ranges are checked while parsing: a bad value is refused (usage line + message, exit 2) before any
@@ -105,9 +105,13 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpm++", "dpm++sde", "ddpm"], help=SAMPLER_HELP)
+    from engine.samplers import SAMPLERS  # (the registry: names, descriptions and default steps)
+
+    p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
+                   help="sampler: " + ", ".join(f"{s.name} ({s.description})" for s in SAMPLERS.values()))
     p.add_argument("--steps", type=_int_at_least(1), default=steps_default,
-                   help="denoising steps (default: 20 for ddim, dpm++ and dpm++sde, 1000 for ddpm)")
+                   help="denoising steps (default: " + ", ".join(f"{s.steps} for {s.name}" for s in SAMPLERS.values())
+                        + ")")
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -377,7 +381,7 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
     if args.command == "evaluate":
         import torch
 
-        from engine.evaluate import run_experiment
+        from engine.evaluate import ExperimentConfig, run_experiment
         from engine.segment import SegmenterConfig
 
         if args.collect:
@@ -389,14 +393,14 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
             raise NuDiffError("evaluate needs --real and --test (or --collect to tabulate finished runs)")
         if args.threads:
             torch.set_num_threads(args.threads)
-        result = run_experiment(args.real, _synthetic_spec(args.synthetic), args.test, args.out,
-                                fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
-                                size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
-                                stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
-                                pairs_per_repeat=args.pairs_per_repeat, augment=args.augment,
-                                config=SegmenterConfig(base_channels=args.channels, depth=args.depth),
-                                arms=[a.strip() for a in args.arms.split(",") if a.strip()],
-                                resume=not args.no_resume)
+        config = ExperimentConfig(fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
+                                  size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
+                                  stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
+                                  pairs_per_repeat=args.pairs_per_repeat, augment=args.augment,
+                                  segmenter=SegmenterConfig(base_channels=args.channels, depth=args.depth),
+                                  arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()),
+                                  resume=not args.no_resume)
+        result = run_experiment(args.real, _synthetic_spec(args.synthetic), args.test, args.out, config)
         print(result.files["md"].read_text())
         return 0
     import json
@@ -617,20 +621,12 @@ def _generate(args: argparse.Namespace) -> int:
     size = args.size or imodel.image_size  # size and memory refused before any work
     pipeline.plan_structure_canvas(smodel, size, _tiling(args))
     pipeline.plan_image_canvas(imodel, (size, size), _model_w(args, imodel), _tiling(args))
-    all_gather = None
-    if state.num_processes > 1:
-        import torch.distributed as dist
-
-        def all_gather(obj):
-            gathered: list = [None] * state.num_processes
-            dist.all_gather_object(gathered, obj)  # in-memory arrays of our own processes
-            return gathered
-
+    all_gather = _all_gather(state) if state.num_processes > 1 else None
     bar, cb = _progress_bar(f"pairs [{state.process_index}]" if state.num_processes > 1 else "pairs")
-    pairs = pipeline.generate_pairs(smodel, imodel, args.n, w=_model_w(args, imodel), sampler=args.sampler,
-                                    steps=args.steps, seed=args.seed, batch_size=args.batch_size, size=args.size,
-                                    oversample=args.oversample, reference=_reference(args, imodel),
-                                    filter_mode=args.filter_mode, merge_below=args.merge_fragments,
+    settings = pipeline.PairSettings(w=_model_w(args, imodel), sampler=args.sampler, steps=args.steps, seed=args.seed,
+                                     batch_size=args.batch_size, size=args.size, oversample=args.oversample,
+                                     filter_mode=args.filter_mode, merge_below=args.merge_fragments)
+    pairs = pipeline.generate_pairs(smodel, imodel, args.n, settings, reference=_reference(args, imodel),
                                     shard=(state.process_index, state.num_processes), all_gather=all_gather,
                                     progress=cb, tiling=_tiling(args))
     bar.close()
@@ -640,6 +636,18 @@ def _generate(args: argparse.Namespace) -> int:
         _save_pairs(pairs, args.out)
     state.wait_for_everyone()
     return 0
+
+
+def _all_gather(state):
+    """object -> every process's object, in process order (torch.distributed.all_gather_object over the
+    in-memory arrays of our own processes)."""
+    import torch.distributed as dist
+
+    def gather(obj):
+        gathered: list = [None] * state.num_processes
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return gather
 
 
 def _calibrate(checkpoint, real, *, device: str = "auto", save: bool = True, **options) -> None:
@@ -730,6 +738,7 @@ def _run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from engine import pipeline
+    from engine.conditioning import Provenance, load_condition, save_condition
 
     if cmd == "sample-structures":
         from PIL import Image
@@ -739,20 +748,22 @@ def _run(args: argparse.Namespace) -> int:
 
         model = pipeline.load_model(_checkpoint(args.checkpoint, "structure"), kind="structure", device=args.device)
         pipeline.plan_structure_canvas(model, args.size, _tiling(args))  # size and memory refused before any work
+        steps = pipeline.sampler_steps(args.sampler, args.steps)
         bar, cb = _progress_bar("structures")
-        samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        samples = pipeline.sample_structures(model, args.n, sampler=args.sampler, steps=steps, seed=args.seed,
                                              size=args.size, batch_size=args.batch_size, oversample=args.oversample,
                                              reference=_reference(args, model), filter_mode=args.filter_mode,
                                              merge_below=args.merge_fragments,
                                              progress=cb, tiling=_tiling(args))
         bar.close()
         out = Path(args.out)
-        for sub in ("labels", "structures", "previews"):
+        for sub in ("labels", "previews"):
             (out / sub).mkdir(parents=True, exist_ok=True)
         for s in samples:
             stem = f"structure_{s.seed:05d}"
+            cond = s.condition(model, structure_sampler=args.sampler, structure_steps=steps)
             tifffile.imwrite(out / "labels" / f"{stem}.tif", s.inst.astype(np.uint16))
-            np.save(out / "structures" / f"{stem}.npy", s.structure)
+            save_condition(cond, out, stem)
             Image.fromarray(render.colorize_instances(s.inst)).save(out / "previews" / f"{stem}.png")
             print(f"{stem}: {s.n_nuclei} nuclei")
         return 0
@@ -762,22 +773,22 @@ def _run(args: argparse.Namespace) -> int:
         _check_out(args.out)
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
         files = label_files(args.labels)
-        insts = [read_label(f) for f in files]
+        conds = [load_condition(f, read_label(f)) for f in files]  # the sampled structure where there is one
         w = _model_w(args, model)
-        for inst in insts:  # size and memory refused before any work
-            pipeline.plan_image_canvas(model, inst.shape, w, _tiling(args))
+        plans = [pipeline.plan_image_canvas(model, c.inst.shape, w, _tiling(args)) for c in conds]  # refused early
+        steps = pipeline.sampler_steps(args.sampler, args.steps)
         bar, cb = _progress_bar("images")
-        images = pipeline.synthesize(model, insts, w=w, sampler=args.sampler, steps=args.steps, seed=args.seed,
+        images = pipeline.synthesize(model, conds, w=w, sampler=args.sampler, steps=steps, seed=args.seed,
                                      variants=args.variants, batch_size=args.batch_size, progress=cb,
                                      tiling=_tiling(args))
         bar.close()
         pairs = []
         for k, img in enumerate(images):
             j, v = divmod(k, args.variants)
-            pairs.append(pipeline.Pair(img, insts[j], {
-                "source_label": files[j].name, "seed": args.seed + k, "w": w, "sampler": args.sampler,
-                "steps": args.steps, "image_checkpoint": model.path.name, "image_sha256": model.sha256,
-                "n_nuclei": int(len(np.unique(insts[j])) - (insts[j] == 0).any()), "edited": False}))
+            prov = Provenance.of(conds[j], image_checkpoint=model.path.name, image_sha256=model.sha256,
+                                 seed=args.seed + k, w=w, sampler=args.sampler, steps=steps, variant=v,
+                                 **plans[j].meta())
+            pairs.append(pipeline.Pair(img, conds[j].inst, prov.to_dict()))
         _save_pairs(pairs, args.out)
         return 0
     if cmd == "generate":

@@ -10,12 +10,15 @@ AJI+ and PQ are averaged over the test images (and over repeats with different t
 Output folder::
 
     results.csv / results.md / results.png   the table (CSV, Markdown) and a grouped bar plot
-    results.json                             settings, table rows and per-image metrics of every run
+    results.json                             settings (and the ExperimentConfig as "config"), table rows and
+                                             per-image metrics of every run
     runs/<run>/metrics.json                  one run (fraction x arm x repeat): settings and metrics
     runs/<run>/predictions/<stem>.tif        predicted instance maps of the test images (int32)
     runs/<run>/segmenter.safetensors/.json   the trained segmenter (save_models=True)
 
-Finished runs are skipped when the experiment is started again with the same settings (resume).
+Finished runs are skipped when the experiment is started again with the same settings (resume). The settings
+are one :class:`ExperimentConfig` record; :func:`run_experiment` goes through named steps (load the inputs,
+the settings all runs share, the plan of runs, each run's specification, train and test it, write the results).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import io
 import json
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +41,9 @@ from engine.fileio import atomic_write_bytes
 from engine.metrics import aji, aji_plus, dice, pq
 from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_pairs, train_segmenter
 
-__all__ = ["METRICS", "ARMS", "ExperimentResult", "parse_fractions", "resolve_synthetic", "evaluate_segmenter",
-           "image_metrics", "run_experiment", "collect_results", "labeled_subset", "format_markdown", "write_table",
-           "plot_results", "CSV_FIELDS"]
+__all__ = ["METRICS", "ARMS", "ExperimentConfig", "ExperimentResult", "parse_fractions", "resolve_synthetic",
+           "evaluate_segmenter", "image_metrics", "run_experiment", "collect_results", "labeled_subset",
+           "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
@@ -170,144 +173,220 @@ def _run_name(fraction: float, arm: str, repeat: int) -> str:
     return f"{_pct(fraction)}pct_{arm}_r{repeat}"
 
 
-def run_experiment(
-    real: str | Path | Sequence[Any],
-    synthetic: SyntheticSpec,
-    test: str | Path | Sequence[Any],
-    out_dir: str | Path,
-    *,
-    fractions: str | Sequence[float] = (0.1, 0.2, 0.5, 1.0),
-    repeats: int = 1,
-    seed: int = 0,
-    steps: int = 2000,
-    size: int = 128,
-    batch_size: int = 8,
-    lr: float = 1e-3,
-    tile_size: int = 256,
-    stride: int = 128,
-    n_clusters: int = 6,
-    device: str = "auto",
-    config: SegmenterConfig | None = None,
-    synthetic_share: float | None = None,
-    pairs_per_repeat: int | None = None,
-    augment: str = "light",
-    arms: Sequence[str] = ARMS,
-    save_models: bool = True,
-    resume: bool = True,
-    log: Log | None = print,
-    progress: Callable[[int, int], None] | None = None,
-) -> ExperimentResult:
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """Every setting of :func:`run_experiment` but its data, output folder and callbacks.
+
+    Checked on construction (NuDiffError); ``fractions`` and ``arms`` are normalised (fractions as
+    :func:`parse_fractions`, e.g. '10,20,50,100' -> (0.1, 0.2, 0.5, 1.0); arms deduplicated, in order).
+    :meth:`to_dict` / :meth:`from_dict` round-trip it through JSON (results.json holds it as "config").
+    """
+
+    #: fractions of nuclei for the labeled subsets ('10,20,50,100', [10, 20] or [0.1, 0.2])
+    fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)
+    #: trainings per fraction and arm, with seeds ``seed + r``; the table reports mean and std
+    repeats: int = 1
+    #: subset selection (KMeans) seed and first training seed
+    seed: int = 0
+    #: segmenter training steps (both arms)
+    steps: int = 2000
+    #: segmenter training crop size in px
+    size: int = 128
+    #: segmenter training batch size
+    batch_size: int = 8
+    #: segmenter learning rate
+    lr: float = 1e-3
+    #: real training images are cut into tiles of this size for subset selection (the paper: 256)
+    tile_size: int = 256
+    #: ... at this stride (the paper: 128)
+    stride: int = 128
+    #: KMeans clusters of the subset selection
+    n_clusters: int = 6
+    #: torch device of the segmenters ("auto", "cpu", "cuda", ...)
+    device: str = "auto"
+    #: segmenter architecture, inference and post-processing (same for both arms)
+    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    #: augmented arm: share of the training crops drawn from synthetic pairs, in (0, 1); None pools real
+    #: and synthetic pairs (crops area-weighted), as the paper does
+    synthetic_share: float | None = None
+    #: augmented arm: repeat r trains on the r-th block of this many synthetic pairs (folder order), so the
+    #: spread over repeats includes which pairs were drawn (docs/benchmarks.md §6i); needs repeats x this
+    #: many pairs. None: all pairs every repeat
+    pairs_per_repeat: int | None = None
+    #: segmenter training augmentation of both arms, "light" or "strong" (engine.segment.train_segmenter)
+    augment: str = "light"
+    #: arms to run; runs split over several calls into one folder are merged by :func:`collect_results`
+    arms: tuple[str, ...] = ARMS
+    #: save each trained segmenter in its run folder
+    save_models: bool = True
+    #: reuse finished runs with identical settings found in the output folder
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fractions", tuple(parse_fractions(self.fractions)))
+        arms = tuple(dict.fromkeys([self.arms] if isinstance(self.arms, str) else self.arms))
+        object.__setattr__(self, "arms", arms)
+        if self.synthetic_share is not None and not 0.0 < self.synthetic_share < 1.0:
+            raise NuDiffError(f"synthetic_share must be in (0, 1), got {self.synthetic_share}")
+        if self.repeats < 1:
+            raise NuDiffError(f"repeats must be >= 1, got {self.repeats}")
+        if self.augment not in AUGMENTS:
+            raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
+        if self.pairs_per_repeat is not None and self.pairs_per_repeat < 1:
+            raise NuDiffError(f"pairs_per_repeat must be >= 1, got {self.pairs_per_repeat}")
+        if not arms or any(a not in ARMS for a in arms):
+            raise NuDiffError(f"arms must be among {', '.join(ARMS)}, got {', '.join(map(str, arms)) or 'none'}")
+        if not isinstance(self.segmenter, SegmenterConfig):
+            raise NuDiffError(f"segmenter must be a SegmenterConfig, got {type(self.segmenter).__name__}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (equal to its own JSON round trip): tuples as lists, the segmenter config as a dict."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["segmenter"] = self.segmenter.to_dict()
+        return json.loads(json.dumps(out))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ExperimentConfig:
+        """Inverse of :meth:`to_dict` (missing keys take their defaults); NuDiffError on unknown keys."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise NuDiffError(f"unknown experiment settings: {', '.join(unknown)}")
+        kwargs = dict(data)
+        if isinstance(kwargs.get("segmenter"), Mapping):
+            kwargs["segmenter"] = SegmenterConfig.from_dict(dict(kwargs["segmenter"]))
+        return cls(**kwargs)
+
+
+@dataclass
+class _Inputs:
+    """The data of one experiment, loaded and checked (step 1 of :func:`run_experiment`)."""
+
+    synth_dirs: dict[float, Path | None]  # synthetic folder of every fraction (None: no augmented arm)
+    real_items: list[LabeledImage]
+    test_items: list[LabeledImage]
+    tiles: list[Tile]  # the real training tiles subsets are chosen from
+    synth_cache: dict[Path, list[LabeledImage]] = field(default_factory=dict)
+
+
+def run_experiment(real: str | Path | Sequence[Any], synthetic: SyntheticSpec, test: str | Path | Sequence[Any],
+                   out_dir: str | Path, config: ExperimentConfig | None = None, *, log: Log | None = print,
+                   progress: Callable[[int, int], None] | None = None) -> ExperimentResult:
     """Train and test segmenters on every fraction x {labeled, augmented} x repeat; write the table.
 
     Args:
         real: folder (or LabeledImages / (image, inst) pairs) of real training images; they are cut into
-            ``tile_size`` tiles with ``stride`` for subset selection, as in the paper (256 / 128).
+            ``config.tile_size`` tiles at ``config.stride`` for subset selection, as in the paper.
         synthetic: synthetic folders, see :func:`resolve_synthetic` (None: labeled arms only).
         test: folder (or pairs) of held-out real images, tested at full size.
-        out_dir: output folder (created; finished runs in it are reused when ``resume``).
-        fractions: fractions of nuclei for the labeled subsets ('10,20,50,100' or 0.1, ...).
-        repeats: trainings per fraction and arm, seeds ``seed + r``; the table reports mean and std.
-        seed: subset selection (KMeans) seed and first training seed.
-        steps, size, batch_size, lr, device, config: segmenter training (same for both arms).
-        synthetic_share: in the augmented arm, the share of training crops drawn from synthetic pairs
-            (e.g. 0.5); None pools real and synthetic pairs (crops area-weighted), as in the paper.
-        pairs_per_repeat: in the augmented arm, repeat r trains on the r-th block of this many synthetic
-            pairs (folder order) instead of all of them: disjoint draws of pairs, so that the spread over
-            repeats includes which pairs were drawn (it is as large as the segmenter seed's,
-            docs/benchmarks.md §6i). Needs repeats x pairs_per_repeat pairs. None: all pairs every time.
-        augment: segmenter training augmentation of both arms, "light" or "strong" (HoVer-Net's
-            photometric set, see :func:`engine.segment.train_segmenter`).
-        arms: which arms to run ("labeled", "augmented"); the table holds the runs of this call only, so
-            runs split over several calls (or processes) into one ``out_dir`` are merged by
-            :func:`collect_results`.
+        out_dir: output folder (created; finished runs in it are reused when ``config.resume``).
+        config: the settings (:class:`ExperimentConfig`; None: its defaults).
         log: called with one line per event (None: silent). progress: (runs done, runs total).
     Returns:
         ExperimentResult; files results.csv / .md / .png / .json are in ``out_dir``.
     """
-    fracs = parse_fractions(fractions)
-    if synthetic_share is not None and not 0.0 < synthetic_share < 1.0:
-        raise NuDiffError(f"synthetic_share must be in (0, 1), got {synthetic_share}")
-    if repeats < 1:
-        raise NuDiffError(f"repeats must be >= 1, got {repeats}")
-    if augment not in AUGMENTS:
-        raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    if pairs_per_repeat is not None and pairs_per_repeat < 1:
-        raise NuDiffError(f"pairs_per_repeat must be >= 1, got {pairs_per_repeat}")
-    arms = tuple(dict.fromkeys(arms))
-    if not arms or any(a not in ARMS for a in arms):
-        raise NuDiffError(f"arms must be among {', '.join(ARMS)}, got {', '.join(map(str, arms)) or 'none'}")
+    config = config or ExperimentConfig()
     say = log or (lambda _msg: None)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = config or SegmenterConfig()
-    synth_dirs = resolve_synthetic(synthetic, fracs)
+    inputs = _load_inputs(real, synthetic, test, config, say)
+    settings = _shared_settings(config, inputs.test_items)
+    plan = _plan_runs(config, inputs.synth_dirs)
+    runs: list[dict[str, Any]] = []
+    for f in config.fractions:
+        selection = plan_subset(inputs.tiles, f, n_clusters=config.n_clusters, seed=config.seed)
+        subset = [inputs.tiles[i] for i in selection.indices]
+        say(f"{_pct(f)}%: {len(subset)} of {len(inputs.tiles)} tiles, {selection.fraction_reached:.1%} of nuclei "
+            f"({selection.feature_kind} features)")
+        for arm, r in [(arm, r) for (g, arm, r) in plan if g == f]:
+            folder = inputs.synth_dirs[f]
+            pool = [] if arm == "labeled" else _load_synthetic(folder, inputs.synth_cache)
+            spec, extra = _run_spec(settings, config, f, arm, r, subset, folder, pool)
+            runs.append(_one_run(out / "runs" / _run_name(f, arm, r), spec, subset, extra, inputs.test_items,
+                                 selection.fraction_reached, device=config.device, cfg=config.segmenter,
+                                 save_model=config.save_models, resume=config.resume, say=say))
+            if progress is not None:
+                progress(len(runs), len(plan))
+    rows = _table_rows(runs, list(config.fractions))
+    files = _write_results(out, config, settings, inputs, rows, runs)
+    say(f"results: {files['md']}")
+    return ExperimentResult(rows, runs, out, files)
+
+
+def _load_inputs(real: Any, synthetic: SyntheticSpec, test: Any, config: ExperimentConfig, say: Log) -> _Inputs:
+    """Step 1: synthetic folders per fraction, real and test images, real tiles; a synthetic folder too short
+    for ``pairs_per_repeat`` blocks is refused here, before any training (a usage error)."""
+    synth_dirs = resolve_synthetic(synthetic, config.fractions)
     real_items = _as_items(real, "real training images")
     test_items = _as_items(test, "test images")
-    tiles = _tiles(real_items, tile_size, stride)
-    say(f"real: {len(real_items)} images -> {len(tiles)} tiles of {tile_size} px; test: {len(test_items)} images")
-    synth_cache: dict[Path, list[LabeledImage]] = {}
-    if pairs_per_repeat and "augmented" in arms:  # before any training: a short folder is a usage error
+    tiles = _tiles(real_items, config.tile_size, config.stride)
+    say(f"real: {len(real_items)} images -> {len(tiles)} tiles of {config.tile_size} px; "
+        f"test: {len(test_items)} images")
+    inputs = _Inputs(synth_dirs, real_items, test_items, tiles)
+    need = config.repeats * (config.pairs_per_repeat or 0)
+    if need and "augmented" in config.arms:
         for folder in dict.fromkeys(d for d in synth_dirs.values() if d is not None):
-            have = len(_load_synthetic(folder, synth_cache))
-            if have < repeats * pairs_per_repeat:
-                raise NuDiffError(f"{folder} has {have} synthetic pairs; {repeats} repeats of "
-                                  f"{pairs_per_repeat} disjoint pairs need {repeats * pairs_per_repeat}")
-    settings = {"steps": steps, "size": size, "batch_size": batch_size, "lr": lr, "config": cfg.to_dict(),
-                "tile_size": tile_size, "stride": stride, "n_clusters": n_clusters, "seed": seed,
-                "synthetic_share": synthetic_share,
-                # named only when not the default, so runs finished before the setting existed stay reusable
-                **({"augment": augment} if augment != "light" else {}),
-                "test": [(t.stem, t.inst.shape, int(t.inst.max())) for t in test_items]}
-    plan = [(f, arm, r) for f in fracs for arm in arms for r in range(repeats)
+            have = len(_load_synthetic(folder, inputs.synth_cache))
+            if have < need:
+                raise NuDiffError(f"{folder} has {have} synthetic pairs; {config.repeats} repeats of "
+                                  f"{config.pairs_per_repeat} disjoint pairs need {need}")
+    return inputs
+
+
+def _shared_settings(config: ExperimentConfig, test_items: Sequence[LabeledImage]) -> dict[str, Any]:
+    """Step 2: the settings every run shares (part of each run's resume key, so their form is fixed)."""
+    return {"steps": config.steps, "size": config.size, "batch_size": config.batch_size, "lr": config.lr,
+            "config": config.segmenter.to_dict(), "tile_size": config.tile_size, "stride": config.stride,
+            "n_clusters": config.n_clusters, "seed": config.seed, "synthetic_share": config.synthetic_share,
+            # named only when not the default, so runs finished before the setting existed stay reusable
+            **({"augment": config.augment} if config.augment != "light" else {}),
+            "test": [(t.stem, t.inst.shape, int(t.inst.max())) for t in test_items]}
+
+
+def _plan_runs(config: ExperimentConfig, synth_dirs: Mapping[float, Path | None]) -> list[tuple[float, str, int]]:
+    """Step 3: (fraction, arm, repeat) of every run, in order; an augmented arm needs a synthetic folder."""
+    plan = [(f, arm, r) for f in config.fractions for arm in config.arms for r in range(config.repeats)
             if arm == "labeled" or synth_dirs[f] is not None]
     if not plan:
         raise NuDiffError("nothing to run: the augmented arm needs a synthetic folder for its fractions")
-    runs: list[dict[str, Any]] = []
-    for f in fracs:
-        selection = plan_subset(tiles, f, n_clusters=n_clusters, seed=seed)
-        subset = [tiles[i] for i in selection.indices]
-        say(f"{_pct(f)}%: {len(subset)} of {len(tiles)} tiles, {selection.fraction_reached:.1%} of nuclei "
-            f"({selection.feature_kind} features)")
-        for arm in arms:
-            folder = synth_dirs[f]
-            if arm == "augmented" and folder is None:
-                continue
-            pool = [] if arm == "labeled" else _load_synthetic(folder, synth_cache)
-            for r in range(repeats):
-                # the share and the blocks only shape the augmented arm: labeled runs stay reusable
-                share = synthetic_share if arm == "augmented" else None
-                extra, block = pool, {}
-                if pairs_per_repeat and arm == "augmented":
-                    lo = r * pairs_per_repeat
-                    extra = pool[lo:lo + pairs_per_repeat]
-                    block = {"pairs_per_repeat": pairs_per_repeat, "synthetic_block": [lo, lo + len(extra)]}
-                spec = {**settings, **block, "synthetic_share": share, "fraction": f, "arm": arm, "repeat": r,
-                        "train_seed": seed + r,
-                        "subset": [(tiles[i].stem, tiles[i].y, tiles[i].x, int(tiles[i].inst.max()))
-                                   for i in selection.indices],
-                        "synthetic": None if folder is None else str(folder.resolve()),
-                        "synthetic_items": _fingerprint([(it.stem, it.inst.shape, int(it.inst.max()))
-                                                         for it in extra]),
-                        "n_synthetic": len(extra)}
-                run = _one_run(out / "runs" / _run_name(f, arm, r), spec, subset, extra, test_items,
-                               selection.fraction_reached, device=device, cfg=cfg, save_model=save_models,
-                               resume=resume, say=say)
-                runs.append(run)
-                if progress is not None:
-                    progress(len(runs), len(plan))
-    rows = _table_rows(runs, fracs)
+    return plan
+
+
+def _run_spec(settings: dict[str, Any], config: ExperimentConfig, fraction: float, arm: str, repeat: int,
+              subset: Sequence[Tile], folder: Path | None,
+              pool: list[LabeledImage]) -> tuple[dict[str, Any], list[LabeledImage]]:
+    """Step 4, per run: its full specification (the resume key is made from it) and its synthetic pairs."""
+    # the share and the blocks only shape the augmented arm: labeled runs stay reusable
+    share = config.synthetic_share if arm == "augmented" else None
+    extra, block = pool, {}
+    if config.pairs_per_repeat and arm == "augmented":
+        lo = repeat * config.pairs_per_repeat
+        extra = pool[lo:lo + config.pairs_per_repeat]
+        block = {"pairs_per_repeat": config.pairs_per_repeat, "synthetic_block": [lo, lo + len(extra)]}
+    spec = {**settings, **block, "synthetic_share": share, "fraction": fraction, "arm": arm, "repeat": repeat,
+            "train_seed": config.seed + repeat,
+            "subset": [(t.stem, t.y, t.x, int(t.inst.max())) for t in subset],
+            "synthetic": None if folder is None else str(folder.resolve()),
+            "synthetic_items": _fingerprint([(it.stem, it.inst.shape, int(it.inst.max())) for it in extra]),
+            "n_synthetic": len(extra)}
+    return spec, extra
+
+
+def _write_results(out: Path, config: ExperimentConfig, settings: dict[str, Any], inputs: _Inputs,
+                   rows: list[dict[str, Any]], runs: list[dict[str, Any]]) -> dict[str, Path]:
+    """Step 5: results.csv / .md / .png and results.json (settings, config, rows, runs)."""
     files = write_table(rows, out)
     files["png"] = plot_results(rows, out / "results.png")
     shown = {k: v for k, v in settings.items() if k != "test"}
-    if pairs_per_repeat:
-        shown["pairs_per_repeat"] = pairs_per_repeat  # (only the augmented runs' specs carry it)
-    record = {"settings": shown, "fractions": fracs,
-              "repeats": repeats, "synthetic": {_pct(f): (str(d) if d else None) for f, d in synth_dirs.items()},
-              "test_images": [t.stem for t in test_items], "rows": rows, "runs": runs}
+    if config.pairs_per_repeat:
+        shown["pairs_per_repeat"] = config.pairs_per_repeat  # (only the augmented runs' specs carry it)
+    record = {"settings": shown, "config": config.to_dict(), "fractions": list(config.fractions),
+              "repeats": config.repeats,
+              "synthetic": {_pct(f): (str(d) if d else None) for f, d in inputs.synth_dirs.items()},
+              "test_images": [t.stem for t in inputs.test_items], "rows": rows, "runs": runs}
     atomic_write_bytes(out / "results.json", json.dumps(record, indent=2, default=str).encode())
     files["json"] = out / "results.json"
-    say(f"results: {files['md']}")
-    return ExperimentResult(rows, runs, out, files)
+    return files
 
 
 def labeled_subset(real: str | Path | Sequence[Any], fraction: float | str, *, tile_size: int = 256,

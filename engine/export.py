@@ -59,7 +59,8 @@ __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_
 #: Columns of manifest.csv, in order.
 MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "width", "n_nuclei", "sampler",
                    "steps", "w", "seed", "structure_checkpoint", "structure_sha256", "image_checkpoint",
-                   "image_sha256", "edited", "source", "tile", "overlap", "windows")
+                   "image_sha256", "edited", "source", "tile", "overlap", "windows", "structure_seed",
+                   "structure_rebuilt", "label_file")
 
 #: Default caps for :func:`safe_extract_zip` (total uncompressed bytes, number of entries).
 MAX_EXTRACT_BYTES = 2 * 1024 ** 3
@@ -251,8 +252,9 @@ def _manifest(pairs: list[ExportPair], *, hovernet: bool, geojson: bool) -> byte
             "height": p.inst.shape[0], "width": p.inst.shape[1], "n_nuclei": p.n_nuclei,
             **{k: _fmt(m.get(k)) for k in ("sampler", "steps", "w", "seed", "structure_checkpoint",
                                             "structure_sha256", "image_checkpoint", "image_sha256", "source",
-                                            "tile", "overlap", "windows")},
+                                            "tile", "overlap", "windows", "structure_seed", "label_file")},
             "edited": _fmt(bool(m.get("edited", False))),
+            "structure_rebuilt": _fmt(m.get("structure_rebuilt")),
         })
     return buf.getvalue().encode()
 

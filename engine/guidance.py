@@ -144,7 +144,7 @@ def calibrate_guidance(
     """
     from engine import pipeline  # (imported here: reading a calibrated w needs none of the sampling code)
     from engine.quality import appearance_stats
-    from engine.samplers import DEFAULT_STEPS
+    from engine.samplers import SAMPLERS
 
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model; guidance is calibrated for image models")
@@ -155,7 +155,7 @@ def calibrate_guidance(
         raise NuDiffError("calibration needs at least one real tile")
     size = int(size or model.image_size)
     pipeline.plan_image_canvas(model, (size, size), max(ws))  # a readable error before reading any tile
-    steps = int(steps or DEFAULT_STEPS.get(sampler, 20))
+    steps = int(steps or (SAMPLERS[sampler].steps if sampler in SAMPLERS else 20))  # (synthesize refuses others)
     tiles = _tiles_with_nuclei(real, size, n)
     insts = [inst for _, inst in tiles]
     real_c = float(np.nanmean(appearance_stats([im for im, _ in tiles], insts)["contrast"]))

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from skimage.segmentation import relabel_sequential
 
 __all__ = ["relabel", "dice", "aji", "aji_plus", "pq"]
 
@@ -50,28 +51,14 @@ def _as_integer_map(inst: np.ndarray, name: str = "instance map") -> np.ndarray:
 
 
 def _relabel_count(inst: np.ndarray) -> tuple[np.ndarray, int]:
-    """Relabel to consecutive ids 1..N keeping the order of the original ids.
-
-    Returns (same-shape int32 array, N). Uses a lookup table when ids are small (fast path),
-    ``np.unique`` otherwise.
-    """
+    """Relabel to consecutive ids 1..N keeping the order of the original ids (scikit-image's
+    ``relabel_sequential``). Returns (same-shape int32 array, N)."""
     a = _as_integer_map(inst)
     if a.size == 0:
         return np.zeros(a.shape, np.int32), 0
-    top = int(a.max())
-    if top == 0:
-        return np.zeros(a.shape, np.int32), 0
-    if top <= 4 * a.size + 65536:
-        present = np.zeros(top + 1, dtype=bool)
-        present[a.ravel()] = True
-        present[0] = False
-        lut = np.cumsum(present, dtype=np.int64).astype(np.int32)
-        return lut[a], int(lut[-1])
-    uniq, inverse = np.unique(a, return_inverse=True)
-    out = inverse.reshape(a.shape).astype(np.int32)
-    if uniq[0] != 0:
-        out += 1
-    return out, int(len(uniq) - (1 if uniq[0] == 0 else 0))
+    out, forward, _ = relabel_sequential(a)
+    ids = forward.in_values
+    return out.astype(np.int32, copy=False), int(len(ids) - (ids[0] == 0))
 
 
 def relabel(inst: np.ndarray) -> np.ndarray:

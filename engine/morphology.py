@@ -1,10 +1,13 @@
 """Shape measures of the nuclei in an instance map, shared by the layout filter (engine.curate) and the
 quality report (engine.quality): one reading of the nuclei (``skimage.measure.regionprops``), per-tile
-counts, and per-nucleus solidity that never fails on a degenerate hull.
+counts, and per-nucleus solidity that never fails on a degenerate hull; and the one removal of small
+objects (``skimage.morphology.remove_small_objects``) for the watershed (engine.structure) and the
+procedural tiles (engine.synthetic).
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from typing import Any
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from engine.errors import DataError, NuDiffError
 
-__all__ = ["nuclei", "tile_measures", "solidity", "solidities"]
+__all__ = ["nuclei", "tile_measures", "solidity", "solidities", "remove_small"]
 
 
 def nuclei(inst: Any, error: type[NuDiffError] = DataError) -> tuple[np.ndarray, list]:
@@ -46,3 +49,16 @@ def solidities(regions: list) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return np.array([solidity(r) for r in regions], np.float64)
+
+
+def remove_small(objects: np.ndarray, min_size: int) -> np.ndarray:
+    """A copy of `objects` without those of fewer than `min_size` pixels: the 8-connected components of a bool
+    mask, or the labels of an integer map (each label one object, whatever its shape); same dtype."""
+    from skimage.morphology import remove_small_objects
+
+    # scikit-image 0.26 takes max_size (removes <= max_size) and deprecates min_size (removes < min_size)
+    size = ({"max_size": max(0, min_size - 1)} if "max_size" in inspect.signature(remove_small_objects).parameters
+            else {"min_size": min_size})
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Only one label was provided")  # (a map of one nucleus)
+        return remove_small_objects(np.asarray(objects), connectivity=2, **size)

@@ -16,18 +16,19 @@ import torch
 
 from engine.canvas import CanvasPlan, plan_canvas, sample_canvas
 from engine.checkpoint import load_checkpoint, recommended_w
-from engine.config import DiffusionConfig, UNetConfig
+from engine.conditioning import Condition, Provenance
+from engine.config import PAPER_W, DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.fileio import resolve_device
 from engine.memory import plan_windows
-from engine.samplers import DEFAULT_STEPS, SAMPLERS, sample
+from engine.samplers import SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
 from engine.tiling import TilingOptions
 from engine.unet import UNet
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
-           "generate_pairs", "resolve_device", "Progress", "curate_structures", "candidate_count",
+           "generate_pairs", "PairSettings", "sampler_steps", "resolve_device", "Progress", "curate_structures", "candidate_count",
            "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
 
 Progress = Callable[[int, int], None]
@@ -86,6 +87,11 @@ class StructureSample:
     def n_nuclei(self) -> int:
         return int(self.inst.max())
 
+    def condition(self, model: "LoadedModel", **origin) -> Condition:
+        """This sample as the image model's condition (the structure as sampled), with its provenance."""
+        return Condition.sampled(self.structure, self.inst, structure_seed=self.seed,
+                                 structure_checkpoint=model.path.name, structure_sha256=model.sha256, **origin)
+
 
 @dataclass
 class Pair:
@@ -99,10 +105,15 @@ class Pair:
 def _check_sampler(sampler: str, steps: int | None) -> int:
     if sampler not in SAMPLERS:
         raise NuDiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    steps = int(steps or DEFAULT_STEPS[sampler])
+    steps = int(steps or SAMPLERS[sampler].steps)
     if not 1 <= steps <= 1000:
         raise NuDiffError(f"steps must be between 1 and 1000, got {steps}")
     return steps
+
+
+def sampler_steps(sampler: str, steps: int | None) -> int:
+    """The denoising steps a call will run: ``steps``, or the sampler's default; NuDiffError if unknown."""
+    return _check_sampler(sampler, steps)
 
 
 def plan_structure_canvas(model: LoadedModel, size: int | None = None,
@@ -247,16 +258,19 @@ def curate_structures(samples: list[StructureSample], keep: int, reference: np.n
     return [samples[i] for i in idx]
 
 
-def _structure_shape(item: np.ndarray) -> tuple[int, int]:
-    """(H, W) of a structure (H, W, 3) or an instance map (H, W); NuDiffError for anything else."""
-    shape = np.shape(item)
+def _structure_shape(item: np.ndarray | Condition) -> tuple[int, int]:
+    """(H, W) of a structure (H, W, 3), an instance map (H, W) or a Condition; NuDiffError for anything else."""
+    shape = np.shape(item.inst if isinstance(item, Condition) else item)
     if len(shape) == 2 or (len(shape) == 3 and shape[-1] == 3):
         return int(shape[0]), int(shape[1])
     raise NuDiffError(f"expected a structure (H, W, 3) or an instance map (H, W), got shape {tuple(shape)}")
 
 
-def as_structure(item: np.ndarray) -> np.ndarray:
-    """Accept a structure (H, W, 3) float or an instance map (H, W) int and return a structure."""
+def as_structure(item: np.ndarray | Condition) -> np.ndarray:
+    """The structure to condition on: a Condition's, a structure (H, W, 3) float as it is, or one rebuilt
+    from an instance map (H, W) int (engine.conditioning says when which)."""
+    if isinstance(item, Condition):
+        return np.asarray(item.structure, np.float32)
     a = np.asarray(item)
     if a.ndim == 2:
         return instances_to_structure(a)
@@ -267,7 +281,7 @@ def as_structure(item: np.ndarray) -> np.ndarray:
 
 def synthesize(
     model: LoadedModel,
-    structures: list[np.ndarray],
+    structures: list[np.ndarray | Condition],
     *,
     w: float = 2.0,
     sampler: str = "ddim",
@@ -282,8 +296,9 @@ def synthesize(
 ) -> list[np.ndarray]:
     """Images for the given structures with classifier-free guidance scale w.
 
-    structures: each (H, W, 3) float structure or (H, W) instance map, of any size and shape (at least
-    8 px a side). Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major;
+    structures: each an engine.conditioning.Condition (its structure is used), an (H, W, 3) float
+    structure or an (H, W) instance map (its structure is rebuilt), of any size and shape (at least 8 px
+    a side). Returns len(structures) * variants uint8 (H, W, 3) RGB images, ordered structure-major;
     variant v of structure j uses seed + j * variants + v, or seeds[j] + v when per-structure seeds are
     given. An image depends only on its structure and seed, up to float rounding (at most 1 gray level)
     when it is batched with different neighbours.
@@ -348,23 +363,39 @@ def shard_range(n: int, index: int, count: int) -> tuple[int, int]:
     return lo, min(n, lo + per)
 
 
+@dataclass(frozen=True)
+class PairSettings:
+    """How :func:`generate_pairs` makes pairs; each setting is recorded in the pairs' provenance.
+
+    w: guidance scale (engine.config.PAPER_W = 2 is the paper's). sampler / steps: the image's denoising
+    (engine.samplers; steps None = the sampler's default); structure_steps: the structure's (None = steps).
+    seed: candidate i uses seed + i for its structure and its image. batch_size: samples per pass.
+    min_nuclei: structures with fewer are kept but flagged (meta few_nuclei). size: side in px (None = the
+    image model's sampling size; larger than the models' tile: fused overlapping windows).
+    oversample / filter_mode: the layout realism filter of :func:`sample_structures` (1 = off).
+    merge_below: its watershed fragment merge (0 = off).
+    """
+
+    w: float = PAPER_W
+    sampler: str = "ddim"
+    steps: int | None = None
+    structure_steps: int | None = None
+    seed: int = 0
+    batch_size: int = 4
+    min_nuclei: int = 1
+    size: int | None = None
+    oversample: float = 1.0
+    filter_mode: str = "sample"
+    merge_below: float = 0.0
+
+
 def generate_pairs(
     structure_model: LoadedModel,
     image_model: LoadedModel,
     n: int,
+    settings: PairSettings | None = None,
     *,
-    w: float = 2.0,
-    sampler: str = "ddim",
-    steps: int | None = None,
-    structure_steps: int | None = None,
-    seed: int = 0,
-    batch_size: int = 4,
-    min_nuclei: int = 1,
-    size: int | None = None,
-    oversample: float = 1.0,
     reference: np.ndarray | None = None,
-    filter_mode: str = "sample",
-    merge_below: float = 0.0,
     shard: tuple[int, int] = (0, 1),
     all_gather: Callable[[object], list] | None = None,
     progress: Progress | None = None,
@@ -373,12 +404,11 @@ def generate_pairs(
 ) -> list[Pair]:
     """n synthetic pairs: sample structures, then synthesize an image for each (paper's two steps).
 
-    ``size``: side in px (default: the image model's sampling size); larger than the models' tile, both
-    steps run as fused overlapping windows (``tiling``: engine.tiling.TilingOptions, memory budget).
-    Structures with fewer than min_nuclei nuclei are kept but flagged in meta['n_nuclei'].
-    ``oversample`` / ``reference`` / ``filter_mode``: the layout realism filter of
-    :func:`sample_structures`; images are synthesized for the kept structures only. ``merge_below``: the
-    fragment merge of :func:`sample_structures`.
+    Each image is conditioned on its structure as sampled (engine.conditioning.Condition), with the
+    structure's seed, so ``sample-structures`` + ``synthesize`` and the studio give the same pair.
+    ``settings``: :class:`PairSettings` (default: its defaults). ``reference``: real tiles' layout features
+    for the realism filter (default: the structure model's own). ``tiling``: engine.tiling.TilingOptions
+    (windows, memory budget, checked before any work).
 
     ``shard=(index, count)`` with ``all_gather`` (object -> list of every shard's object, e.g.
     torch.distributed.all_gather_object) splits the work over ``count`` processes: each samples a
@@ -387,22 +417,23 @@ def generate_pairs(
     shard's pairs; concatenated in shard order they equal a single-process call (up to float rounding
     between batch compositions).
     """
+    st = settings or PairSettings()
     index, count = shard
     if not 0 <= index < count:
         raise NuDiffError(f"shard {index} of {count} does not exist")
     if count > 1 and all_gather is None:
         raise NuDiffError("a sharded generation needs all_gather")
-    steps = _check_sampler(sampler, steps)
-    structure_steps = _check_sampler(sampler, structure_steps or steps)
-    size = int(size or image_model.image_size)
-    _check_structure_args(structure_model, n, oversample, merge_below, filter_mode)
+    steps = _check_sampler(st.sampler, st.steps)
+    structure_steps = _check_sampler(st.sampler, st.structure_steps or steps)
+    size = int(st.size or image_model.image_size)
+    _check_structure_args(structure_model, n, st.oversample, st.merge_below, st.filter_mode)
     splan = plan_structure_canvas(structure_model, size, tiling)  # refused here, before any work, if too big
-    iplan = plan_image_canvas(image_model, (size, size), w, tiling)
-    total = candidate_count(n, oversample)
+    iplan = plan_image_canvas(image_model, (size, size), st.w, tiling)
+    total = candidate_count(n, st.oversample)
     ref = reference if reference is not None else structure_model.layout_reference
     _require_reference(structure_model, ref, total > n)
-    share = (structure_steps * max(1.0, oversample)
-             / (structure_steps * max(1.0, oversample) + steps))  # fraction of the work spent on structures
+    share = (structure_steps * max(1.0, st.oversample)
+             / (structure_steps * max(1.0, st.oversample) + steps))  # fraction of the work spent on structures
 
     def scaled(lo: float, hi: float) -> Progress | None:
         """Report a sub-task's (i, m) as permille of the whole generation."""
@@ -411,32 +442,32 @@ def generate_pairs(
         return lambda i, m: progress(int(1000 * (lo + (hi - lo) * i / max(m, 1))), 1000)
 
     lo, hi = shard_range(total, index, count)
-    structs = sample_structures(structure_model, hi - lo, sampler=sampler, steps=structure_steps, seed=seed + lo,
-                                size=size, batch_size=batch_size, merge_below=merge_below,
+    structs = sample_structures(structure_model, hi - lo, sampler=st.sampler, steps=structure_steps,
+                                seed=st.seed + lo, size=size, batch_size=st.batch_size, merge_below=st.merge_below,
                                 progress=scaled(0, share), cancel=cancel, tiling=tiling) if hi > lo else []
     if total > n:  # filter on every shard's layout features (5 numbers each), never moving the structures
         feats = layout_features([s.inst for s in structs])
         if count > 1:
             feats = np.concatenate(all_gather(feats))
-        keep = curate(ref, feats, n, seed=seed, mode=filter_mode) if index == 0 else None
+        keep = curate(ref, feats, n, seed=st.seed, mode=st.filter_mode) if index == 0 else None
         if count > 1:
             keep = all_gather(keep)[0]
         kept = {int(i) for i in keep}
         structs = [s for j, s in enumerate(structs) if lo + j in kept]
     if not structs:
         return []
-    imgs = synthesize(image_model, [s.structure for s in structs], w=w, sampler=sampler, steps=steps,
-                      seeds=[s.seed for s in structs], batch_size=batch_size, progress=scaled(share, 1),
-                      cancel=cancel, tiling=tiling)
+    conds = [s.condition(structure_model, structure_sampler=st.sampler, structure_steps=structure_steps)
+             for s in structs]
+    imgs = synthesize(image_model, conds, w=st.w, sampler=st.sampler, steps=steps, seeds=[s.seed for s in structs],
+                      batch_size=st.batch_size, progress=scaled(share, 1), cancel=cancel, tiling=tiling)
     pairs = []
-    for s, img in zip(structs, imgs):
-        pairs.append(Pair(img, s.inst, {
-            "seed": s.seed, "w": float(w), "sampler": sampler, "steps": steps, "structure_steps": structure_steps,
-            "structure_checkpoint": structure_model.path.name, "structure_sha256": structure_model.sha256,
-            "image_checkpoint": image_model.path.name, "image_sha256": image_model.sha256,
-            "n_nuclei": s.n_nuclei, "edited": False, "few_nuclei": s.n_nuclei < min_nuclei,
-            "oversample": float(oversample), "filter_mode": filter_mode if total > n else None,
-            "merge_below": float(merge_below), **_tiling_meta(splan, iplan)}))
+    for s, cond, img in zip(structs, conds, imgs):
+        prov = Provenance.of(cond, image_checkpoint=image_model.path.name, image_sha256=image_model.sha256,
+                             seed=s.seed, w=st.w, sampler=st.sampler, steps=steps,
+                             few_nuclei=s.n_nuclei < st.min_nuclei, oversample=float(st.oversample),
+                             filter_mode=st.filter_mode if total > n else None, merge_below=float(st.merge_below),
+                             **_tiling_meta(splan, iplan))
+        pairs.append(Pair(img, s.inst, prov.to_dict()))
     return pairs
 
 

@@ -16,43 +16,77 @@ initial noise and for its per-step noise, so a sample depends on its seed, not o
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import nn
 
 from engine.config import DiffusionConfig
-from engine.diffusion import guided_eps
+from engine.diffusion import guided_eps, scheduler_settings
 from engine.errors import NuDiffError
 
-__all__ = ["SAMPLERS", "make_scheduler", "sample", "Cancelled"]
+__all__ = ["SAMPLERS", "SamplerSpec", "sampler_spec", "make_scheduler", "sample", "Cancelled"]
 
-SAMPLERS: tuple[str, ...] = ("ddim", "dpm++", "dpm++sde", "ddpm")
-DEFAULT_STEPS = {"ddim": 20, "dpm++": 20, "dpm++sde": 20, "ddpm": 1000}
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One sampler: which diffusers scheduler, with which settings, and how its step is called.
+
+    scheduler: the diffusers class, by name (diffusers is imported when a scheduler is made, so reading the
+    registry -- the CLI's choices, the studio's dropdowns -- does not load it). noise: what a step draws
+    fresh noise with -- "variance_noise" (each sample's own generator, passed as one batched tensor),
+    "generators" (the per-sample generators, handed to the scheduler) or None (deterministic).
+    """
+
+    name: str
+    scheduler: str
+    options: dict[str, Any]  # the scheduler's settings beyond the noise process
+    steps: int  # default number of steps
+    description: str  # one line, for the CLI's help and the studio
+    noise: Literal["variance_noise", "generators"] | None = None
+    eta: bool = False  # the step takes DDIM's eta
+    step_options: dict[str, Any] = field(default_factory=dict)  # fixed extra arguments of step()
+
+
+# thresholding with max 1.0 clips each x0 prediction to the data range [-1, 1], as DDIM's clip_sample
+# does; without it the first steps (alpha_bar ~ 4e-5) amplify eps errors wildly.
+_DPM = dict(solver_order=2, timestep_spacing="trailing", lower_order_final=True, thresholding=True,
+            sample_max_value=1.0)
+
+#: the samplers by name, in the order the CLI and the studio offer them (the first is the default)
+SAMPLERS: dict[str, SamplerSpec] = {s.name: s for s in (
+    SamplerSpec("ddim", "DDIMScheduler", dict(clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing"),
+                20, "DDIM, eta = 1; the default", noise="variance_noise", eta=True,
+                step_options=dict(use_clipped_model_output=True)),
+    SamplerSpec("dpm++", "DPMSolverMultistepScheduler", dict(_DPM, algorithm_type="dpmsolver++"),
+                20, "DPM-Solver++ 2M, deterministic; can fragment layouts"),
+    SamplerSpec("dpm++sde", "DPMSolverMultistepScheduler", dict(_DPM, algorithm_type="sde-dpmsolver++"),
+                20, "stochastic DPM-Solver++ 2M", noise="variance_noise"),
+    SamplerSpec("ddpm", "DDPMScheduler", dict(clip_sample=True, variance_type="fixed_small",
+                                              timestep_spacing="trailing"),
+                1000, "ancestral; the paper's, 1000 steps", noise="generators"),
+)}
 
 
 class Cancelled(NuDiffError):
     """Raised inside a sampling loop when the caller's cancel() returned True."""
 
 
+def sampler_spec(name: str) -> SamplerSpec:
+    """The registry entry of sampler `name`; ValueError naming the choices for an unknown one."""
+    try:
+        return SAMPLERS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}") from None
+
+
 def make_scheduler(name: str, cfg: DiffusionConfig | None = None):
     """A fresh diffusers scheduler for sampler `name` on the noise process `cfg`."""
-    cfg = cfg or DiffusionConfig()
-    common = dict(num_train_timesteps=cfg.num_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-                  beta_schedule="linear", prediction_type="epsilon")
-    if name == "ddpm":
-        return DDPMScheduler(**common, clip_sample=True, variance_type="fixed_small", timestep_spacing="trailing")
-    if name == "ddim":
-        return DDIMScheduler(**common, clip_sample=True, set_alpha_to_one=True, timestep_spacing="trailing")
-    if name in ("dpm++", "dpm++sde"):
-        # thresholding with max 1.0 clips each x0 prediction to the data range [-1, 1], as DDIM's
-        # clip_sample does; without it the first steps (alpha_bar ~ 4e-5) amplify eps errors wildly.
-        algorithm = "dpmsolver++" if name == "dpm++" else "sde-dpmsolver++"
-        return DPMSolverMultistepScheduler(**common, algorithm_type=algorithm, solver_order=2,
-                                           timestep_spacing="trailing", lower_order_final=True,
-                                           thresholding=True, sample_max_value=1.0)
-    raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    import diffusers
+
+    spec = sampler_spec(name)
+    return getattr(diffusers, spec.scheduler)(**scheduler_settings(cfg or DiffusionConfig()), **spec.options)
 
 
 def _batched_noise(shape: tuple[int, ...], generators: list[torch.Generator], device, dtype) -> torch.Tensor:
@@ -85,7 +119,8 @@ def sample(
     engine.tiling.TiledDenoiser for canvases larger than the model's tile).
     Returns (B, C, H, W) float32 clipped to [-1, 1].
     """
-    steps = steps or DEFAULT_STEPS.get(sampler, 20)
+    spec = sampler_spec(sampler)
+    steps = steps or spec.steps
     if steps < 1:
         raise ValueError("steps must be >= 1")
     b = shape[0]
@@ -95,6 +130,7 @@ def sample(
     device = next(model.parameters()).device
     sched = make_scheduler(sampler, diffusion)
     sched.set_timesteps(steps)
+    step_args = dict(spec.step_options, **({"eta": eta} if spec.eta else {}))
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = _batched_noise(shape, gens, device, torch.float32) * sched.init_noise_sigma
     if cond is not None:
@@ -108,17 +144,11 @@ def sample(
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             eps = (guided_eps(model, x, tt, cond, w) if denoiser is None else denoiser(x, tt, cond, w)).float()
-        if sampler == "ddim":
-            # per-sample noise for the stochastic part, from each sample's own generator
-            noise = _batched_noise(shape, gens, device, torch.float32)
-            x = sched.step(eps, t, x, eta=eta, use_clipped_model_output=True, variance_noise=noise).prev_sample
-        elif sampler == "dpm++sde":
-            noise = _batched_noise(shape, gens, device, torch.float32)
-            x = sched.step(eps, t, x, variance_noise=noise).prev_sample
-        elif sampler == "ddpm":
-            x = sched.step(eps, t, x, generator=gens).prev_sample  # one generator per sample
-        else:
-            x = sched.step(eps, t, x).prev_sample
+        if spec.noise == "variance_noise":  # per-sample noise, from each sample's own generator
+            step_args["variance_noise"] = _batched_noise(shape, gens, device, torch.float32)
+        elif spec.noise == "generators":
+            step_args["generator"] = gens  # one generator per sample
+        x = sched.step(eps, t, x, **step_args).prev_sample
         if progress is not None:
             progress(i + 1, n)
     return x.clamp(-1, 1)

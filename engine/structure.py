@@ -24,6 +24,7 @@ from scipy import ndimage
 from skimage.segmentation import watershed
 
 from engine.metrics import relabel  # (one relabelling for the engine: ids 1..N consecutive, order kept)
+from engine.morphology import remove_small
 
 __all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "relabel", "dihedral",
            "dihedral_batch"]
@@ -172,7 +173,7 @@ def structure_to_instances(
     sem = s[..., 0]
     if smooth > 0:
         sem = cv2.GaussianBlur(sem, (0, 0), smooth)
-    fg = _remove_small(sem > 0, min_size)
+    fg = remove_small(sem > 0, min_size)  # (8-connected components)
     if not fg.any():
         return np.zeros(fg.shape, np.int32)
 
@@ -193,12 +194,8 @@ def structure_to_instances(
 
     radial = np.maximum(np.abs(hmap), np.abs(vmap))
     cores = fg & (radial < core) & ~boundary
-    n_markers, markers = cv2.connectedComponents(cores.astype(np.uint8), connectivity=4)
-    if n_markers > 1:
-        sizes = np.bincount(markers.ravel(), minlength=n_markers)
-        small = sizes < max(1, min_marker)
-        small[0] = False
-        markers[small[markers]] = 0
+    _, markers = cv2.connectedComponents(cores.astype(np.uint8), connectivity=4)
+    markers = remove_small(markers, max(1, min_marker))
     # landscape: centre 0 -> rim 1, boundaries raised so basins meet on them
     landscape = radial + boundary.astype(np.float32)
     inst = watershed(landscape, markers=markers, mask=fg, connectivity=1)
@@ -210,7 +207,7 @@ def structure_to_instances(
         extra = extra.astype(np.int32)
         extra[extra > 0] += int(inst.max())
         inst = np.where(missed, extra, inst)
-    inst = _remove_small_labels(inst, min_size)
+    inst = remove_small(inst, min_size)
     return merge_fragments(inst, merge_below) if merge_below > 0 else relabel(inst)
 
 
@@ -253,21 +250,3 @@ def merge_fragments(inst: np.ndarray, below: float = 0.2) -> np.ndarray:
         a = boxes[into]
         boxes[into] = (min(a[0], y0), max(a[1], y1), min(a[2], x0), max(a[3], x1))
     return relabel(inst)
-
-
-def _remove_small(mask: np.ndarray, min_size: int) -> np.ndarray:
-    """Binary mask without 8-connected components smaller than min_size pixels."""
-    n, lab, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
-    keep = stats[:, cv2.CC_STAT_AREA] >= min_size
-    keep[0] = False
-    return keep[lab]
-
-
-def _remove_small_labels(inst: np.ndarray, min_size: int) -> np.ndarray:
-    """Zero out labels whose pixel count is below min_size."""
-    sizes = np.bincount(inst.ravel())
-    small = sizes < min_size
-    small[0] = False
-    if small.any():
-        inst = np.where(small[inst], 0, inst)
-    return inst

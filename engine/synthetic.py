@@ -14,6 +14,9 @@ import cv2
 import numpy as np
 from scipy import ndimage
 
+from engine.metrics import relabel
+from engine.morphology import remove_small
+
 __all__ = ["make_tile", "write_folder", "LABEL_FORMATS"]
 
 LABEL_FORMATS = ("png", "tif", "npy")
@@ -91,10 +94,9 @@ def _place_nuclei(rng: np.random.Generator, size: int, density: float) -> np.nda
 
 
 def _clean(inst: np.ndarray, min_area: int) -> np.ndarray:
-    """Keep the largest 8-connected piece of each instance, drop tiny ones, relabel 1..N."""
+    """Keep the largest 8-connected piece of each instance, drop tiny ones, relabel 1..N (order kept)."""
     out = np.zeros_like(inst)
     eight = np.ones((3, 3), dtype=bool)
-    next_id = 1
     for label, box in enumerate(ndimage.find_objects(inst), start=1):
         if box is None:
             continue
@@ -103,11 +105,8 @@ def _clean(inst: np.ndarray, min_area: int) -> np.ndarray:
         if n_pieces > 1:
             sizes = np.bincount(pieces.ravel())[1:]
             own = pieces == (int(np.argmax(sizes)) + 1)
-        if own.sum() < min_area:
-            continue
-        out[box][own] = next_id
-        next_id += 1
-    return out
+        out[box][own] = label
+    return relabel(remove_small(out, min_area))
 
 
 def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:

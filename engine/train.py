@@ -551,7 +551,10 @@ class Trainer:
 
     def _stage(self) -> tuple[float, float]:
         """(lr, drop_rate) at the current step: stage 1, then the classifier-free fine-tune; the lr is
-        warmed up linearly over the run's first ``warmup_steps`` (whichever stage they fall in)."""
+        warmed up linearly over the run's first ``warmup_steps`` (whichever stage they fall in).
+
+        Kept over torch's lr schedulers: this closed form resumes exactly with no saved state, where LinearLR /
+        SequentialLR recompute the lr recursively (other last bits) and LambdaLR has one base lr, not two."""
         c = self.cfg
         warm = min(1.0, (self.step + 1) / c.warmup_steps) if c.warmup_steps > 0 else 1.0
         if c.kind == "image" and self.step >= c.steps:
@@ -573,6 +576,9 @@ class Trainer:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        """EMA, decay min(ema_decay, (1 + step) / (10 + step)), in the module self.ema (saved as ``ema.*``).
+        Kept over the libraries': AveragedModel has no decay warm-up and copies at its first update; diffusers'
+        EMAModel warms up a step later, updates by sub/mul (other last bits) and keeps its own state format."""
         decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
         model = self.acc.unwrap_model(self.model)
         ema, live = list(self.ema.parameters()), [p.detach() for p in model.parameters()]

@@ -42,7 +42,9 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class SPADE(nn.Module):
-    """Spatially-adaptive normalisation: GroupNorm without affine, modulated by the structure."""
+    """Spatially-adaptive normalisation: GroupNorm without affine, modulated by the structure.
+
+    Custom: no library has SPADE (diffusers' nearest SpatialNorm is 1x1 convs over an affine GroupNorm)."""
 
     def __init__(self, channels: int, cond_channels: int, hidden: int, groups: int):
         super().__init__()

@@ -102,18 +102,11 @@ def overview_values(sess: Session) -> tuple:
 # ----------------------------------------------------------------------------- handlers
 
 
-def _push_undo(sess: Session) -> None:
-    """Session.push_undo, keeping the undo copies of a large map within UNDO_BYTES."""
-    sess.push_undo()
-    keep = max(1, UNDO_BYTES // max(1, sess.current.inst.nbytes))
-    del sess.undo[:-keep]
-
-
 def _replace(sess: Session, new: np.ndarray) -> None:
+    """A hand edit: undoable, with the undo copies of a large map kept within UNDO_BYTES. The sampled
+    structure is dropped (an edited map's structure is rebuilt when synthesized)."""
     with sess.lock:
-        _push_undo(sess)
-        sess.current.inst = new
-        sess.current.meta["edited"] = True
+        sess.replace_current(new, max_undo=max(1, UNDO_BYTES // max(1, sess.current.inst.nbytes)))
 
 
 def _peek_shape(path: Path) -> tuple[int, int] | None:
@@ -194,7 +187,7 @@ def undo(sess: Session) -> tuple:
     with sess.lock:
         if not sess.undo:
             return ("Nothing to undo.", *(gr.skip(),) * 4)
-        cur.inst = sess.undo.pop()
+        cur.restore(sess.undo.pop())
     return ("Undone.", *view(sess))
 
 

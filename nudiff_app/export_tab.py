@@ -130,97 +130,115 @@ def build(ctx: AppContext, ui) -> None:
         ui.ex_quality = gr.Markdown(elem_id="ex-quality-report")
 
 
-def wire(ctx: AppContext, ui) -> None:
-    ui.export_outputs = [ui.ex_gallery, ui.ex_side, ui.ex_overlay, ui.ex_info]
+# ----------------------------------------------------------------------------- event handlers
+# Module level, testable without a browser: the ones that need the app hold it in ExportHandlers.
 
-    def export_view(sess: Session, opacity: float) -> tuple:
-        return (basket_gallery(sess), *pair_view(sess, opacity))
 
-    ui.export_view = export_view
-    outs = [ui.ex_status, *ui.export_outputs]
+def export_view(sess: Session, opacity: float) -> tuple:
+    """Values for [gallery, side by side, overlay, details] (ui.export_outputs)."""
+    return (basket_gallery(sess), *pair_view(sess, opacity))
+
+
+def gallery_index(evt: gr.SelectData) -> int:
+    """The pair number of a click in the basket gallery."""
+    return int(evt.index)
+
+
+def export_zip(ctx: AppContext, sess: Session, items: list, formats) -> Path:
+    """Write basket ``items`` of the session (see :func:`_exported_items`) with the extra ``formats`` as a zip in
+    the exports folder; the session's last five zips are kept."""
+    from engine.export import write_zip
+
+    pairs = []
+    for it in items:
+        image, inst = sess.basket.arrays(it.id)
+        pairs.append((image, inst, {**it.meta, "id": it.id}))
+    folder = ctx.exports_dir / sess.sid
+    path = write_zip(pairs, folder / f"nudiff-{time.strftime('%Y%m%d-%H%M%S')}.zip",
+                     hovernet="HoVer-Net npy" in formats, coco="COCO json" in formats,
+                     geojson="QuPath GeoJSON" in formats)
+    sess.last_export = path
+    for old in sorted(folder.glob("nudiff-*.zip"))[:-5]:  # keep the last few exports
+        old.unlink(missing_ok=True)
+    return path
+
+
+class ExportHandlers:
+    """The Export tab's handlers: each finds the browser session's basket through the app context."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
 
     @ui_action(5)
-    def show(sid, index, opacity, request: gr.Request):
-        sess = ctx.session(sid, request)
+    def show(self, sid, index, opacity, request: gr.Request) -> tuple:
+        """[status, *export_view] of pair ``index``."""
+        sess = self.ctx.session(sid, request)
         sess.selected_pair = int(index or 0)
         return ("", *export_view(sess, opacity))
 
-    ui.ex_index.change(show, [ui.sid, ui.ex_index, ui.ex_opacity], outs, api_name="show_pair")
-
-    def select(evt: gr.SelectData):
-        return int(evt.index)
-
-    ui.ex_gallery.select(select, None, ui.ex_index, api_visibility="private")
-
     @ui_action(3)
-    def opacity_changed(sid, opacity, request: gr.Request):
-        sess = ctx.session(sid, request)
+    def opacity_changed(self, sid, opacity, request: gr.Request) -> tuple:
+        """[status, overlay, details]: only the overlay is redrawn."""
+        sess = self.ctx.session(sid, request)
         side, over, text = pair_view(sess, opacity)
         return gr.skip(), over, gr.skip()
 
-    ui.ex_opacity.change(opacity_changed, [ui.sid, ui.ex_opacity], [ui.ex_status, ui.ex_overlay, ui.ex_info],
-                         api_visibility="private", show_progress="hidden")
+    def step(self, delta: int, sid, opacity, request: gr.Request | None) -> tuple:
+        """[status, *export_view, pair #] after moving ``delta`` pairs (wrapping around)."""
+        sess = self.ctx.session(sid, request)
+        n = len(sess.basket.items)
+        if n:
+            sess.selected_pair = (sess.selected_pair + delta) % n
+        return ("", *export_view(sess, opacity), sess.selected_pair)
 
-    def _step(delta):
-        @ui_action(6)
-        def go(sid, opacity, request: gr.Request):
-            sess = ctx.session(sid, request)
-            n = len(sess.basket.items)
-            if n:
-                sess.selected_pair = (sess.selected_pair + delta) % n
-            return ("", *export_view(sess, opacity), sess.selected_pair)
-        return go
+    @ui_action(6)
+    def go_previous(self, sid, opacity, request: gr.Request) -> tuple:
+        return self.step(-1, sid, opacity, request)
 
-    step_outs = [*outs, ui.ex_index]
-    ui.ex_prev.click(_step(-1), [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
-    ui.ex_next.click(_step(1), [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
+    @ui_action(6)
+    def go_next(self, sid, opacity, request: gr.Request) -> tuple:
+        return self.step(1, sid, opacity, request)
 
-    def _mark(status):
-        @ui_action(6)
-        def mark(sid, index, opacity, request: gr.Request):
-            sess = ctx.session(sid, request)
-            n = len(sess.basket.items)
-            if not n:
-                raise NuDiffError("the basket is empty")
-            i = int(index if index is not None else sess.selected_pair)
-            if not 0 <= i < n:
-                raise NuDiffError(f"no pair #{i}; choose 0 to {n - 1}")
-            item = sess.basket.set_status(i, status)
-            nxt = next((j for j in list(range(i + 1, n)) + list(range(0, i))
-                        if sess.basket.items[j].status == "pending"), i)
-            sess.selected_pair = nxt
-            return (f"{item.id}: {BADGE[status]}.", *export_view(sess, opacity), nxt)
-        return mark
+    def mark(self, status: str, sid, index, opacity, request: gr.Request | None) -> tuple:
+        """[status, *export_view, pair #]: pair ``index`` (default: the selected one) marked ``status``, then
+        the next pair still to review selected."""
+        sess = self.ctx.session(sid, request)
+        n = len(sess.basket.items)
+        if not n:
+            raise NuDiffError("the basket is empty")
+        i = int(index if index is not None else sess.selected_pair)
+        if not 0 <= i < n:
+            raise NuDiffError(f"no pair #{i}; choose 0 to {n - 1}")
+        item = sess.basket.set_status(i, status)
+        nxt = next((j for j in list(range(i + 1, n)) + list(range(0, i))
+                    if sess.basket.items[j].status == "pending"), i)
+        sess.selected_pair = nxt
+        return (f"{item.id}: {BADGE[status]}.", *export_view(sess, opacity), nxt)
 
-    ui.ex_accept.click(_mark("accepted"), [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="accept_pair")
-    ui.ex_reject.click(_mark("rejected"), [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="reject_pair")
+    @ui_action(6)
+    def accept(self, sid, index, opacity, request: gr.Request) -> tuple:
+        return self.mark("accepted", sid, index, opacity, request)
+
+    @ui_action(6)
+    def reject(self, sid, index, opacity, request: gr.Request) -> tuple:
+        return self.mark("rejected", sid, index, opacity, request)
 
     @ui_action(2)
-    def build_zip(sid, formats, include_pending, request: gr.Request):
-        from engine.export import write_zip
-
-        sess = ctx.session(sid, request)
+    def build_zip(self, sid, formats, include_pending, request: gr.Request) -> tuple:
+        """[status, download button] of a new zip of the basket."""
+        sess = self.ctx.session(sid, request)
         items = _exported_items(sess, include_pending)
-        pairs = []
-        for it in items:
-            image, inst = sess.basket.arrays(it.id)
-            pairs.append((image, inst, {**it.meta, "id": it.id}))
-        folder = ctx.exports_dir / sess.sid
-        path = write_zip(pairs, folder / f"nudiff-{time.strftime('%Y%m%d-%H%M%S')}.zip",
-                         hovernet="HoVer-Net npy" in formats, coco="COCO json" in formats,
-                         geojson="QuPath GeoJSON" in formats)
-        sess.last_export = path
-        for old in sorted(folder.glob("nudiff-*.zip"))[:-5]:  # keep the last few exports
-            old.unlink(missing_ok=True)
+        path = export_zip(self.ctx, sess, items, formats)
         n_edit = sum(bool(it.meta.get("edited")) for it in items)
         return (f"Exported `{path.name}`: {len(items)} pairs ({n_edit} edited by hand), "
                 f"{path.stat().st_size / 1024:.0f} KiB."), gr.update(value=str(path), visible=True)
 
     @ui_action(1)
-    def assess(sid, include_pending, real, segmenter, two_sample, training, request: gr.Request):
+    def assess(self, sid, include_pending, real, segmenter, two_sample, training, request: gr.Request) -> str:
+        """The quality report (Markdown) of the pairs an export would contain."""
         from engine.quality import format_quality_markdown, quality_report
 
-        sess = ctx.session(sid, request)
+        sess = self.ctx.session(sid, request)
         pairs = [sess.basket.arrays(it.id) for it in _exported_items(sess, include_pending, "assess")]
         real = (real or "").strip()
         real_dir = Path(real).expanduser() if real else None
@@ -228,13 +246,27 @@ def wire(ctx: AppContext, ui) -> None:
             raise NuDiffError(f"real folder not found: {real}")
         if two_sample and real_dir is None:
             raise NuDiffError("the two-sample test needs a real labeled folder to tell the synthetic tiles from")
-        train_dir = _training_folder(training, ctx)
+        train_dir = _training_folder(training, self.ctx)
         report = quality_report(pairs, real_dir, (segmenter or "").strip() or None, realism=bool(two_sample),
                                 training=train_dir)
         return format_quality_markdown(report)
 
-    ui.ex_quality_btn.click(assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter, ui.ex_two_sample,
-                                     ui.ex_training], ui.ex_quality, api_name="basket_quality")
 
-    ui.ex_build.click(build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],
+def wire(ctx: AppContext, ui) -> None:
+    h = ExportHandlers(ctx)
+    ui.export_outputs = [ui.ex_gallery, ui.ex_side, ui.ex_overlay, ui.ex_info]
+    ui.export_view = export_view
+    outs = [ui.ex_status, *ui.export_outputs]
+    step_outs = [*outs, ui.ex_index]
+    ui.ex_index.change(h.show, [ui.sid, ui.ex_index, ui.ex_opacity], outs, api_name="show_pair")
+    ui.ex_gallery.select(gallery_index, None, ui.ex_index, api_visibility="private")
+    ui.ex_opacity.change(h.opacity_changed, [ui.sid, ui.ex_opacity], [ui.ex_status, ui.ex_overlay, ui.ex_info],
+                         api_visibility="private", show_progress="hidden")
+    ui.ex_prev.click(h.go_previous, [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
+    ui.ex_next.click(h.go_next, [ui.sid, ui.ex_opacity], step_outs, api_visibility="private")
+    ui.ex_accept.click(h.accept, [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="accept_pair")
+    ui.ex_reject.click(h.reject, [ui.sid, ui.ex_index, ui.ex_opacity], step_outs, api_name="reject_pair")
+    ui.ex_quality_btn.click(h.assess, [ui.sid, ui.ex_pending, ui.ex_real, ui.ex_segmenter, ui.ex_two_sample,
+                                       ui.ex_training], ui.ex_quality, api_name="basket_quality")
+    ui.ex_build.click(h.build_zip, [ui.sid, ui.ex_formats, ui.ex_pending], [ui.ex_status, ui.ex_download],
                       api_name="export_zip")

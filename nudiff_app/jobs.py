@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from engine.errors import TrainingError
+from engine.fileio import atomic_write_bytes
 from engine.runlock import busy_message, lock_holder
 from engine.train import read_status
 
@@ -151,9 +152,7 @@ class TrainingJobs:
             logf.close()
             rec = {"run_dir": str(run_dir), "kind": kind, "cmd": cmd, "pid": self.proc.pid,
                    "started": time.time()}
-            tmp = self.runs_dir / ".active.json.tmp"
-            tmp.write_text(json.dumps(rec, indent=1))
-            os.replace(tmp, self.runs_dir / "active.json")
+            atomic_write_bytes(self.runs_dir / "active.json", json.dumps(rec, indent=1).encode())
             return rec
 
     def stop(self) -> str:

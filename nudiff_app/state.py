@@ -24,6 +24,7 @@ import gradio as gr
 import numpy as np
 
 from engine.errors import NuDiffError
+from engine.fileio import atomic_output, atomic_write_bytes
 from engine.samplers import Cancelled
 
 log = logging.getLogger("nudiff_app")
@@ -101,18 +102,14 @@ class Basket:
         self.items = [it for it in self.items if (self.folder / f"{it.id}.npz").exists()]
 
     def _save_index(self) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".basket.{uuid.uuid4().hex}.tmp"
-        tmp.write_text(json.dumps([it.__dict__ for it in self.items], indent=1))
-        os.replace(tmp, self._index_path())
+        atomic_write_bytes(self._index_path(), json.dumps([it.__dict__ for it in self.items], indent=1).encode())
 
     def add(self, image: np.ndarray, inst: np.ndarray, meta: dict, status: str = "pending") -> BasketItem:
         self.folder.mkdir(parents=True, exist_ok=True)
         n = 1 + max([int(it.id.split("_")[-1]) for it in self.items if it.id.split("_")[-1].isdigit()] or [0])
         item = BasketItem(f"pair_{n:04d}", status, dict(meta))
-        tmp = self.folder / f".{item.id}.{uuid.uuid4().hex}.npz"
-        np.savez_compressed(tmp, image=np.asarray(image, np.uint8), inst=np.asarray(inst, np.int32))
-        os.replace(tmp, self.folder / f"{item.id}.npz")
+        with atomic_output(self.folder / f"{item.id}.npz") as tmp, open(tmp, "wb") as f:
+            np.savez_compressed(f, image=np.asarray(image, np.uint8), inst=np.asarray(inst, np.int32))
         self.items.append(item)
         self._arrays[item.id] = (np.asarray(image, np.uint8), np.asarray(inst, np.int32))
         self._save_index()
@@ -148,10 +145,31 @@ class Basket:
 
 @dataclass
 class Current:
-    """The structure being edited / synthesized from."""
+    """The structure being edited / synthesized from: the instance map, where it came from, and the
+    sampled 3-channel structure while the map is as sampled (None after a hand edit, or for an uploaded or
+    blank map: then engine.conditioning rebuilds it from the map and says so in the provenance)."""
 
     inst: np.ndarray
-    meta: dict  # source, structure_seed, structure_checkpoint, structure_sha256, edited
+    meta: dict  # engine.conditioning.ORIGIN_KEYS, edited
+    structure: np.ndarray | None = None
+
+    def condition(self):
+        """The engine.conditioning.Condition an image is synthesized from."""
+        from engine.conditioning import ORIGIN_KEYS, Condition
+
+        origin = {k: self.meta[k] for k in ORIGIN_KEYS if self.meta.get(k) is not None}
+        return Condition.of(self.inst, self.structure, origin, edited=bool(self.meta.get("edited")))
+
+    def replace(self, inst: np.ndarray) -> tuple:
+        """Put a hand-edited map in place; returns the undo entry (inst, structure, edited) of the old one."""
+        entry = (self.inst, self.structure, bool(self.meta.get("edited")))
+        self.inst, self.structure = np.asarray(inst, np.int32), None
+        self.meta["edited"] = True
+        return entry
+
+    def restore(self, entry: tuple) -> None:
+        """Undo: the map, its sampled structure (if it had one) and its edited flag as they were."""
+        self.inst, self.structure, self.meta["edited"] = entry
 
 
 @dataclass
@@ -176,23 +194,25 @@ class Session:
         self.sample_meta: dict = {}
         self.selected_sample: int | None = None
         self.current: Current | None = None
-        self.undo: list[np.ndarray] = []
+        self.undo: list[tuple] = []  # Current.replace entries, oldest first
         self.results: list[Result] = []
         self.selected_result: int | None = None
         self.basket = Basket(folder / "basket")
         self.selected_pair: int = 0
         self.last_export: Path | None = None
 
-    def set_current(self, inst: np.ndarray, meta: dict, *, keep_undo: bool = False) -> None:
+    def set_current(self, inst: np.ndarray, meta: dict, *, structure: np.ndarray | None = None,
+                    keep_undo: bool = False) -> None:
         with self.lock:
             if not keep_undo:
                 self.undo = []
-            self.current = Current(np.asarray(inst, np.int32), dict(meta))
+            self.current = Current(np.asarray(inst, np.int32), dict(meta), structure)
 
-    def push_undo(self) -> None:
+    def replace_current(self, inst: np.ndarray, max_undo: int | None = None) -> None:
+        """A hand edit of the current map, undoable (at most max_undo, default MAX_UNDO, steps kept)."""
         if self.current is not None:
-            self.undo.append(self.current.inst.copy())
-            del self.undo[: -self.MAX_UNDO]
+            self.undo.append(self.current.replace(inst))
+            del self.undo[: -min(self.MAX_UNDO, max_undo or self.MAX_UNDO)]
 
 
 # ----------------------------------------------------------------------------- app context

@@ -7,9 +7,9 @@ import numpy as np
 
 from engine import render
 from engine.errors import NuDiffError
-from engine.samplers import DEFAULT_STEPS, SAMPLERS
+from engine.samplers import SAMPLERS
 from nudiff_app.editing import zoom_to
-from nudiff_app.state import AppContext, ui_action
+from nudiff_app.state import AppContext, Session, ui_action
 
 
 def structure_thumb(inst: np.ndarray, structure: np.ndarray | None = None) -> np.ndarray:
@@ -24,12 +24,11 @@ def structure_thumb(inst: np.ndarray, structure: np.ndarray | None = None) -> np
     return big
 
 
-SAMPLER_INFO = ("ddim: default · dpm++sde: stochastic 2nd order · dpm++: deterministic, can fragment layouts · "
-                "ddpm: the paper's, 1000 steps")
+SAMPLER_INFO = " · ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values())  # engine.samplers' registry
 
 
 def sampler_steps(sampler: str) -> int:
-    return DEFAULT_STEPS.get(sampler, 20)
+    return SAMPLERS[sampler].steps if sampler in SAMPLERS else 20
 
 
 def build(ctx: AppContext, ui) -> None:
@@ -63,21 +62,43 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_to_synth = gr.Button("Send to Synthesize", scale=1, elem_id="st-to-synth")
 
 
-def wire(ctx: AppContext, ui) -> None:
-    def refresh(current):
-        choices = ctx.list_checkpoints("structure")
+def pick(sess: Session, index) -> int:
+    """Make sampled structure #index the session's current one (its structure kept, as sampled)."""
+    with sess.lock:
+        if not sess.samples:
+            raise NuDiffError("sample some structures first")
+        i = int(index or 0)
+        if not 0 <= i < len(sess.samples):
+            raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
+        s = sess.samples[i]
+        meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}
+        sess.set_current(s.inst, meta, structure=s.structure)  # images are conditioned on it as sampled
+        sess.selected_sample = i
+    return i
+
+
+def gallery_index(evt: gr.SelectData) -> int:
+    return int(evt.index)
+
+
+class StructuresHandlers:
+    """The Structures tab's event handlers (methods, so that Gradio sees their request parameters)."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+
+    def refresh(self, current):
+        choices = self.ctx.list_checkpoints("structure")
         values = [c[1] for c in choices]
         return gr.update(choices=choices, value=current if current in values or current else
                          (values[0] if values else None))
 
-    ui.st_refresh.click(refresh, ui.st_ckpt, ui.st_ckpt, api_visibility="private")
-    ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
-
     @ui_action(2)
-    def sample(sid, ckpt, n, sampler, steps, seed, oversample=1.0, size=0, request: gr.Request = None,
+    def sample(self, sid, ckpt, n, sampler, steps, seed, oversample=1.0, size=0, request: gr.Request = None,
                progress=gr.Progress()):
         from engine.pipeline import candidate_count, plan_structure_canvas
 
+        ctx = self.ctx
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         model = ctx.model(ckpt, "structure")
@@ -105,34 +126,18 @@ def wire(ctx: AppContext, ui) -> None:
                 f"({sampler}, {int(steps)} steps, {size} px"
                 + (f" as {plan.windows} windows" if plan.tiled else "") + f").{kept}"), gallery
 
-    ev = ui.st_sample.click(sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed,
-                                     ui.st_oversample, ui.st_size],
-                            [ui.st_status, ui.st_gallery], api_name="sample_structures",
-                            concurrency_id="compute", concurrency_limit=1)
-
-    def cancel(sid, request: gr.Request):
-        ctx.session(sid, request).cancel.set()
+    def cancel(self, sid, request: gr.Request):
+        self.ctx.session(sid, request).cancel.set()
         return "Cancelling…"
 
-    ui.st_cancel.click(cancel, ui.sid, ui.st_status, api_name="cancel_structures", queue=False)
-    ui.st_sample_event = ev
 
-    def select(evt: gr.SelectData):
-        return int(evt.index)
-
-    ui.st_gallery.select(select, None, ui.st_index, api_visibility="private")
-
-    def _pick(sess, index):
-        with sess.lock:
-            if not sess.samples:
-                raise NuDiffError("sample some structures first")
-            i = int(index or 0)
-            if not 0 <= i < len(sess.samples):
-                raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
-            s = sess.samples[i]
-            meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}
-            sess.set_current(s.inst, meta)
-            sess.selected_sample = i
-        return i
-
-    ui.structures_pick = _pick
+def wire(ctx: AppContext, ui) -> None:
+    h = StructuresHandlers(ctx)
+    ui.st_refresh.click(h.refresh, ui.st_ckpt, ui.st_ckpt, api_visibility="private")
+    ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
+    ui.st_sample_event = ui.st_sample.click(
+        h.sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed, ui.st_oversample, ui.st_size],
+        [ui.st_status, ui.st_gallery], api_name="sample_structures", concurrency_id="compute", concurrency_limit=1)
+    ui.st_cancel.click(h.cancel, ui.sid, ui.st_status, api_name="cancel_structures", queue=False)
+    ui.st_gallery.select(gallery_index, None, ui.st_index, api_visibility="private")
+    ui.structures_pick = pick

@@ -6,6 +6,7 @@ import os
 
 import gradio as gr
 
+from engine.conditioning import Provenance
 from engine.config import PAPER_W
 from engine.errors import NuDiffError
 from engine.samplers import SAMPLERS
@@ -24,8 +25,9 @@ def current_view(sess: Session) -> tuple:
            "blank": "drawn on a blank tile"}.get(m.get("source"), "")
     h, w = cur.inst.shape
     pic = zoom_to(label_view(cur.inst), 384) if max(h, w) <= 512 else overview(cur.inst)  # large: downscaled
+    how = ("structure as sampled" if cur.structure is not None else "structure rebuilt from the map")
     return (pic, f"Conditioning on **{int(cur.inst.max())} nuclei**, {size_text((h, w))} · {src}"
-            + (" · **edited by hand**" if m.get("edited") else ""))
+            + (" · **edited by hand**" if m.get("edited") else "") + f" · {how}")
 
 
 def result_gallery(sess: Session) -> list:
@@ -125,38 +127,59 @@ def build(ctx: AppContext, ui) -> None:
         ui.sy_add_all = gr.Button("Add all to basket", elem_id="sy-add-all")
 
 
-def wire(ctx: AppContext, ui) -> None:
-    ui.synth_outputs = [ui.sy_structure, ui.sy_info]
-    ui.synth_view = current_view
+def gallery_index(evt: gr.SelectData) -> int:
+    return int(evt.index)
 
-    def refresh(current):
-        choices = ctx.list_checkpoints("image")
+
+def add_results(sess: Session, indices: list[int]) -> str:
+    """Put results #indices into the basket (pending review); the status line."""
+    with sess.lock:
+        if not sess.results:
+            raise NuDiffError("nothing to add: synthesize images first")
+        bad = [i for i in indices if not 0 <= i < len(sess.results)]
+        if bad:
+            raise NuDiffError(f"no result #{bad[0]}; choose 0 to {len(sess.results) - 1}")
+        ids = []
+        for i in indices:
+            r = sess.results[i]
+            ids.append(sess.basket.add(r.image, r.inst, r.meta, status="pending").id)
+    c = sess.basket.counts()
+    return (f"Added {', '.join(ids)} to the basket ({len(sess.basket.items)} pairs: "
+            f"{c['accepted']} accepted, {c['pending']} to review).")
+
+
+class SynthesizeHandlers:
+    """The Synthesize tab's event handlers (methods, so that Gradio sees their request parameters)."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+
+    def refresh(self, current):
+        choices = self.ctx.list_checkpoints("image")
         values = [c[1] for c in choices]
         return gr.update(choices=choices, value=current if current else (values[0] if values else None))
 
-    ui.sy_refresh.click(refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
-    ui.sy_ckpt.change(lambda c: w_advice(c, ctx), ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w],
-                      api_visibility="private")
-    ui.w_advice = lambda c: w_advice(c, ctx)
+    def advice(self, ckpt):
+        return w_advice(ckpt, self.ctx)
 
     @ui_action(2)
-    def use_w(ckpt):
+    def use_w(self, ckpt):
         from engine.guidance import recommended_w
 
-        name, record = _record(ckpt, ctx)
+        name, record = _record(ckpt, self.ctx)
         w = recommended_w(record)
         if w is None:
             raise NuDiffError(f"{name} has no calibrated w: calibrate it first")
         return f"w set to {w:g}, the calibrated w of `{name}`.", w
 
-    ui.sy_use_w.click(use_w, ui.sy_ckpt, [ui.sy_status, ui.sy_w], api_name="use_calibrated_w")
-    ui.sy_paper_w.click(lambda: (f"w set to {PAPER_W:g}, the paper's guidance scale.", PAPER_W), None,
-                        [ui.sy_status, ui.sy_w], api_name="use_paper_w")
+    def paper_w(self):
+        return f"w set to {PAPER_W:g}, the paper's guidance scale.", PAPER_W
 
     @ui_action(4)
-    def calibrate(sid, ckpt, real, n, train_folder, request: gr.Request, progress=gr.Progress()):
+    def calibrate(self, sid, ckpt, real, n, train_folder, request: gr.Request, progress=gr.Progress()):
         from engine.guidance import calibrate_guidance, store_calibration
 
+        ctx = self.ctx
         sess = ctx.session(sid, request)
         sess.cancel.clear()
         name, record = _record(ckpt, ctx)
@@ -176,38 +199,33 @@ def wire(ctx: AppContext, ui) -> None:
         return (f"Calibrated `{name}` on {cal.n_tiles} tiles of `{real}`: w = **{cal.w:g}** (nucleus contrast: real "
                 f"{cal.real_contrast:.0f}; synthetic at w {grid}). The slider is set to it."), cal.w, advice, button
 
-    ui.sy_cal_run.click(calibrate, [ui.sid, ui.sy_ckpt, ui.sy_cal_real, ui.sy_cal_n, ui.train_folder],
-                        [ui.sy_status, ui.sy_w, ui.sy_wrec, ui.sy_use_w], api_name="calibrate_w",
-                        concurrency_id="compute", concurrency_limit=1)
-    ui.sy_sampler.change(sampler_steps, ui.sy_sampler, ui.sy_steps, api_visibility="private")
-
     @ui_action(2)
-    def synth(sid, ckpt, w, sampler, steps, seed, variants, request: gr.Request, progress=gr.Progress()):
+    def synthesize(self, sid, ckpt, w, sampler, steps, seed, variants, request: gr.Request, progress=gr.Progress()):
+        """Images for the session's current condition (its sampled structure, or one rebuilt after an edit)."""
         from engine.pipeline import plan_image_canvas
 
+        ctx = self.ctx
         sess = ctx.session(sid, request)
         sess.cancel.clear()  # first thing, so a Cancel pressed while the model loads still counts
         if sess.current is None:
             raise NuDiffError("no structure to synthesize from: sample one in Structures or make one in Edit")
         model = ctx.model(ckpt, "image")
         with sess.lock:
-            inst = sess.current.inst.copy()
-            cmeta = dict(sess.current.meta)
+            cond = sess.current.condition()
+        inst = cond.inst
         plan = plan_image_canvas(model, inst.shape, float(w), ctx.tiling)  # refused here if over the budget
         desc = (f"Denoising {plan.windows} windows × {int(steps)} steps" if plan.tiled else "Denoising")
         progress(0, desc="Synthesizing")
-        imgs = ctx.worker.run("synthesize", dict(checkpoint=str(model.path), structures=[inst], w=float(w),
+        imgs = ctx.worker.run("synthesize", dict(checkpoint=str(model.path), structures=[cond], w=float(w),
                                                  sampler=sampler, steps=int(steps), seed=int(seed),
                                                  variants=int(variants), tiling=ctx.tiling),
                               progress=lambda i, t: progress((i, t), desc=desc), cancel=sess.cancel.is_set)
         results = []
         for v, img in enumerate(imgs):
-            meta = {**{k: cmeta.get(k) for k in ("source", "structure_seed", "structure_checkpoint",
-                                                 "structure_sha256", "label_file")},
-                    "edited": bool(cmeta.get("edited")), "seed": int(seed) + v, "variant": v, "w": float(w),
-                    "sampler": sampler, "steps": int(steps), "image_checkpoint": ctx.checkpoint_name(model),
-                    "image_sha256": model.sha256, "n_nuclei": int(inst.max()), **plan.meta()}
-            results.append(Result(img, inst, meta))
+            prov = Provenance.of(cond, image_checkpoint=ctx.checkpoint_name(model), image_sha256=model.sha256,
+                                 seed=int(seed) + v, w=float(w), sampler=sampler, steps=int(steps), variant=v,
+                                 **plan.meta())
+            results.append(Result(img, inst, prov.to_dict()))
         with sess.lock:
             sess.results = results
             sess.selected_result = 0
@@ -216,34 +234,29 @@ def wire(ctx: AppContext, ui) -> None:
         return (f"Synthesized {len(imgs)} image(s) from `{ctx.checkpoint_name(model)}` (w = {float(w):g}, {sampler}, "
                 f"{int(steps)} steps{tiled})."), result_gallery(sess)
 
-    ui.sy_run.click(synth, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed, ui.sy_variants],
-                    [ui.sy_status, ui.sy_gallery], api_name="synthesize", concurrency_id="compute",
-                    concurrency_limit=1)
-
-    def cancel(sid, request: gr.Request):
-        ctx.session(sid, request).cancel.set()
+    def cancel(self, sid, request: gr.Request):
+        self.ctx.session(sid, request).cancel.set()
         return "Cancelling…"
 
-    ui.sy_cancel.click(cancel, ui.sid, ui.sy_status, api_name="cancel_synthesis", queue=False)
 
-    def select(evt: gr.SelectData):
-        return int(evt.index)
+def wire(ctx: AppContext, ui) -> None:
+    h = SynthesizeHandlers(ctx)
+    ui.synth_outputs = [ui.sy_structure, ui.sy_info]
+    ui.synth_view = current_view
+    ui.w_advice = h.advice
+    ui.sy_refresh.click(h.refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
+    ui.sy_ckpt.change(h.advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w], api_visibility="private")
+    ui.sy_use_w.click(h.use_w, ui.sy_ckpt, [ui.sy_status, ui.sy_w], api_name="use_calibrated_w")
+    ui.sy_paper_w.click(h.paper_w, None, [ui.sy_status, ui.sy_w], api_name="use_paper_w")
+    ui.sy_cal_run.click(h.calibrate, [ui.sid, ui.sy_ckpt, ui.sy_cal_real, ui.sy_cal_n, ui.train_folder],
+                        [ui.sy_status, ui.sy_w, ui.sy_wrec, ui.sy_use_w], api_name="calibrate_w",
+                        concurrency_id="compute", concurrency_limit=1)
+    ui.sy_sampler.change(sampler_steps, ui.sy_sampler, ui.sy_steps, api_visibility="private")
+    ui.sy_run.click(h.synthesize, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed,
+                                   ui.sy_variants],
+                    [ui.sy_status, ui.sy_gallery], api_name="synthesize", concurrency_id="compute",
+                    concurrency_limit=1)
+    ui.sy_cancel.click(h.cancel, ui.sid, ui.sy_status, api_name="cancel_synthesis", queue=False)
+    ui.sy_gallery.select(gallery_index, None, ui.sy_index, api_visibility="private")
+    ui.synth_add = add_results
 
-    ui.sy_gallery.select(select, None, ui.sy_index, api_visibility="private")
-
-    def _add(sess: Session, indices: list[int]) -> str:
-        with sess.lock:
-            if not sess.results:
-                raise NuDiffError("nothing to add: synthesize images first")
-            bad = [i for i in indices if not 0 <= i < len(sess.results)]
-            if bad:
-                raise NuDiffError(f"no result #{bad[0]}; choose 0 to {len(sess.results) - 1}")
-            ids = []
-            for i in indices:
-                r = sess.results[i]
-                ids.append(sess.basket.add(r.image, r.inst, r.meta, status="pending").id)
-        c = sess.basket.counts()
-        return (f"Added {', '.join(ids)} to the basket ({len(sess.basket.items)} pairs: "
-                f"{c['accepted']} accepted, {c['pending']} to review).")
-
-    ui.synth_add = _add

@@ -117,29 +117,54 @@ def build(ctx: AppContext, ui) -> None:
     ui.train_timer = gr.Timer(2.0)
 
 
-def wire(ctx: AppContext, ui) -> None:
-    inspect_out = [ui.train_status, ui.train_summary, ui.train_preview]
+# ----------------------------------------------------------------------------- event handlers
+# Module level, testable without a browser: the ones that need the app hold it in TrainHandlers.
 
-    @ui_action(3)
-    def inspect(folder: str, size):
-        from engine.data import inspect_folder
 
-        folder = (folder or "").strip()
-        if not folder:
-            raise DataError("enter a folder path on the server, or upload a zip")
-        size = _tile_size(size)
-        ins = inspect_folder(folder, size=size, stride=max(1, size // 2))
-        grid = _preview_grid(folder, size) if ins.n_tiles else None
-        n_err = sum(p.severity == "error" for p in ins.problems)
-        msg = (f"Inspected: {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
-               + (f" · {n_err} file(s) skipped, see the report" if n_err else ""))
-        return msg, ins.summary(), grid
+@ui_action(3)
+def inspect_dataset(folder: str, size) -> tuple:
+    """[status, inspection report, preview grid] of a labeled folder on the server."""
+    from engine.data import inspect_folder
 
-    ui.train_inspect.click(inspect, [ui.train_folder, ui.train_size], inspect_out, api_name="inspect_folder")
-    ui.train_folder.submit(inspect, [ui.train_folder, ui.train_size], inspect_out, api_visibility="private")
+    folder = (folder or "").strip()
+    if not folder:
+        raise DataError("enter a folder path on the server, or upload a zip")
+    size = _tile_size(size)
+    ins = inspect_folder(folder, size=size, stride=max(1, size // 2))
+    grid = _preview_grid(folder, size) if ins.n_tiles else None
+    n_err = sum(p.severity == "error" for p in ins.problems)
+    msg = (f"Inspected: {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
+           + (f" · {n_err} file(s) skipped, see the report" if n_err else ""))
+    return msg, ins.summary(), grid
+
+
+def preset_size(preset: str):
+    """The tile size box follows the chosen preset."""
+    return gr.update(value=PRESETS[preset]["image_size"])
+
+
+def restore_options(cmd: list[str]) -> tuple:
+    """[folder, run name, preset, steps, batch size] from a training job's command (gr.skip() where absent)."""
+    opts = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
+    if not opts:
+        return (gr.skip(),) * 5
+    run = Path(opts.get("--run-dir", "")).parent.name or gr.skip()
+    return (opts.get("--data", gr.skip()), run, opts.get("--preset", gr.skip()),
+            int(opts["--steps"]) if "--steps" in opts else gr.skip(),
+            int(opts["--batch-size"]) if "--batch-size" in opts else gr.skip())
+
+
+class TrainHandlers:
+    """The Train tab's handlers that use the app: uploads folder, training jobs, default checkpoints."""
+
+    def __init__(self, ctx: AppContext):
+        self.ctx = ctx
+        self._seen: dict[str, tuple] = {}  # per browser session: what the last poll sent
 
     @ui_action(4, status_index=1)
-    def upload(file, size):
+    def upload_dataset(self, file, size) -> tuple:
+        """[folder, status, report, preview] of an uploaded zip, extracted into the uploads folder (a zip that
+        is no usable dataset is not kept)."""
         import shutil
 
         from engine.export import safe_extract_zip
@@ -148,70 +173,58 @@ def wire(ctx: AppContext, ui) -> None:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()
         path = Path(file if isinstance(file, str) else file.name)
         size = _tile_size(size)
-        dest = ctx.uploads_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+        dest = self.ctx.uploads_dir / f"{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         safe_extract_zip(path, dest)
-        try:  # a zip that is no usable dataset is not kept
+        try:
             root = _find_dataset_root(dest)
-            msg, summary, grid = inspect.__wrapped__(str(root), size)
+            msg, summary, grid = inspect_dataset.__wrapped__(str(root), size)
         except BaseException:
             shutil.rmtree(dest, ignore_errors=True)
             raise
         return str(root), msg, summary, grid
 
-    ui.train_zip.upload(upload, [ui.train_zip, ui.train_size], [ui.train_folder, *inspect_out],
-                        api_name="upload_dataset")
-
-    def _preset_size(preset):
-        return gr.update(value=PRESETS[preset]["image_size"])
-
-    ui.train_preset.change(_preset_size, ui.train_preset, ui.train_size, api_visibility="private")
-
-    start_inputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_size, ui.train_fraction,
-                    ui.train_steps, ui.train_finetune, ui.train_batch, ui.train_start_from]
-
-    def _start(kind):
-        @ui_action(1)
-        def start(folder, run, preset, size, fraction, steps, finetune, batch, start_from="scratch"):
-            size = _tile_size(size) if size else None  # none: the preset's
-            base = ctx.default_checkpoint(kind) if start_from == "default model" else None
-            rec = ctx.jobs.start(kind, data=(folder or "").strip(), run_name=run, preset=preset,
-                                 image_size=size if size != PRESETS[preset]["image_size"] else None,
-                                 fraction=FRACTIONS.get(fraction, 1.0), steps=int(steps or 0),
-                                 finetune_steps=int(finetune or 0), batch_size=int(batch or 0),
-                                 init_from=str(base) if base else None)
-            how = f", fine-tuning `{base.stem}` (its preset and tile size)" if base else ""
-            return f"Started {kind} training in `{rec['run_dir']}`{how}."
-        return start
-
-    ui.train_start_structure.click(_start("structure"), start_inputs, ui.train_status,
-                                   api_name="train_structure")
-    ui.train_start_image.click(_start("image"), start_inputs, ui.train_status, api_name="train_image")
+    def start(self, kind: str, folder, run, preset, size, fraction, steps, finetune, batch,
+              start_from="scratch") -> str:
+        """Start training the ``kind`` ("structure" or "image") model; the status line."""
+        size = _tile_size(size) if size else None  # none: the preset's
+        base = self.ctx.default_checkpoint(kind) if start_from == "default model" else None
+        rec = self.ctx.jobs.start(kind, data=(folder or "").strip(), run_name=run, preset=preset,
+                                  image_size=size if size != PRESETS[preset]["image_size"] else None,
+                                  fraction=FRACTIONS.get(fraction, 1.0), steps=int(steps or 0),
+                                  finetune_steps=int(finetune or 0), batch_size=int(batch or 0),
+                                  init_from=str(base) if base else None)
+        how = f", fine-tuning `{base.stem}` (its preset and tile size)" if base else ""
+        return f"Started {kind} training in `{rec['run_dir']}`{how}."
 
     @ui_action(1)
-    def stop():
-        return ctx.jobs.stop()
+    def start_structure(self, folder, run, preset, size, fraction, steps, finetune, batch, start_from="scratch"):
+        return self.start("structure", folder, run, preset, size, fraction, steps, finetune, batch, start_from)
 
     @ui_action(1)
-    def resume():
-        rec = ctx.jobs.resume()
+    def start_image(self, folder, run, preset, size, fraction, steps, finetune, batch, start_from="scratch"):
+        return self.start("image", folder, run, preset, size, fraction, steps, finetune, batch, start_from)
+
+    @ui_action(1)
+    def stop(self) -> str:
+        return self.ctx.jobs.stop()
+
+    @ui_action(1)
+    def resume(self) -> str:
+        rec = self.ctx.jobs.resume()
         return f"Resumed {rec['kind']} training in `{rec['run_dir']}`."
 
-    ui.train_stop.click(stop, None, ui.train_status, api_name="stop_training")
-    ui.train_resume.click(resume, None, ui.train_status, api_name="resume_training")
-
-    seen: dict[str, tuple] = {}
-
-    def poll(request: gr.Request):
-        """Job status from the run folder; the plot and preview are only re-sent when they changed."""
+    def poll(self, request: gr.Request) -> tuple:
+        """[job status, loss plot, preview] from the run folder; the plot and preview are only re-sent to a
+        browser session when they changed since its last poll."""
         try:
-            rep = ctx.jobs.report()
+            rep = self.ctx.jobs.report()
         except Exception:  # noqa: BLE001 - a poll must never raise into the UI
             return gr.skip(), gr.skip(), gr.skip()
         key = getattr(request, "session_hash", None) or "api"
         prev = rep.get("preview")
         stamp = (rep.get("run_dir"), len(rep["log"]), prev and os.stat(prev).st_mtime_ns)
-        last = seen.get(key)
-        seen[key] = stamp
+        last = self._seen.get(key)
+        self._seen[key] = stamp
         if last == stamp:
             return rep["text"], gr.skip(), gr.skip()
         pic = None
@@ -225,28 +238,39 @@ def wire(ctx: AppContext, ui) -> None:
                 pic = gr.skip()
         return rep["text"], _loss_frame(rep["log"]), pic
 
-    poll_out = [ui.train_job, ui.train_loss, ui.train_sample]
-    ui.train_timer.tick(poll, None, poll_out, show_progress="hidden", api_visibility="private",
-                        concurrency_limit=None)
-
-    def status_now():
-        rep = ctx.jobs.report()
+    def status_now(self) -> tuple:
+        """[job status, loss plot], always both."""
+        rep = self.ctx.jobs.report()
         return rep["text"], _loss_frame(rep["log"])
 
-    ui.train_status_api = gr.Button(visible=False)
-    ui.train_status_api.click(status_now, None, [ui.train_job, ui.train_loss], api_name="training_status")
-    def restore_settings():
+    def restore_settings(self) -> tuple:
         """The last job's settings (folder, run, preset, steps, batch size), so a reload shows them again."""
-        cmd = ctx.jobs.active().get("cmd") or []
-        opts = {cmd[i]: cmd[i + 1] for i in range(len(cmd) - 1) if cmd[i].startswith("--")}
-        if not opts:
-            return (gr.skip(),) * 5
-        run = Path(opts.get("--run-dir", "")).parent.name or gr.skip()
-        return (opts.get("--data", gr.skip()), run, opts.get("--preset", gr.skip()),
-                int(opts["--steps"]) if "--steps" in opts else gr.skip(),
-                int(opts["--batch-size"]) if "--batch-size" in opts else gr.skip())
+        return restore_options(self.ctx.jobs.active().get("cmd") or [])
 
-    ui.train_restore = restore_settings
+
+def wire(ctx: AppContext, ui) -> None:
+    h = TrainHandlers(ctx)
+    inspect_out = [ui.train_status, ui.train_summary, ui.train_preview]
+    ui.train_inspect.click(inspect_dataset, [ui.train_folder, ui.train_size], inspect_out, api_name="inspect_folder")
+    ui.train_folder.submit(inspect_dataset, [ui.train_folder, ui.train_size], inspect_out, api_visibility="private")
+    ui.train_zip.upload(h.upload_dataset, [ui.train_zip, ui.train_size], [ui.train_folder, *inspect_out],
+                        api_name="upload_dataset")
+    ui.train_preset.change(preset_size, ui.train_preset, ui.train_size, api_visibility="private")
+
+    start_inputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_size, ui.train_fraction,
+                    ui.train_steps, ui.train_finetune, ui.train_batch, ui.train_start_from]
+    ui.train_start_structure.click(h.start_structure, start_inputs, ui.train_status, api_name="train_structure")
+    ui.train_start_image.click(h.start_image, start_inputs, ui.train_status, api_name="train_image")
+    ui.train_stop.click(h.stop, None, ui.train_status, api_name="stop_training")
+    ui.train_resume.click(h.resume, None, ui.train_status, api_name="resume_training")
+
+    poll_out = [ui.train_job, ui.train_loss, ui.train_sample]
+    ui.train_timer.tick(h.poll, None, poll_out, show_progress="hidden", api_visibility="private",
+                        concurrency_limit=None)
+    ui.train_status_api = gr.Button(visible=False)
+    ui.train_status_api.click(h.status_now, None, [ui.train_job, ui.train_loss], api_name="training_status")
+
+    ui.train_restore = h.restore_settings
     ui.train_restore_outputs = [ui.train_folder, ui.train_run, ui.train_preset, ui.train_steps, ui.train_batch]
-    ui.train_poll = poll
+    ui.train_poll = h.poll
     ui.train_poll_outputs = poll_out

@@ -1,7 +1,7 @@
 """Bad input to the command line: refused with a readable message (one line, status 2), nothing written.
 
-Issue 22's list of bad-input kinds is kept in two halves. This file holds the command-line half, 55 kinds:
-argument ranges of the sampling commands (20) and of inspect (3), damaged checkpoint records (8), an empty
+Issue 22's list of bad-input kinds is kept in two halves. This file holds the command-line half, 56 kinds:
+argument ranges of the sampling commands (20) and of inspect (3), damaged checkpoint records (8), a file that is no checkpoint (1), an empty
 label map (1), an --out that is a busy folder or a file (2), label files that are no instance map (6), several
 label files for one image (3: reported by inspect, refused by inspect and by train-structure when no image is
 left), label maps without nuclei (4: refused by train-structure and train-image before the run folder, said in
@@ -9,7 +9,7 @@ a run folder that exists, images without nuclei or with two label files reported
 training folders (4), a tile size the preset cannot take (1), and bad values of subset, export-model and
 sample-structures (3).
 tests/test_app_bad_input.py holds the studio's half, 56 kinds sent through its API with gradio_client (55 in
-its CASES table, plus training on label maps without nuclei): 111 in all. Every case checks that nothing was
+its CASES table, plus training on label maps without nuclei): 112 in all. Every case checks that nothing was
 written: no output or run folder (a run folder that already exists, as a watching studio makes it, gets
 only the failed status.json saying why, where the case says so), and the input folders unchanged.
 """
@@ -102,6 +102,16 @@ def test_a_damaged_checkpoint_record_is_refused_in_one_line(change, message, tmp
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1 and message in lines[0], r.stderr
     assert not out.exists()
+
+
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path):
+    """An image given as --checkpoint is called what it is, not 'junk.png.safetensors not found'."""
+    (tmp_path / "junk.png").write_bytes(b"this is not a png")
+    out = tmp_path / "out"
+    r = _run(["sample-structures", "--checkpoint", str(tmp_path / "junk.png"), "--n", "1", "--out", str(out)])
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1 and "junk.png is not a checkpoint" in lines[0], r.stderr
+    assert ".safetensors" in lines[0] and "junk.png.safetensors" not in lines[0] and not out.exists()
 
 
 def test_an_empty_label_map_is_refused(tmp_path, tiny_checkpoints):

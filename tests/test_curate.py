@@ -120,16 +120,16 @@ def test_oversampled_generation(tmp_path):
     s, i = standin_checkpoints()
     smodel = pipeline.load_model(s, kind="structure", device="cpu")
     imodel = pipeline.load_model(i, kind="image", device="cpu")
-    pairs = pipeline.generate_pairs(smodel, imodel, 3, steps=2, seed=5, oversample=2.5)
+    pairs = pipeline.generate_pairs(smodel, imodel, 3, pipeline.PairSettings(steps=2, seed=5, oversample=2.5))
     seeds = [p.meta["seed"] for p in pairs]
     assert len(pairs) == 3 and seeds == sorted(seeds) and set(seeds) <= set(range(5, 13))
     assert all(p.meta["oversample"] == 2.5 and p.meta["filter_mode"] == "sample" for p in pairs)
-    top = pipeline.generate_pairs(smodel, imodel, 3, steps=2, seed=5, oversample=2.5, filter_mode="top")
+    top = pipeline.generate_pairs(smodel, imodel, 3, pipeline.PairSettings(steps=2, seed=5, oversample=2.5, filter_mode="top"))
     assert all(p.meta["filter_mode"] == "top" for p in top) and set(p.meta["seed"] for p in top) <= set(range(5, 13))
     with pytest.raises(NuDiffError, match="filter mode"):
         pipeline.sample_structures(smodel, 2, steps=2, oversample=2, filter_mode="best")
     # a kept pair is reproduced from its recorded seed alone
-    again = pipeline.generate_pairs(smodel, imodel, 1, steps=2, seed=seeds[-1])[0]
+    again = pipeline.generate_pairs(smodel, imodel, 1, pipeline.PairSettings(steps=2, seed=seeds[-1]))[0]
     np.testing.assert_array_equal(again.inst, pairs[-1].inst)
     # batched with other seeds or alone, the convolutions round differently: equal up to 1 gray level
     diff = np.abs(again.image.astype(int) - pairs[-1].image.astype(int))

@@ -13,13 +13,18 @@ import torch
 from engine.cli import main
 from engine.data import load_folder, read_label
 from engine.errors import DataError, NuDiffError
-from engine.evaluate import (CSV_FIELDS, METRICS, ExperimentResult, image_metrics, parse_fractions,
-                             resolve_synthetic, run_experiment)
+from engine.evaluate import (CSV_FIELDS, METRICS, ExperimentConfig, ExperimentResult, image_metrics,
+                             parse_fractions, resolve_synthetic, run_experiment)
 from engine.segment import SegmenterConfig
 from engine.synthetic import write_folder
 
 TINY = SegmenterConfig(base_channels=8, depth=2, groups=4, tile=48, overlap=8)
-FAST = dict(steps=4, size=32, batch_size=2, tile_size=64, stride=64, device="cpu", config=TINY)
+FAST = dict(steps=4, size=32, batch_size=2, tile_size=64, stride=64, device="cpu", segmenter=TINY)
+
+
+def fast(**settings) -> ExperimentConfig:
+    """The tests' small, quick experiment settings, with some changed."""
+    return ExperimentConfig(**{**FAST, **settings})
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 def experiment(folders, tmp_path_factory):
     out = tmp_path_factory.mktemp("exp") / "out"
     lines: list[str] = []
-    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, fractions="50,100",
-                            log=lines.append, **FAST)
+    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, fast(fractions="50,100"),
+                            log=lines.append)
     return result, lines
 
 
@@ -83,8 +88,8 @@ def test_reported_metrics_match_metrics_recomputed_on_saved_predictions(experime
 def test_finished_runs_are_reused(experiment, folders):
     result, _ = experiment
     lines: list[str] = []
-    again = run_experiment(folders["real"], folders["synth"], folders["test"], result.out_dir, fractions="50,100",
-                           log=lines.append, **FAST)
+    again = run_experiment(folders["real"], folders["synth"], folders["test"], result.out_dir,
+                           fast(fractions="50,100"), log=lines.append)
     assert sum("reusing finished run" in line for line in lines) == 4
     assert again.rows == result.rows
 
@@ -96,8 +101,8 @@ def _rerun(experiment, folders, out: Path, **settings) -> tuple[ExperimentResult
 
     shutil.copytree(experiment[0].out_dir / "runs", out / "runs")
     lines: list[str] = []
-    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, log=lines.append,
-                            **{**FAST, **settings})
+    result = run_experiment(folders["real"], folders["synth"], folders["test"], out, fast(**settings),
+                            log=lines.append)
 
     def names(what: str) -> list[str]:
         return sorted(line.split(":")[0] for line in lines if what in line)
@@ -151,8 +156,8 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
     assert json.loads((out / "results.json").read_text())["settings"]["pairs_per_repeat"] == 1
     # too few pairs for the blocks: a clear error before anything trains, from the API and the CLI
     with pytest.raises(NuDiffError, match="3 synthetic pairs; 2 repeats of 2 disjoint pairs need 4"):
-        run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "short", fractions="100",
-                       repeats=2, pairs_per_repeat=2, log=None, **FAST)
+        run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "short",
+                       fast(fractions="100", repeats=2, pairs_per_repeat=2), log=None)
     assert not (tmp_path / "short" / "runs").exists()
     rc = main(["evaluate", "--real", str(folders["real"]), "--synthetic", str(folders["synth"]), "--test",
                str(folders["test"]), "--fractions", "100", "--out", str(tmp_path / "short_cli"), "--repeats", "2",
@@ -181,8 +186,7 @@ def test_strong_augmentation_is_a_separate_experiment(experiment, folders, tmp_p
     with pytest.raises(DataError, match="different settings"):
         collect_results(out, log=None)
     with pytest.raises(NuDiffError, match="augment must be one of"):
-        run_experiment(folders["real"], None, folders["test"], tmp_path / "bad", fractions="100",
-                       augment="heavy", log=None, **FAST)
+        fast(fractions="100", augment="heavy")
     with pytest.raises(SystemExit):
         main(["evaluate", "--real", str(folders["real"]), "--test", str(folders["test"]), "--out",
               str(tmp_path / "bad_cli"), "--augment", "heavy"])
@@ -208,7 +212,7 @@ def test_synthetic_specs_and_fractions(tmp_path):
 def test_labeled_only_from_arrays_and_cli(folders, tmp_path, capsys):
     items = load_folder(folders["real"])[0]
     tests = [(t.image, t.inst) for t in load_folder(folders["test"])[0]]
-    result = run_experiment(items, None, tests, tmp_path / "arrays", fractions=[1.0], log=None, **FAST)
+    result = run_experiment(items, None, tests, tmp_path / "arrays", fast(fractions=[1.0]), log=None)
     assert [r["training_data"] for r in result.rows] == ["100% labeled"]
     rc = main(["evaluate", "--real", str(folders["real"]), "--synthetic", f"100={folders['synth']}",
                "--test", str(folders["test"]), "--fractions", "100", "--out", str(tmp_path / "cli"),
@@ -243,25 +247,25 @@ def test_arms_split_over_calls_are_collected_into_one_table(experiment, folders,
     moved = tmp_path / "moved_synth"
     shutil.copytree(folders["synth"], moved)  # the synthetic folder's location does not matter to resume
     out = tmp_path / "split"
-    first = run_experiment(folders["real"], None, folders["test"], out, fractions="50,100", arms=["labeled"],
-                           log=None, **FAST)
+    first = run_experiment(folders["real"], None, folders["test"], out, fast(fractions="50,100", arms=["labeled"]),
+                           log=None)
     assert [r["training_data"] for r in first.rows] == ["50% labeled", "100% labeled"]
     lines: list[str] = []
-    second = run_experiment(folders["real"], moved, folders["test"], out, fractions="50,100", arms=["augmented"],
-                            log=lines.append, **FAST)
+    second = run_experiment(folders["real"], moved, folders["test"], out,
+                            fast(fractions="50,100", arms=["augmented"]), log=lines.append)
     assert [r["training_data"] for r in second.rows] == ["50% augmented", "100% augmented"]
     assert not any("reusing" in line for line in lines)
     merged = collect_results(out, log=None)
     assert merged.rows == result.rows  # same seeds and data: the same numbers as the single call
     assert (out / "results.md").read_text() == (result.out_dir / "results.md").read_text()
     lines.clear()
-    run_experiment(folders["real"], moved, folders["test"], result.out_dir, fractions="50,100", log=lines.append,
-                   **FAST)
+    run_experiment(folders["real"], moved, folders["test"], result.out_dir, fast(fractions="50,100"),
+                   log=lines.append)
     assert sum("reusing finished run" in line for line in lines) == 4
     with pytest.raises(NuDiffError, match="arms"):
-        run_experiment(folders["real"], None, folders["test"], out, arms=["both"], log=None, **FAST)
+        fast(arms=["both"])
     with pytest.raises(NuDiffError, match="nothing to run"):
-        run_experiment(folders["real"], None, folders["test"], out, arms=["augmented"], log=None, **FAST)
+        run_experiment(folders["real"], None, folders["test"], out, fast(arms=["augmented"]), log=None)
 
 
 def test_collect_refuses_runs_with_different_settings(experiment, folders, tmp_path):
@@ -274,8 +278,7 @@ def test_collect_refuses_runs_with_different_settings(experiment, folders, tmp_p
         collect_results(tmp_path / "empty", log=None)
     out = tmp_path / "mixed"
     shutil.copytree(result.out_dir / "runs", out / "runs")
-    run_experiment(folders["real"], None, folders["test"], out, fractions="20",
-                   **{**FAST, "steps": 5}, log=None)
+    run_experiment(folders["real"], None, folders["test"], out, fast(fractions="20", steps=5), log=None)
     with pytest.raises(DataError, match="different settings"):
         collect_results(out, log=None)
 
@@ -305,3 +308,29 @@ def test_collect_from_the_cli(experiment, capsys):
     assert "| 100% augmented |" in capsys.readouterr().out
     assert main(["evaluate", "--out", str(result.out_dir)]) == 2
     assert "--real and --test" in capsys.readouterr().err
+
+
+def test_experiment_config_is_checked_and_round_trips_through_results_json(experiment, folders):
+    import dataclasses
+
+    result, _ = experiment
+    # (collect_results, run by other tests on this folder, writes no config: run again, every run is reused)
+    run_experiment(folders["real"], folders["synth"], folders["test"], result.out_dir, fast(fractions="50,100"),
+                   log=None)
+    record = json.loads((result.out_dir / "results.json").read_text())
+    config = ExperimentConfig.from_dict(record["config"])
+    assert config == fast(fractions="50,100") and config.to_dict() == record["config"]
+    assert config.fractions == (0.5, 1.0) and config.segmenter == TINY
+    default = ExperimentConfig()
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(default.to_dict()))) == default
+    assert default.fractions == (0.1, 0.2, 0.5, 1.0) and default.arms == ("labeled", "augmented")
+    assert ExperimentConfig(arms=["augmented", "augmented"]).arms == ("augmented",)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        default.steps = 1
+    with pytest.raises(NuDiffError, match="unknown experiment settings: stepz"):
+        ExperimentConfig.from_dict({"stepz": 3})
+    for bad, message in ((dict(repeats=0), "repeats"), (dict(synthetic_share=1.0), "synthetic_share"),
+                         (dict(pairs_per_repeat=0), "pairs_per_repeat"), (dict(fractions="0"), "fraction"),
+                         (dict(arms=()), "arms")):
+        with pytest.raises(NuDiffError, match=message):
+            ExperimentConfig(**bad)

@@ -27,7 +27,7 @@ LAYERS = (
     ("storage", set(STORAGE)),
     ("science", {"metrics", "structure", "morphology", "features", "data", "synthetic", "render", "unet",
                  "diffusion", "samplers", "tiling", "memory", "canvas", "curate", "quality", "segment", "evaluate",
-                 "export", "two_sample", "copying"}),
+                 "export", "two_sample", "copying", "conditioning"}),
     ("pipeline", {"pipeline", "guidance", "train", "worker", "demo"}),
     ("front ends", {"cli", "__main__", "__init__"}),
 )

@@ -141,6 +141,28 @@ def test_relabel_keeps_order_and_handles_huge_ids():
     assert relabel(inst).dtype == np.int32
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.int32, np.int64, np.uint64])
+def test_relabel_equals_its_definition_and_skimage_on_random_maps(dtype):
+    """relabel (scikit-image's relabel_sequential, then int32) is: the k-th smallest positive id becomes k."""
+    from skimage.segmentation import relabel_sequential
+
+    rng = np.random.default_rng(int(np.dtype(dtype).itemsize))
+    top = min(int(np.iinfo(dtype).max), 2**40)
+    for i in range(40):
+        inst = rng.integers(0, [6, 300, top][i % 3], (int(rng.integers(1, 25)), int(rng.integers(1, 25))))
+        inst[rng.random(inst.shape) < rng.random()] = 0
+        inst = inst.astype(dtype)
+        want = np.zeros(inst.shape, np.int32)
+        for k, v in enumerate(sorted(set(inst.ravel().tolist()) - {0}), start=1):
+            want[inst == v] = k
+        got = relabel(inst)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, relabel_sequential(inst)[0])
+    assert relabel(np.zeros((0, 4), dtype)).shape == (0, 4)
+    np.testing.assert_array_equal(relabel(np.array([[True, False]])), [[1, 0]])
+
+
 # ----------------------------------------------------------------------------- properties
 
 

@@ -48,7 +48,7 @@ def test_sampled_layouts_merge_watershed_fragments(models):
         np.testing.assert_array_equal(a.inst, structure_to_instances(a.structure))
         np.testing.assert_array_equal(b.inst, merge_fragments(a.inst, 0.2))
     assert sum(s.n_nuclei for s in merged) <= sum(s.n_nuclei for s in raw)
-    pairs = pipeline.generate_pairs(smodel, imodel, 1, steps=2, merge_below=0.3)
+    pairs = pipeline.generate_pairs(smodel, imodel, 1, pipeline.PairSettings(steps=2, merge_below=0.3))
     assert pairs[0].meta["merge_below"] == 0.3
     with pytest.raises(NuDiffError, match="merge_below"):
         pipeline.sample_structures(smodel, 1, steps=2, merge_below=1.5)
@@ -91,7 +91,7 @@ def test_bad_requests_give_readable_errors(models):
 
 def test_generate_pairs_provenance(models):
     smodel, imodel = models
-    pairs = pipeline.generate_pairs(smodel, imodel, 2, steps=3, seed=4)
+    pairs = pipeline.generate_pairs(smodel, imodel, 2, pipeline.PairSettings(steps=3, seed=4))
     assert len(pairs) == 2
     for p in pairs:
         assert p.image.shape[:2] == p.inst.shape

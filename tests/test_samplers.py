@@ -91,13 +91,61 @@ def test_first_order_sde_solver_is_ddim_eta1(model):
                                           cond=c, w=2.0), atol=1e-2)
 
 def test_cli_offers_every_sampler():
+    """The registry drives the CLI: its names are the choices, in its order, and its descriptions and
+    default steps are the help."""
     from engine.cli import build_parser
     from engine.samplers import SAMPLERS
 
+    assert list(SAMPLERS) == ["ddim", "dpm++", "dpm++sde", "ddpm"]
     sub = next(a for a in build_parser()._actions if a.choices and "sample-structures" in a.choices)
     for command in ("sample-structures", "synthesize", "generate"):
-        opt = next(a for a in sub.choices[command]._actions if "--sampler" in a.option_strings)
-        assert tuple(opt.choices) == SAMPLERS
+        actions = sub.choices[command]._actions
+        opt = next(a for a in actions if "--sampler" in a.option_strings)
+        assert list(opt.choices) == list(SAMPLERS)
+        steps = next(a for a in actions if "--steps" in a.option_strings)
+        for spec in SAMPLERS.values():
+            assert f"{spec.name} ({spec.description})" in opt.help
+            assert f"{spec.steps} for {spec.name}" in steps.help
+
+
+def test_registry_entries_make_their_schedulers_on_the_training_schedule():
+    """Each registry entry makes its own diffusers scheduler, all on the noise process that training uses
+    (engine.diffusion.scheduler_settings); NoiseSchedule's float64 betas are that schedule (diffusers'
+    float32 linspace is the same line to within one float32 rounding)."""
+    from engine.diffusion import scheduler_settings
+    from engine.samplers import SAMPLERS
+
+    cfg = DiffusionConfig()
+    ours = NoiseSchedule(cfg)
+    assert ours.betas.dtype == ours.alphas_cumprod.dtype == torch.float64
+    for name, spec in SAMPLERS.items():
+        sched = make_scheduler(name, cfg)
+        assert type(sched).__name__ == spec.scheduler
+        for key, value in {**scheduler_settings(cfg), **spec.options}.items():
+            assert sched.config[key] == value, (name, key)
+        theirs = sched.betas.double()
+        assert torch.allclose(ours.betas, theirs, rtol=2 ** -23, atol=0), name  # one float32 rounding
+        assert torch.allclose(ours.alphas_cumprod, sched.alphas_cumprod.double(), rtol=1e-5, atol=0), name
+    with pytest.raises(ValueError):
+        NoiseSchedule(DiffusionConfig(schedule="cosine"))
+    with pytest.raises(ValueError):
+        make_scheduler("ddim", DiffusionConfig(schedule="cosine"))
+
+
+def test_default_steps_come_from_the_registry(model):
+    """steps=None runs the registry's default number of steps (one step run, then cancelled)."""
+    from engine.samplers import SAMPLERS, sampler_spec
+
+    for name, spec in SAMPLERS.items():
+        seen = []
+        with pytest.raises(Cancelled):
+            sample(model, (1, 3, 16, 16), sampler=name, cond=torch.zeros(1, 3, 16, 16), w=1.0,
+                   progress=lambda i, n: seen.append(n), cancel=lambda: bool(seen))
+        assert seen == [spec.steps], name
+    with pytest.raises(ValueError, match="choose one of ddim, dpm\\+\\+, dpm\\+\\+sde, ddpm"):
+        sampler_spec("euler")
+    with pytest.raises(ValueError):
+        sample(model, (1, 3, 16, 16), sampler="euler")
 
 
 def test_progress_and_cancel(model):

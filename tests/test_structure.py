@@ -51,6 +51,38 @@ def test_relabel_consecutive():
     assert (r == 0).sum() == 2
 
 
+def test_remove_small_equals_its_definition_on_random_maps():
+    """engine.morphology.remove_small (scikit-image's remove_small_objects) drops exactly the objects of fewer
+    than min_size pixels: 8-connected components of a bool mask, labels of an integer map."""
+    import warnings
+
+    from scipy import ndimage
+
+    from engine.morphology import remove_small
+
+    rng = np.random.default_rng(0)
+    for i in range(60):
+        shape = (int(rng.integers(1, 30)), int(rng.integers(1, 30)))
+        mask = rng.random(shape) < rng.random()
+        labels = rng.integers(0, int(rng.integers(2, 20)), shape).astype([np.int32, np.int64, np.uint16][i % 3])
+        comps, _ = ndimage.label(mask, structure=np.ones((3, 3)))
+        for min_size in (0, 1, 2, 3, 7, 50):
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")  # (nor any warning, e.g. for a map of one label)
+                got_mask, got_labels = remove_small(mask, min_size), remove_small(labels, min_size)
+            small = np.bincount(comps.ravel()) < min_size
+            np.testing.assert_array_equal(got_mask, mask & ~small[comps])
+            assert got_mask.dtype == bool
+            small = np.bincount(labels.ravel()) < min_size
+            np.testing.assert_array_equal(got_labels, np.where(small[labels], 0, labels))
+            assert got_labels.dtype == labels.dtype
+    one = np.zeros((5, 5), np.int32)
+    one[1:3, 1:3] = 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert remove_small(one, 5).max() == 0 and remove_small(one, 4).sum() == 4
+
+
 def test_round_trip_procedural():
     scores = []
     for seed in range(6):

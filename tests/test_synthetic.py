@@ -51,6 +51,25 @@ def test_nuclei_sizes_shapes_and_contacts():
     assert right.any()  # some nuclei touch
 
 
+def test_clean_keeps_largest_piece_drops_small_and_relabels_in_order():
+    from engine.synthetic import _clean
+
+    raw = np.zeros((12, 12), np.int32)
+    raw[0:3, 0:3] = 4  # 9 px ...
+    raw[10:12, 10:12] = 4  # ... and a 4 px piece of the same nucleus, dropped
+    raw[5, 5] = 2  # 1 px: too small
+    raw[6:9, 0:2] = 9  # 6 px
+    raw[0:2, 6:9] = 7  # 6 px
+    out = _clean(raw, min_area=5)
+    assert out.dtype == np.int32
+    want = np.zeros_like(raw)
+    want[0:3, 0:3] = 1
+    want[0:2, 6:9] = 2
+    want[6:9, 0:2] = 3
+    np.testing.assert_array_equal(out, want)
+    assert _clean(raw, min_area=7).max() == 1 and _clean(raw, min_area=1)[5, 5] == 1
+
+
 def test_density_and_size_parameters():
     _, sparse = make_tile(128, seed=3, density=0.05)
     _, dense = make_tile(128, seed=3, density=0.4)

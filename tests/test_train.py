@@ -186,6 +186,26 @@ def test_init_from_loads_weights(data, tmp_path):
         assert torch.equal(v, ema[k])
 
 
+def test_ema_warm_up_rule(data, tmp_path):
+    """Each EMA update uses decay min(ema_decay, (1 + step) / (10 + step)): 2/11 at step 1, 3/12 at step 2
+    (here after a resume). Not a copy at the first update, as torch's AveragedModel and diffusers' EMAModel
+    would make it."""
+    t = Trainer(cfg(steps=1, save_every=1000), tmp_path, data, show_progress=False)
+    ema = {k: v.clone() for k, v in t.ema.state_dict().items()}
+    for step in (1, 2):
+        if step == 2:
+            t = Trainer(cfg(steps=2, save_every=1000), tmp_path, data, show_progress=False)
+        t.run()
+        live = t.acc.unwrap_model(t.model).state_dict()
+        decay = min(t.cfg.ema_decay, (1 + step) / (10 + step))
+        new = t.ema.state_dict()
+        moved = [k for k in new if not torch.equal(live[k], ema[k])]  # (at step 1 only the zero-initialised
+        assert moved and not any(torch.equal(new[k], live[k]) for k in moved)  # output layer learns)
+        for k, v in new.items():
+            assert torch.equal(v, torch.lerp(ema[k], live[k], 1 - decay)), (step, k)
+        ema = {k: v.clone() for k, v in new.items()}
+
+
 def test_warmup_raises_the_lr_of_whichever_stage_the_run_starts_in(data, tmp_path):
     Trainer(cfg("image", steps=0, finetune_steps=3, warmup_steps=4, log_every=1, finetune_lr=2e-5), tmp_path,
             data, show_progress=False).run()
