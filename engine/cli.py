@@ -773,9 +773,10 @@ def _run(args: argparse.Namespace) -> int:
         _check_out(args.out)
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device)
         files = label_files(args.labels)
-        conds = [load_condition(f, read_label(f)) for f in files]  # the sampled structure where there is one
+        insts = [read_label(f) for f in files]
         w = _model_w(args, model)
-        plans = [pipeline.plan_image_canvas(model, c.inst.shape, w, _tiling(args)) for c in conds]  # refused early
+        plans = [pipeline.plan_image_canvas(model, i.shape, w, _tiling(args)) for i in insts]  # refused early
+        conds = [load_condition(f, i) for f, i in zip(files, insts)]  # the sampled structure where there is one
         steps = pipeline.sampler_steps(args.sampler, args.steps)
         bar, cb = _progress_bar("images")
         images = pipeline.synthesize(model, conds, w=w, sampler=args.sampler, steps=steps, seed=args.seed,
