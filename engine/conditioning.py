@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import DataError
-from engine.fileio import atomic_write_bytes
+from engine.fileio import atomic_output, atomic_write_bytes
 from engine.structure import instances_to_structure
 
 __all__ = ["Condition", "Provenance", "inst_sha256", "load_condition", "save_condition", "ORIGIN_KEYS"]
@@ -140,7 +140,7 @@ def save_condition(cond: Condition, folder: str | Path, stem: str) -> None:
     ``labels/<stem>.tif``, is the caller's)."""
     sub = Path(folder) / "structures"
     sub.mkdir(parents=True, exist_ok=True)
-    with open(sub / f"{stem}.npy", "wb") as f:
+    with atomic_output(sub / f"{stem}.npy") as tmp, open(tmp, "wb") as f:
         np.save(f, np.asarray(cond.structure, np.float32), allow_pickle=False)
     record = {"format": 1, "inst_sha256": inst_sha256(cond.inst), "rebuilt": cond.rebuilt, "edited": cond.edited,
               "origin": cond.origin}

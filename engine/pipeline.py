@@ -102,18 +102,15 @@ class Pair:
     meta: dict = field(default_factory=dict)
 
 
-def _check_sampler(sampler: str, steps: int | None) -> int:
+def sampler_steps(sampler: str, steps: int | None) -> int:
+    """The denoising steps a call will run: ``steps``, or the sampler's default; NuDiffError for an unknown
+    sampler or steps outside 1..1000."""
     if sampler not in SAMPLERS:
         raise NuDiffError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     steps = int(steps or SAMPLERS[sampler].steps)
     if not 1 <= steps <= 1000:
         raise NuDiffError(f"steps must be between 1 and 1000, got {steps}")
     return steps
-
-
-def sampler_steps(sampler: str, steps: int | None) -> int:
-    """The denoising steps a call will run: ``steps``, or the sampler's default; NuDiffError if unknown."""
-    return _check_sampler(sampler, steps)
 
 
 def plan_structure_canvas(model: LoadedModel, size: int | None = None,
@@ -206,7 +203,7 @@ def sample_structures(
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     _require_reference(model, ref, total > n)
-    steps = _check_sampler(sampler, steps)
+    steps = sampler_steps(sampler, steps)
     plan = plan_structure_canvas(model, size, tiling)
     out: list[StructureSample] = []
     if plan.tiled or plan.padded != (plan.height, plan.width):
@@ -320,7 +317,7 @@ def synthesize(
         raise NuDiffError("variants must be at least 1")
     if seeds is not None and len(seeds) != len(structures):
         raise NuDiffError(f"{len(seeds)} seeds for {len(structures)} structures")
-    steps = _check_sampler(sampler, steps)
+    steps = sampler_steps(sampler, steps)
     shapes = [_structure_shape(s) for s in structures]
     plans = [plan_image_canvas(model, hw, w, tiling) for hw in shapes]  # all checked before any work
     conds = [as_structure(s) for s in structures]
@@ -423,8 +420,8 @@ def generate_pairs(
         raise NuDiffError(f"shard {index} of {count} does not exist")
     if count > 1 and all_gather is None:
         raise NuDiffError("a sharded generation needs all_gather")
-    steps = _check_sampler(st.sampler, st.steps)
-    structure_steps = _check_sampler(st.sampler, st.structure_steps or steps)
+    steps = sampler_steps(st.sampler, st.steps)
+    structure_steps = sampler_steps(st.sampler, st.structure_steps or steps)
     size = int(st.size or image_model.image_size)
     _check_structure_args(structure_model, n, st.oversample, st.merge_below, st.filter_mode)
     splan = plan_structure_canvas(structure_model, size, tiling)  # refused here, before any work, if too big
