@@ -2,11 +2,12 @@
 
 Samples N * max(k) structures once (seeds 0, 1, ...), then for each oversampling factor k keeps N of the
 first N * k candidates with the structure model's stored reference (its training tiles) and reports the
-mean normalised morphology distance (engine.quality) to real tiles of images the model never saw. k = 1 is
+mean normalised morphology distance (engine.quality) to real tiles of images the model never saw (by
+default the validation images of bench/splits/monuseg.json: a filter setting is a choice). k = 1 is
 the unfiltered baseline (the first N samples), so the ratio column compares with it in the same run.
 Cost: k times the structure sampling per kept layout (image synthesis runs on kept layouts only).
 
-    .venv/bin/python bench/realism_filter.py                       # demo structure model, MoNuSeg held-out
+    .venv/bin/python bench/realism_filter.py                       # demo structure model, MoNuSeg validation
     .venv/bin/python bench/realism_filter.py --checkpoint RUN/model.json --real DIR --n 64 --k 1,2,4
 """
 
@@ -21,8 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-sys.path.insert(0, str(ROOT / "bench"))
-from evaluate_monuseg import DATA, TEST_STEMS  # noqa: E402  (bench/ is on sys.path when run as a script)
+from bench.monuseg import DATA, ROLES, SPLIT, read_split  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--checkpoint", default=str(ROOT / "checkpoints" / "structure-demo.json"))
     ap.add_argument("--real", type=Path, default=DATA,
-                    help="real labeled images to compare with (with the default, only the 3 held-out ones)")
+                    help="real labeled images to compare with (with the default, only those of --role)")
+    ap.add_argument("--split", type=Path, default=SPLIT, help="split file (roles of the images of DATA)")
+    ap.add_argument("--role", choices=ROLES, default="validation",
+                    help="which images of the split to compare with, when --real is the default")
     ap.add_argument("--n", type=int, default=32, help="layouts kept per setting")
     ap.add_argument("--k", default="1,2,3", help="oversampling factors (1 = no filter)")
     ap.add_argument("--size", type=int, default=None, help="tile size (default: the model's sampling size)")
@@ -53,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or model.image_size
     items = load_folder(args.real)[0]
     if args.real == DATA:
-        items = [it for it in items if it.stem in TEST_STEMS]
+        stems = set(read_split(args.split)[args.role])
+        items = [it for it in items if it.stem in stems]
     real = [t.inst for it in items for t in tile_image(it, size, size // 2)]
     total = int(np.ceil(args.n * max(ks)))
     print(f"model {Path(args.checkpoint).name} ({model.step} steps), {size} px, {total} samples; real: "

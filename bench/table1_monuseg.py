@@ -50,11 +50,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.evaluate_monuseg import LICENCE  # noqa: E402
+from bench.monuseg import DATA, LICENCE, ROLES, SPLIT, read_split  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
-SPLIT = ROOT / "bench" / "splits" / "monuseg.json"
-ROLES = ("train", "validation", "test")
 RECORD_KEY = "diffusion_models"  # results.json: {pct: record of the fraction's diffusion models}
 FINISHED = ("ok", "cached")
 
@@ -144,23 +141,6 @@ class Roles:
     test: list
     unused: list[str] = field(default_factory=list)
     test_folder: Path | None = None  # --test, when the test images come from their own folder
-
-
-def read_split(path: Path) -> dict[str, list[str]]:
-    """The split file's stems per role; "validation" may be absent (none), "test" too (then --test is needed)."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SystemExit(f"split file {path}: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("train"), list):
-        raise SystemExit(f"split file {path}: needs a \"train\" list of image stems")
-    out = {}
-    for role in ROLES:
-        stems = data.get(role) or []
-        if not isinstance(stems, list) or not all(isinstance(s, str) for s in stems):
-            raise SystemExit(f"split file {path}: \"{role}\" must be a list of image stems")
-        out[role] = list(stems)
-    return out
 
 
 def assign_roles(train_dir: Path, split: dict[str, list[str]], test_dir: Path | None = None) -> Roles:

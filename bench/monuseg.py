@@ -1,0 +1,36 @@
+"""The MoNuSeg data of the benchmarks: where it lies, its licence, and the split of its images into roles.
+
+The split file (default bench/splits/monuseg.json) lists image stems per role: "train" (models and
+labeled fractions), "validation" (every choice) and "test" (scored once, after the choices). Its "rule"
+says how the roles were drawn.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "monuseg" / "train"
+SPLIT = ROOT / "bench" / "splits" / "monuseg.json"
+ROLES = ("train", "validation", "test")
+LICENCE = ("MoNuSeg data: CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017 / 2019). The segmenters in this folder "
+           "were trained on it and inherit these terms (non-commercial, share-alike, attribution).\n")
+
+
+def read_split(path: Path = SPLIT) -> dict[str, list[str]]:
+    """The split file's stems per role; "validation" may be absent (none), "test" too (then a test folder
+    is needed). SystemExit with the reason for a file that is not a split."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"split file {path}: {e}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("train"), list):
+        raise SystemExit(f"split file {path}: needs a \"train\" list of image stems")
+    out = {}
+    for role in ROLES:
+        stems = data.get(role) or []
+        if not isinstance(stems, list) or not all(isinstance(s, str) for s in stems):
+            raise SystemExit(f"split file {path}: \"{role}\" must be a list of image stems")
+        out[role] = list(stems)
+    return out
