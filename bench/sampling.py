@@ -4,6 +4,7 @@ training throughput, and what the fast sampler keeps versus 1000-step DDPM.
     python bench/sampling.py                       # cost figures (a few minutes on 2 CPU cores)
     python bench/sampling.py --quality --n 8       # + fast sampler vs DDPM-1000 (slow: ~10 min at 64 px)
     python bench/sampling.py --quality-only --samplers ddim:20,dpm++:20,dpm++sde:20   # quality rows only
+    python bench/sampling.py --training-only       # training steps/s, fp32 against bf16 autocast
 
 Prints figures (ratios against the paper's recipe measured in the same run); no pass/fail.
 Uses the demo checkpoints when present (engine.demo.default_checkpoints), else randomly initialised
@@ -110,28 +111,50 @@ def pair_wall_time(smodel, imodel, size: int, steps: int = 20) -> None:
           f"({paper / times['ddim']:.0f}x DDIM 20)")
 
 
-def training_throughput() -> None:
+def _training_seconds(name: str, size: int, batch: int, kind: str, mp: str) -> float:
+    """Seconds per training step (incl. the final checkpoint write), measured in a fresh process: the
+    precision is accelerate's process-wide state, set once per process."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, __file__, "--time-training", f"{name},{size},{batch},{kind},{mp}"],
+                         capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def _time_training(spec: str) -> None:
     import tempfile
 
     from engine.synthetic import make_tile
     from engine.train import Trainer, TrainingSet
 
-    print("\n## Training throughput (this CPU)")
+    name, size, batch, kind, mp = spec.split(",")
+    size, batch = int(size), int(batch)
+    tiles = [make_tile(size, seed=i) for i in range(8)]
+    data = TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
+    with tempfile.TemporaryDirectory() as d:
+        cfg = TrainConfig(kind=kind, preset=name, image_size=size, steps=2, finetune_steps=0, batch_size=batch,
+                          save_every=10 ** 9, preview_every=0, mixed_precision=mp)
+        t = Trainer(cfg, d, data, show_progress=False)
+        t.run()  # warm-up 2 steps
+        t.cfg.steps = 8
+        t0 = time.perf_counter()
+        t.run()
+        print((time.perf_counter() - t0) / 6)
+
+
+def training_throughput() -> None:
+    """Training s/step of each preset, fp32 against bf16 autocast (``--mixed-precision bf16``) on this
+    machine; the speed-up is fp32's time over bf16's, both measured in the same run."""
+    print("\n## Training throughput (this machine): fp32 against bf16 autocast")
+    print(f"CPU native bf16 (oneDNN): {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+          f"torch threads {torch.get_num_threads()}\n")
+    print("| preset | kind | tile | batch | fp32 s/step | bf16 s/step | bf16 speed-up |")
+    print("|---|---|---|---|---|---|---|")
     for name, size, batch in (("test", 32, 4), ("cpu", 64, 8), ("cpu", 128, 4)):
-        tiles = [make_tile(size, seed=i) for i in range(8)]
-        data = TrainingSet.from_arrays([t[0] for t in tiles], [t[1] for t in tiles])
         for kind in ("structure", "image"):
-            with tempfile.TemporaryDirectory() as d:
-                cfg = TrainConfig(kind=kind, preset=name, image_size=size, steps=2, finetune_steps=0,
-                                  batch_size=batch, save_every=10 ** 9, preview_every=0)
-                t = Trainer(cfg, d, data, show_progress=False)
-                t.run()  # warm-up 2 steps
-                t.cfg.steps = 8
-                t0 = time.perf_counter()
-                t.run()
-                dt = (time.perf_counter() - t0 - 0.0) / 6
-                print(f"{name:<5} {kind:<9} {size:3d}px batch {batch}: {1 / dt:6.2f} steps/s ({dt:.2f} s/step, "
-                      f"incl. the final checkpoint write)")
+            secs = {mp: _training_seconds(name, size, batch, kind, mp) for mp in ("no", "bf16")}
+            print(f"| {name} | {kind} | {size} px | {batch} | {secs['no']:.3f} | {secs['bf16']:.3f} | "
+                  f"{secs['no'] / secs['bf16']:.2f}x |", flush=True)
 
 
 QUALITY_SAMPLERS = "ddim:20,dpm++:20,dpm++sde:20,ddim:50,ddpm:1000"
@@ -182,7 +205,12 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train")
     ap.add_argument("--paper-latency", action="store_true", help="also time the 500M-parameter paper preset")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--training-only", action="store_true", help="only the training throughput rows")
+    ap.add_argument("--time-training", metavar="PRESET,SIZE,BATCH,KIND,MP", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.time_training:
+        _time_training(args.time_training)
+        return
 
     from engine.demo import DEMO_IMAGE, DEMO_STRUCTURE
 
@@ -193,6 +221,9 @@ def main() -> None:
     else:
         smodel = imodel = None
         print("models: demo checkpoints absent, timing randomly initialised cpu-preset networks")
+    if args.training_only:
+        training_throughput()
+        return
     if args.quality_only:
         if smodel is None:
             sys.exit("--quality-only needs the demo checkpoints")

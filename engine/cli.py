@@ -85,7 +85,7 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     p.add_argument("--keep-last", type=_int_at_least(0), default=2, help="step snapshots to keep besides latest")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mixed-precision", default="auto", choices=["auto", "no", "bf16", "fp16"],
-                   help="auto = bf16 autocast on GPU, fp32 on CPU")
+                   help="auto = bf16 autocast on a GPU or a CPU with native bf16 (AVX512-BF16/AMX), else fp32")
     p.add_argument("--init-from", default=None,
                    help="fine-tune: start from this checkpoint's weights (fresh optimizer; its licence is kept)")
     p.add_argument("--warmup-steps", type=_int_at_least(0), default=None,

@@ -156,7 +156,7 @@ class TrainConfig:
     log_every: int = 10
     keep_last: int = 2
     seed: int = 0
-    mixed_precision: str = "auto"
+    mixed_precision: str = "auto"  # "auto": bf16 autocast on a GPU or a CPU with native bf16, else fp32
     init_from: str | None = None
     warmup_steps: int = 0  # learning rate rises linearly over the run's first steps (for init_from)
     extra: dict[str, Any] = field(default_factory=dict)

@@ -55,7 +55,7 @@ from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_fil
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "read_status", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
+__all__ = ["TrainingSet", "Trainer", "read_status", "resolve_precision", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
            "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
@@ -214,6 +214,23 @@ def _same_path(a, b) -> bool:
         return False
 
 
+def cpu_has_native_bf16() -> bool:
+    """True where oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX): there bf16 autocast trains
+    the cpu preset about twice as fast as fp32 (docs/benchmarks.md §2); elsewhere it is emulated, slower."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(mixed_precision: str) -> str:
+    """accelerate's mixed_precision for a TrainConfig value: "auto" is bf16 autocast on a GPU and on a CPU
+    with native bf16, fp32 ("no") on other CPUs; any other value is returned as given."""
+    if mixed_precision != "auto":
+        return mixed_precision
+    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
+
+
 class Trainer:
     """Trains one model per TrainConfig in run_dir; resumes from run_dir/latest if present.
 
@@ -245,10 +262,8 @@ class Trainer:
         self._started = time.time()
         self._terminated = False  # SIGTERM received during run()
         self.show_progress = show_progress
-        mp = cfg.mixed_precision
-        if mp == "auto":
-            mp = "bf16" if torch.cuda.is_available() else "no"
-        self.acc = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+        self.precision = resolve_precision(cfg.mixed_precision)
+        self.acc = Accelerator(mixed_precision=self.precision, cpu=not torch.cuda.is_available())
         self.main = self.acc.is_main_process
         self._lock: RunLock | None = None
         self._released = False
@@ -457,7 +472,8 @@ class Trainer:
         if not self.main:
             return None
         extra = {**self._inherited, "train": self.cfg.to_dict(), "optimizer": optim,
-                 "data_fingerprint": self.data.fingerprint, "num_processes": self.acc.num_processes}
+                 "data_fingerprint": self.data.fingerprint, "num_processes": self.acc.num_processes,
+                 "precision": self.precision}
         path = save_checkpoint(self.run_dir / "latest", tensors, kind=self.cfg.kind, model=self.model_cfg,
                                diffusion=self.diffusion, contents="training", step=self.step, extra=extra)
         snap = self.run_dir / f"step_{self.step:07d}"
