@@ -34,32 +34,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from engine.copying import copy_check, training_tiles  # noqa: E402
-from engine.data import read_image, read_label, tile_positions  # noqa: E402
-from engine.structure import relabel  # noqa: E402
+from engine.data import read_image, read_label  # noqa: E402
+from engine.quality import quality_report, real_tiles  # noqa: E402
 from engine.two_sample import TwoSampleConfig, blur_tiles, two_sample_test  # noqa: E402
 
 
 def grid_tiles(images, insts, size):
-    """Non-overlapping size x size tiles of each image (and instance map)."""
-    out_i, out_l = [], []
-    for im, lab in zip(images, insts):
-        h, w = lab.shape
-        for y in tile_positions(h, size, size):
-            for x in tile_positions(w, size, size):
-                out_i.append(im[y : y + size, x : x + size])
-                out_l.append(relabel(lab[y : y + size, x : x + size]))
-    return out_i, out_l
-
-
-def quadrants(images, insts):
-    out_i, out_l = [], []
-    for im, lab in zip(images, insts):
-        h2, w2 = lab.shape[0] // 2, lab.shape[1] // 2
-        for y in (0, h2):
-            for x in (0, w2):
-                out_i.append(im[y : y + h2, x : x + w2])
-                out_l.append(relabel(lab[y : y + h2, x : x + w2]))
-    return out_i, out_l
+    """Non-overlapping size x size tiles of each image and instance map, as (images, insts): the tiles of
+    engine.quality.real_tiles, none left out."""
+    tiles = real_tiles(list(zip(images, insts)), size, sys.maxsize)
+    return [im for im, _ in tiles], [lab for _, lab in tiles]
 
 
 def load_role(data: Path, stems):
@@ -147,8 +131,6 @@ def main(argv=None):
         print(f"  sanity rows in {time.time() - t:.0f} s", file=sys.stderr)
         f_sanity.write_text(json.dumps(sanity, indent=1))
 
-    from engine.quality import quality_report
-
     results = {"name": args.name, "structure": args.structure, "image": args.image, "role": args.role,
                "real_images": split[args.role], "n_real_tiles": {"256": len(real256), "128": len(real128)},
                "n_synthetic": args.n, "size": args.size, "steps": args.steps, "seed": args.seed,
@@ -156,7 +138,7 @@ def main(argv=None):
     train_cache = {}
     for w in ws:
         s_img, s_lab = synthetic_set(args, w, cache)
-        q_img, q_lab = quadrants(s_img, s_lab)
+        q_img, q_lab = grid_tiles(s_img, s_lab, args.size // 2)  # the quadrants of each tile
         t = time.time()
         row = {"two_sample_256": two_sample_test(real256, s_img, cfg).to_dict(),
                "two_sample_128": two_sample_test(real128, q_img, cfg).to_dict()}

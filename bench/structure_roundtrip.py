@@ -23,24 +23,18 @@ from skimage.segmentation import watershed
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.metrics import aji  # noqa: E402
+from engine.morphology import remove_small  # noqa: E402
 from engine.structure import instances_to_structure, relabel, structure_to_instances  # noqa: E402
 from engine.synthetic import make_tile  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train" / "labels"
 
 
-def _remove_small(lab: np.ndarray, min_size: int) -> np.ndarray:
-    sizes = np.bincount(lab.ravel())
-    small = sizes < min_size
-    small[0] = False
-    return np.where(small[lab], 0, lab)
-
-
 def hovernet_stock(structure: np.ndarray, ksize: int = 21, marker_thr: float = 0.4, min_size: int = 10) -> np.ndarray:
     """HoVer-Net's process_np_hv as published: Sobel energy on min-max normalised h/v maps."""
     blb = (structure[..., 0] > 0).astype(np.int32)
     blb = ndimage.label(blb)[0]
-    blb = (_remove_small(blb, min_size) > 0).astype(np.float32)
+    blb = (remove_small(blb, min_size) > 0).astype(np.float32)
     h = cv2.normalize(structure[..., 1], None, 0, 1, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
     v = cv2.normalize(structure[..., 2], None, 0, 1, cv2.NORM_MINMAX, dtype=cv2.CV_32F)
     sh = cv2.Sobel(h, cv2.CV_64F, 1, 0, ksize=ksize)
@@ -55,7 +49,7 @@ def hovernet_stock(structure: np.ndarray, ksize: int = 21, marker_thr: float = 0
     marker[marker < 0] = 0
     marker = ndimage.binary_fill_holes(marker).astype(np.uint8)
     marker = cv2.morphologyEx(marker, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5)))
-    marker = _remove_small(ndimage.label(marker)[0], min_size)
+    marker = remove_small(ndimage.label(marker)[0], min_size)
     return relabel(watershed(dist, markers=marker, mask=blb > 0))
 
 

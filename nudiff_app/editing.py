@@ -183,6 +183,15 @@ class _Boxes:
         return ids + [k for k, b in self._extra.items() if b is None]
 
 
+def _pieces(mask: np.ndarray, min_px: int) -> tuple[np.ndarray, int, list[int]]:
+    """The 8-connected pieces of a nucleus's mask: (piece labels, number of pieces, the labels of the
+    pieces of at least min_px pixels (and 1), largest first, equal sizes in scan order)."""
+    comps, n = ndimage.label(mask, structure=_EIGHT)
+    sizes = np.bincount(comps.ravel())[1:]
+    floor = max(1, int(min_px))
+    return comps, n, [int(c) for c in np.argsort(-sizes, kind="stable") + 1 if sizes[c - 1] >= floor]
+
+
 def _split_pieces(out: np.ndarray, k: int, box: Box | None, min_px: int, next_id: int,
                   boxes: _Boxes | None = None) -> tuple[int, int, int]:
     """Clean nucleus k in place: its 8-connected pieces below min_px are removed, the largest piece
@@ -192,26 +201,20 @@ def _split_pieces(out: np.ndarray, k: int, box: Box | None, min_px: int, next_id
         return 0, 0, next_id
     view = out[box]
     m = view == k
-    comps, n = ndimage.label(m, structure=_EIGHT)
+    comps, n, kept = _pieces(m, min_px)
     if n == 0:
         return 0, 0, next_id
-    sizes = np.bincount(comps.ravel())[1:]
-    floor = max(1, int(min_px))
-    if n == 1 and sizes[0] >= floor:
+    if n == 1 and kept:
         return 1, 1, next_id
-    kept = 0
-    for c in np.argsort(-sizes, kind="stable") + 1:
-        piece = comps == c
-        if sizes[c - 1] < floor:
-            view[piece] = 0
-            continue
-        if kept:
-            view[piece] = next_id
-            if boxes is not None:
-                boxes.set(next_id, box)
-            next_id += 1
-        kept += 1
-    return n, kept, next_id
+    keep = np.zeros(n + 1, bool)
+    keep[kept] = True
+    view[m & ~keep[comps]] = 0
+    for c in kept[1:]:
+        view[comps == c] = next_id
+        if boxes is not None:
+            boxes.set(next_id, box)
+        next_id += 1
+    return n, len(kept), next_id
 
 
 def _fill_gaps(out: np.ndarray, missing, top: int, box_of=None, max_swaps: int = 64) -> np.ndarray:
@@ -334,13 +337,9 @@ def clean_fragments(inst: np.ndarray, min_px: int) -> np.ndarray:
     for k, sl in enumerate(ndimage.find_objects(inst), start=1):
         if sl is None:
             continue
-        m = inst[sl] == k
-        comps, n = ndimage.label(m, structure=_EIGHT)
-        sizes = np.bincount(comps.ravel())[1:]
-        for c in np.argsort(-sizes, kind="stable") + 1:
-            if sizes[c - 1] < max(1, min_px):
-                continue
-            view = out[sl]
+        comps, _, kept = _pieces(inst[sl] == k, min_px)
+        view = out[sl]
+        for c in kept:
             view[comps == c] = next_id
             next_id += 1
     return out  # ids were given out as 1, 2, ...: already consecutive

@@ -49,14 +49,15 @@ def studio(tmp_path_factory, tiny_checkpoints):
             from engine.demo import default_checkpoints
 
             models = default_checkpoints()
-    from engine.checkpoint import export_inference
+    from engine.checkpoint import export_inference, read_record, sample_size
 
     image = Path(models[1])  # a copy: the session calibrates its guidance, which writes to its record
     image = export_inference(image, work / "models" / image.with_suffix("").name, half=False)
+    tile = sample_size(read_record(image)[1])  # the image model's window: 32 px (tiny), 128 px (demo)
     demo = build_app(work, structure_checkpoint=models[0], image_checkpoint=image)
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
-        yield f"http://127.0.0.1:{port}/", work
+        yield f"http://127.0.0.1:{port}/", work, tile
     finally:
         demo.nudiff.close()
         demo.close()
@@ -112,7 +113,7 @@ def _text(page, elem_id: str, needle: str) -> str:
 
 
 def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
-    url, work = studio
+    url, work, _ = studio
     page.goto(url)
     page.locator("#st-sample").wait_for()
     tab_names = [t.inner_text().strip() for t in page.get_by_role("tab").all()]
@@ -260,28 +261,31 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
 
 
 def test_a_field_larger_than_the_tile_is_edited_synthesized_and_exported_full_size(studio, page, tmp_path):
-    """Upload a label map several windows wide (the tiny models' tile is 32 px), synthesize, export."""
+    """Upload a label map several windows wide (3 x 4 of the image model's tile: 96 x 128 px at the tiny
+    models' 32 px, 384 x 512 px at the 128 px of the demo models of a screenshot run), synthesize, export."""
     from engine.structure import relabel
     from engine.synthetic import make_tile
 
-    url, _ = studio
-    _, inst = make_tile(128, seed=8)
-    inst = relabel(inst[:, :96])  # 96 (x) x 128 (y), rectangular
+    url, _, tile = studio
+    h, w = 4 * tile, 3 * tile
+    _, inst = make_tile(h, seed=8)
+    inst = relabel(inst[:, :w])  # w (x) x h (y), rectangular
+    size = f"{w} (x) × {h} (y) px"
     tifffile.imwrite(tmp_path / "field.tif", inst.astype(np.uint16))
     page.goto(url)
     page.locator("#st-sample").wait_for()
     _tab(page, "Edit")
     page.locator("#ed-upload input[type=file]").set_input_files(str(tmp_path / "field.tif"))
-    info = _text(page, "ed-info", "96 (x) × 128 (y) px")
+    info = _text(page, "ed-info", size)
     assert f"{int(inst.max())} nuclei" in info
     page.locator("#ed-overview img").wait_for()
     page.locator("#ed-to-synth").click()
-    assert "96 (x) × 128 (y) px" in _text(page, "sy-info", "Conditioning")
+    assert size in _text(page, "sy-info", "Conditioning")
     _set_number(page, "sy-steps", 3)
     _set_number(page, "sy-variants", 1)
     page.locator("#sy-run").click()
     status = _text(page, "sy-status", "image(s) from")
-    assert "windows of 32 px" in status, status
+    assert f"windows of {tile} px" in status, status
     page.locator("#sy-gallery .thumbnail-item").first.click()
     page.locator("#sy-add").click()
     _text(page, "sy-status", "Added")
@@ -299,6 +303,6 @@ def test_a_field_larger_than_the_tile_is_edited_synthesized_and_exported_full_si
         row = rows[-1]
         image = cv2.imdecode(np.frombuffer(zf.read(row["image"]), np.uint8), cv2.IMREAD_COLOR)
         label = tifffile.imread(io.BytesIO(zf.read(row["label"])))
-    assert image.shape[:2] == label.shape == (128, 96)
+    assert image.shape[:2] == label.shape == (h, w)
     assert np.array_equal(label > 0, inst > 0) and int(label.max()) == int(inst.max())
-    assert row["windows"] and int(row["windows"]) > 1 and row["tile"] == "32"
+    assert row["windows"] and int(row["windows"]) > 1 and row["tile"] == str(tile)
