@@ -441,7 +441,7 @@ class Trainer:
             raise TrainingError(f"{self.run_dir} was trained with other settings: {'; '.join(changes)}. Use a "
                                 f"new run folder, or pass --allow-changes to continue this run with them")
         if self.main:
-            self._log_event("resumed with changes (allowed): " + "; ".join(changes))
+            self._log_event("resumed with changes (allowed): " + "; ".join(changes), step=step)
             if self.show_progress:
                 print(f"resuming with changes: {'; '.join(changes)}", file=sys.stderr)
 
@@ -503,9 +503,11 @@ class Trainer:
         write_status(self.run_dir, {"state": state, "kind": self.cfg.kind, "step": self.step,
                                     "total": self.cfg.total_steps, "loss": loss, "message": message})
 
-    def _log_event(self, message: str) -> None:
+    def _log_event(self, message: str, step: int | None = None) -> None:
+        """Append {"step", "event", "time"} to log.jsonl (step: default the trainer's current step)."""
         with open(self.run_dir / "log.jsonl", "a") as f:
-            f.write(json.dumps({"step": self.step, "event": message, "time": time.time()}) + "\n")
+            f.write(json.dumps({"step": self.step if step is None else step, "event": message,
+                                "time": time.time()}) + "\n")
 
     def preview(self, n: int | None = None) -> Path | None:
         """Sample n tiles from the EMA model as the CLI and studio do (DDIM 20 steps, eta = 1; the image

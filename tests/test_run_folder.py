@@ -206,6 +206,8 @@ def test_resume_with_other_data_is_refused_unless_allowed(labeled_folder, other_
     assert main(train_args(other_folder, run, "--steps", "3", "--allow-changes")) == 0
     assert load_checkpoint(run / "latest").step == 3 and read_status(run)["state"] == "finished"
     assert any(e.startswith("resumed with changes (allowed): data ") for e in events(run)), events(run)
+    changed = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines() if "with changes" in line]
+    assert [r["step"] for r in changed] == [2]  # logged at the step the run resumed from
     # the run now goes on with the new data without the flag
     assert main(train_args(other_folder, run, "--steps", "4")) == 0
 
