@@ -41,7 +41,7 @@ from engine.metrics import relabel
 __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "DataWarning", "LabeledImage", "Tile", "Problem",
     "Inspection", "SubsetSelection", "read_image", "read_label", "load_folder", "tile_positions",
-    "tile_image", "load_tiles", "inspect_folder", "select_subset", "plan_subset",
+    "tile_image", "load_tiles", "inspect_folder", "inspect_items", "select_subset", "plan_subset",
     "MAX_LABEL_PIXELS", "max_pixels", "raster_size", "find_pairs",
 ]
 
@@ -959,6 +959,13 @@ def inspect_folder(folder: str | Path, size: int = 256, stride: int = 128) -> In
     Raises DataError as load_folder does.
     """
     items, problems = load_folder(folder)
+    return inspect_items(folder, items, problems, size=size, stride=stride)
+
+
+def inspect_items(folder: str | Path, items: Sequence[LabeledImage], problems: list[Problem],
+                  size: int = 256, stride: int = 128) -> Inspection:
+    """inspect_folder's report from what load_folder(folder) returned (to use the images for more than the
+    report without reading the folder twice). Images smaller than a tile are added to ``problems``."""
     n_tiles = 0
     for item in items:
         height, width = item.inst.shape

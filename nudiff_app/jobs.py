@@ -1,8 +1,10 @@
 """Training jobs as background subprocesses (`python -m engine train-structure|train-image`).
 
-The source of truth is the run folder on disk (status.json, log.jsonl, previews/latest.png), so the
-Train tab shows the same thing after a browser reload or an app restart. ``runs/active.json`` names
-the run folder of the last job started. One job runs at a time.
+The source of truth is the run folder on disk (status.json, log.jsonl, previews/latest.png, process.log),
+so the Train tab shows the same thing after a browser reload or an app restart. ``runs/active.json`` names
+the run folder of the last job started. One job runs at a time. The problems the trainer finds in its data
+folder (files skipped or used with a caveat: engine.data's Problems, one ``[error] ...`` / ``[warning] ...``
+line each in process.log) are part of the job's report.
 """
 
 from __future__ import annotations
@@ -145,13 +147,14 @@ class TrainingJobs:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "STOP").unlink(missing_ok=True)
             logf = open(run_dir / "process.log", "ab")
+            log_offset = logf.tell()  # this launch's output starts here (a resumed run appends)
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(REPO_ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])))
             self.proc = subprocess.Popen(cmd, cwd=str(REPO_ROOT), stdout=logf, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL, env=env, start_new_session=True)
             logf.close()
             rec = {"run_dir": str(run_dir), "kind": kind, "cmd": cmd, "pid": self.proc.pid,
-                   "started": time.time()}
+                   "started": time.time(), "log_offset": log_offset}
             atomic_write_bytes(self.runs_dir / "active.json", json.dumps(rec, indent=1).encode())
             return rec
 
@@ -218,11 +221,12 @@ class TrainingJobs:
         prev = run_dir / "previews" / "latest.png"
         step, total = st.get("step", 0), st.get("total", "?")
         loss = st.get("loss")
+        problems = data_problems(run_dir / "process.log", act.get("log_offset", 0))
         text = (f"**{act['kind']} model** · `{run_dir}`  \n**{state}** · step {step} / {total}"
                 + (f" · loss {loss:.4f}" if isinstance(loss, (int, float)) else "")
-                + (f"  \n{msg}" if msg else "") + _layout_line(layouts))
+                + (f"  \n{msg}" if msg else "") + _layout_line(layouts) + _problems_text(problems))
         return {"state": state, "text": text, "log": points, "preview": prev if prev.exists() else None,
-                "kind": act["kind"], "run_dir": str(run_dir), "alive": alive}
+                "kind": act["kind"], "run_dir": str(run_dir), "alive": alive, "problems": problems}
 
 
 def _layout_line(row: dict | None) -> str:
@@ -236,12 +240,50 @@ def _layout_line(row: dict | None) -> str:
         return ""
 
 
+_PROBLEM_LINE = re.compile(r"^(\[(error|warning)\] |\.\.\. and \d+ more problems)")
+_PROBLEMS_READ = 64 * 1024  # bytes of a launch's output searched for the data's problems (printed first)
+
+
+def data_problems(log: Path, offset: int = 0) -> list[str]:
+    """The data's problems the trainer printed into its process log from ``offset`` (where this launch's
+    output starts) on: ``[error] ...`` (a file skipped), ``[warning] ...`` (used with a caveat, or ignored)
+    and ``... and N more problems ...``, one line each, in the order printed."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, int(offset or 0)))
+            data = f.read(_PROBLEMS_READ).decode("utf-8", "replace")
+    except (OSError, ValueError, TypeError):
+        return []
+    lines = (ln.strip() for ln in data.replace("\r", "\n").splitlines())
+    return [ln for ln in lines if _PROBLEM_LINE.match(ln)]
+
+
+def _md_escape(text: str) -> str:
+    return re.sub(r"([\\`*_\[\]<>#|~])", r"\\\1", text)
+
+
+def _problems_text(problems: list[str]) -> str:
+    """The data's problems as status lines: how many files were skipped, then one line each."""
+    if not problems:
+        return ""
+    errors = sum(p.startswith("[error]") for p in problems)
+    warnings = sum(p.startswith("[warning]") for p in problems)
+    counts = [f"{errors} file{'s' if errors != 1 else ''} skipped"] if errors else []
+    counts += [f"{warnings} warning{'s' if warnings != 1 else ''}"] if warnings else []
+    more = " among the first listed" if problems[-1].startswith("...") else ""
+    head = (f"  \n**Problems in the training data:** {', '.join(counts)}{more} (files skipped are not trained on; "
+            "Inspect folder shows the whole report)")
+    return head + "".join(f"  \n{_md_escape(p)}" for p in problems)
+
+
 def _tail(path: Path, n: int = 600) -> str:
-    """Last meaningful line(s) of a process log (an error message rather than a progress bar)."""
+    """Last meaningful line(s) of a process log (an error message rather than a progress bar, or the data's
+    problems, which the report lists on their own)."""
     try:
         data = path.read_bytes()[-8000:].decode("utf-8", "replace")
     except OSError:
         return ""
     lines = [ln.strip() for ln in data.replace("\r", "\n").splitlines() if ln.strip()]
-    lines = [ln for ln in lines if not ln.startswith("train ") and "it/s" not in ln]
+    lines = [ln for ln in lines if not ln.startswith("train ") and "it/s" not in ln
+             and not _PROBLEM_LINE.match(ln)]
     return lines[-1][-n:] if lines else ""

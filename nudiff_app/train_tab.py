@@ -46,15 +46,20 @@ def _tile_size(size) -> int:
     return int(value)
 
 
-def _preview_grid(folder: str, size: int) -> np.ndarray | None:
-    from engine.data import load_tiles
+def _preview_grid(items, size: int) -> np.ndarray | None:
+    """Up to PREVIEW_TILES of the loaded images' tiles (side by side: stride = size), spread over them, with
+    the nuclei outlines; only those tiles are cut."""
+    from engine.data import tile_positions
 
-    tiles, _ = load_tiles(folder, size=size, stride=size)
-    if not tiles:
+    spots = [(item, y, x) for item in items if min(item.inst.shape) >= size
+             for y in tile_positions(item.inst.shape[0], size, size)
+             for x in tile_positions(item.inst.shape[1], size, size)]
+    if not spots:
         return None
-    step = max(1, len(tiles) // PREVIEW_TILES)
-    pics = [render.overlay_contours(t.image, t.inst, opacity=0.9, color=(0, 255, 0))
-            for t in tiles[::step][:PREVIEW_TILES]]
+    step = max(1, len(spots) // PREVIEW_TILES)
+    pics = [render.overlay_contours(item.image[y : y + size, x : x + size], item.inst[y : y + size, x : x + size],
+                                    opacity=0.9, color=(0, 255, 0))
+            for item, y, x in spots[::step][:PREVIEW_TILES]]
     pics = [zoom_to(p, 128) for p in pics]
     return render.grid(pics, cols=4)
 
@@ -124,14 +129,15 @@ def build(ctx: AppContext, ui) -> None:
 @ui_action(3)
 def inspect_dataset(folder: str, size) -> tuple:
     """[status, inspection report, preview grid] of a labeled folder on the server."""
-    from engine.data import inspect_folder
+    from engine.data import inspect_items, load_folder
 
     folder = (folder or "").strip()
     if not folder:
         raise DataError("enter a folder path on the server, or upload a zip")
     size = _tile_size(size)
-    ins = inspect_folder(folder, size=size, stride=max(1, size // 2))
-    grid = _preview_grid(folder, size) if ins.n_tiles else None
+    items, problems = load_folder(folder)  # read once, for the report and the preview
+    ins = inspect_items(folder, items, problems, size=size, stride=max(1, size // 2))
+    grid = _preview_grid(items, size) if ins.n_tiles else None
     n_err = sum(p.severity == "error" for p in ins.problems)
     msg = (f"Inspected: {ins.n_images} images, {ins.n_tiles} tiles of {size} px, {ins.n_nuclei} nuclei"
            + (f" · {n_err} file(s) skipped, see the report" if n_err else ""))

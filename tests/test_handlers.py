@@ -4,6 +4,7 @@ AppContext in a temporary work folder, real baskets and zips)."""
 from __future__ import annotations
 
 import json
+import time
 import zipfile
 from pathlib import Path
 
@@ -90,6 +91,66 @@ def test_poll_and_status_without_a_job_then_restore_from_the_last_job(ctx):
     assert h.restore_settings() == ("/data/nuclei", "myrun", "cpu", 300, 4)
     assert restore_options(["--data", "/d"]) == ("/d", SKIP, SKIP, SKIP, SKIP)
     assert preset_size("test") == gr.update(value=32)
+
+
+def _wait_for_job(h: TrainHandlers, timeout: float = 300) -> str:
+    deadline = time.time() + timeout
+    while True:
+        text, _ = h.status_now()
+        if "**finished**" in text or "**failed**" in text or time.time() > deadline:
+            return text
+        time.sleep(1)
+
+
+def test_starting_training_shows_the_data_problems_in_the_tab(ctx, tmp_path):
+    """Training started without Inspect: the files the trainer skips or flags are in the job's status text,
+    not only in its process.log (an image without a label, an unreadable label, a binary mask)."""
+    import cv2
+
+    from engine.synthetic import make_tile, write_folder
+
+    folder = write_folder(tmp_path / "data", n_images=3, size=64, seed=0)
+    image, inst = make_tile(64, seed=7)
+    for stem in ("nolabel", "broken", "binary"):
+        assert cv2.imwrite(str(folder / "images" / f"{stem}.png"), image[..., ::-1])
+    (folder / "labels" / "broken.png").write_bytes(b"not a png at all")
+    assert cv2.imwrite(str(folder / "labels" / "binary.png"), np.where(inst > 0, 255, 0).astype(np.uint8))
+    h = TrainHandlers(ctx)
+    status = h.start_structure(str(folder), "p1", "test", 32, "100%", 2, 0, 2)
+    assert status.startswith("Started structure training"), status
+    text = _wait_for_job(h)
+    assert "**finished**" in text, text  # the problems do not stop the run
+    assert "**Problems in the training data:** 2 files skipped, 1 warning" in text, text
+    assert "nolabel.png" in text and "has no label" in text and "cannot read label" in text
+    assert "Traceback" not in text
+    problems = ctx.jobs.report()["problems"]
+    assert any(p.startswith("[error]") and "nolabel.png" in p and "has no label" in p for p in problems), problems
+    assert any(p.startswith("[error]") and "broken.png" in p and "cannot read label" in p for p in problems)
+    assert any(p.startswith("[warning]") and "binary.png" in p and "binary mask" in p for p in problems)
+    poll_text, _, _ = h.poll(None)
+    assert poll_text == text
+
+
+def test_the_job_report_lists_the_problems_of_its_own_launch(ctx):
+    """A resumed run appends to process.log: only the latest launch's problems are shown, and a data problem
+    is never taken for the reason a run failed."""
+    run_dir = ctx.runs_dir / "r" / "image"
+    run_dir.mkdir(parents=True)
+    old = "[error] image /d/images/a_1.png has no label (looked for a_1.* in labels/)\n"
+    new = ("[warning] label /d/labels/b.png is a binary mask, not an instance map; split into 3 nuclei\n"
+           "model: x\n[error] cannot read label /d/labels/c*.png: corrupt or unsupported file (x)\n"
+           "... and 4 more problems (python -m engine inspect /d lists them all)\n")
+    (run_dir / "process.log").write_text(old + new)
+    rec = {"run_dir": str(run_dir), "kind": "image", "cmd": ["python"], "log_offset": len(old.encode())}
+    (ctx.runs_dir / "active.json").write_text(json.dumps(rec))
+    rep = ctx.jobs.report()
+    assert rep["problems"] == [line for line in new.splitlines() if not line.startswith("model")]
+    assert "1 file skipped, 1 warning among the first listed" in rep["text"]
+    assert r"cannot read label /d/labels/c\*.png" in rep["text"] and "a\\_1.png" not in rep["text"]
+    assert "**failed**" in rep["text"] and "  \nmodel: x" in rep["text"]  # the last other line, not a problem
+    del rec["log_offset"]  # a record from before: the whole log
+    (ctx.runs_dir / "active.json").write_text(json.dumps(rec))
+    assert len(ctx.jobs.report()["problems"]) == 4
 
 
 # ----------------------------------------------------------------------------- Export tab
