@@ -16,8 +16,9 @@ only rescores. Usage (the demo models today, held-out test images)::
 
     python bench/realism.py --name demo --w 2 --w 0.75 --role test
     python bench/realism.py --name r21 --structure S.json --image I.json --role validation --w 0.5 --w 1
+    python bench/realism.py --name demo --w 2 --oversample 4      # layouts through the realism filter
 
-Prints one markdown table and writes WORK/NAME/realism-ROLE.json.
+Prints one markdown table and writes WORK/NAME/realism-ROLE.json (realism-ROLE-kK.json with --oversample).
 """
 
 from __future__ import annotations
@@ -59,19 +60,21 @@ def synthetic_set(args, w: float, cache: Path):
     from engine.pipeline import load_model, sample_structures, synthesize
 
     torch.set_num_threads(args.threads)
-    f_struct = cache / f"structures-{args.size}-n{args.n}-s{args.seed}-{args.steps}.npz"
+    k = f"-k{args.oversample:g}" if args.oversample > 1 else ""  # realism filter: n kept of n * k sampled
+    f_struct = cache / f"structures-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}.npz"
     if f_struct.exists():
         z = np.load(f_struct)
         structures, insts = list(z["structures"]), list(z["insts"])
     else:
         sm = load_model(args.structure, kind="structure")
         t = time.time()
-        samples = sample_structures(sm, args.n, steps=args.steps, seed=args.seed, size=args.size)
+        samples = sample_structures(sm, args.n, steps=args.steps, seed=args.seed, size=args.size,
+                                    oversample=args.oversample)
         print(f"  structures: {args.n} x {args.size} px in {time.time() - t:.0f} s", file=sys.stderr)
         structures = [s.structure for s in samples]
         insts = [s.inst for s in samples]
         np.savez_compressed(f_struct, structures=np.stack(structures), insts=np.stack(insts))
-    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}-w{w:g}.npz"
+    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}.npz"
     if f_img.exists():
         images = list(np.load(f_img)["images"])
     else:
@@ -108,6 +111,8 @@ def main(argv=None):
     ap.add_argument("--n", type=int, default=16, help="synthetic tiles of --size px")
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
+    ap.add_argument("--oversample", type=float, default=1.0,
+                    help="realism filter: keep n of n * K sampled structures (engine.curate; 1 = off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
@@ -134,6 +139,7 @@ def main(argv=None):
     results = {"name": args.name, "structure": args.structure, "image": args.image, "role": args.role,
                "real_images": split[args.role], "n_real_tiles": {"256": len(real256), "128": len(real128)},
                "n_synthetic": args.n, "size": args.size, "steps": args.steps, "seed": args.seed,
+               "oversample": args.oversample,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
     for w in ws:
@@ -157,7 +163,7 @@ def main(argv=None):
             row[f"copying_{size}"] = copy_check(tiles, tt, boxes, size=size).to_dict()
         print(f"  scored w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
         results["by_w"][f"{w:g}"] = row
-    out = cache / f"realism-{args.role}.json"
+    out = cache / f"realism-{args.role}{'-k%g' % args.oversample if args.oversample > 1 else ''}.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
     if prev.get("by_w"):
         results["by_w"] = {**prev["by_w"], **results["by_w"]}
