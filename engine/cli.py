@@ -92,6 +92,8 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
                    help="raise the learning rate linearly over the first N steps (default: 100 with "
                         "--init-from, where a fresh optimizer's first full-size steps would upset the "
                         "trained weights; else 0)")
+    p.add_argument("--min-snr-gamma", type=_non_negative_float, default=0.0,
+                   help="Min-SNR-gamma loss weighting, min(SNR, gamma)/SNR per sample (e.g. 5); 0 = plain MSE")
     p.add_argument("--sample-size", type=_int_at_least(8), default=None,
                    help="default tile size for sampling recorded in the exported model (default: image size)")
     p.add_argument("--time-limit", type=_positive_float, default=None, metavar="MINUTES",
@@ -127,6 +129,16 @@ def _int_at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {v}")
         return v
     return parse
+
+
+def _non_negative_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 <= v < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
+    return v
 
 
 def _positive_float(text: str) -> float:
@@ -468,7 +480,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
             finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
             ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
             preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
-            mixed_precision=args.mixed_precision, init_from=args.init_from,
+            mixed_precision=args.mixed_precision, init_from=args.init_from, min_snr_gamma=args.min_snr_gamma,
             extra={"sample_size": args.sample_size} if args.sample_size else {})
         existed = Path(args.run_dir).is_dir()  # made by a watching studio, or a run to resume
         try:

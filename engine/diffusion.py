@@ -58,8 +58,13 @@ class NoiseSchedule:
         *,
         drop_rate: float = 0.0,
         generator: torch.Generator | None = None,
+        min_snr_gamma: float = 0.0,
     ) -> torch.Tensor:
         """Simple loss (mean squared error on eps) for a batch x0 (B, C, H, W) in [-1, 1].
+
+        min_snr_gamma > 0: each sample's mean squared error is weighted by min(SNR_t, gamma) / SNR_t
+        (SNR_t = alpha_bar_t / (1 - alpha_bar_t); Min-SNR-gamma, Hang et al. 2023), which turns down the
+        nearly clean steps (SNR > gamma) against the noisy ones; 0 = the plain mean (Ho et al. 2020).
 
         cond: (B, 3, H, W) structure for a conditional model; each sample's condition is replaced by the
         null condition with probability drop_rate (classifier-free training). Timesteps and noise are
@@ -74,7 +79,15 @@ class NoiseSchedule:
             drop = (torch.rand((b,), generator=generator, device=gdev) < drop_rate).to(dev)
             cond = torch.where(drop[:, None, None, None], null_condition(cond), cond)
         pred = model(self.q_sample(x0, t, noise), t, cond)
-        return F.mse_loss(pred.float(), noise.float())
+        if min_snr_gamma <= 0:
+            return F.mse_loss(pred.float(), noise.float())
+        return (self.min_snr_weights(t, min_snr_gamma) * (pred.float() - noise.float()).pow(2).mean((1, 2, 3))).mean()
+
+    def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """min(SNR_t, gamma) / SNR_t for integer timesteps t (B,): float32 (B,) in (0, 1]."""
+        abar = self.alphas_cumprod.to(t.device)[t]
+        snr = abar / (1 - abar)
+        return (snr.clamp(max=gamma) / snr).float()
 
 
 def guided_eps(

@@ -66,7 +66,7 @@ MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU 
 # that an image run may not go back to stage 1 once fine-tuning began; save / log / preview cadence,
 # keep_last, mixed precision and sample_size may change freely.)
 TRAINED_FIELDS = ("tile_stride", "fraction", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
-                  "seed", "warmup_steps", "init_from")
+                  "seed", "warmup_steps", "init_from", "min_snr_gamma")
 IMAGE_TRAINED_FIELDS = ("finetune_lr", "drop_rate", "finetune_drop_rate")
 
 
@@ -683,7 +683,8 @@ class Trainer:
                 self.noise_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.gen)))
                 self.model.train()
                 with self.acc.autocast():
-                    loss = self.schedule.loss(self.model, x0, cond, drop_rate=drop, generator=self.noise_gen)
+                    loss = self.schedule.loss(self.model, x0, cond, drop_rate=drop, generator=self.noise_gen,
+                                              min_snr_gamma=c.min_snr_gamma)
                 self.opt.zero_grad(set_to_none=True)
                 self.acc.backward(loss)
                 if c.grad_clip > 0:
