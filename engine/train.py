@@ -68,6 +68,9 @@ MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU 
 TRAINED_FIELDS = ("tile_stride", "fraction", "batch_size", "lr", "weight_decay", "ema_decay", "grad_clip",
                   "seed", "warmup_steps", "init_from", "min_snr_gamma")
 IMAGE_TRAINED_FIELDS = ("finetune_lr", "drop_rate", "finetune_drop_rate")
+# trained settings added later, with the value every run before them was trained with: a record without one
+# compares as that value (the other fields of an old record that lacks them are not compared)
+_NEWER_FIELDS = {"min_snr_gamma": 0.0}
 
 
 @dataclass
@@ -415,9 +418,9 @@ class Trainer:
             fields = TRAINED_FIELDS + (IMAGE_TRAINED_FIELDS if c.kind == "image" else ())
             size = self.model_cfg.image_size
             for name in fields:
-                if name not in old:
+                if name not in old and name not in _NEWER_FIELDS:
                     continue
-                was, now = old[name], getattr(c, name)
+                was, now = old.get(name, _NEWER_FIELDS.get(name)), getattr(c, name)
                 if name == "tile_stride":
                     was, now = was or size // 2, now or size // 2
                 if name == "init_from" and _same_path(was, now):

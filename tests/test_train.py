@@ -144,6 +144,15 @@ def test_min_snr_gamma_trains_and_is_a_trained_setting(data, tmp_path):
     assert load_checkpoint(tmp_path / "latest").record["train"]["min_snr_gamma"] == 5.0
     with pytest.raises(TrainingError, match="min_snr_gamma 5.0 -> 0.0"):
         Trainer(cfg(steps=6), tmp_path, data, show_progress=False)
+    # a run recorded before the setting existed was trained with plain MSE: turning it on is a change
+    old = tmp_path / "old"
+    Trainer(cfg(steps=2), old, data, show_progress=False).run()
+    record = json.loads((old / "latest.json").read_text())
+    del record["train"]["min_snr_gamma"]
+    (old / "latest.json").write_text(json.dumps(record))
+    with pytest.raises(TrainingError, match="min_snr_gamma 0.0 -> 5.0"):
+        Trainer(cfg(steps=4, min_snr_gamma=5.0), old, data, show_progress=False)
+    Trainer(cfg(steps=4), old, data, show_progress=False).close()  # unchanged: resumes
 
 
 def test_resume_is_exact(data, tmp_path):
