@@ -47,6 +47,11 @@ def grid_tiles(images, insts, size):
     return [im for im, _ in tiles], [lab for _, lab in tiles]
 
 
+def filter_suffix(args) -> str:
+    """File-name suffix of the realism filter's setting ("-kK": n kept of n * K sampled; "" when off)."""
+    return f"-k{args.oversample:g}" if args.oversample > 1 else ""
+
+
 def load_role(data: Path, stems):
     images = [read_image(data / "images" / f"{s}.png") for s in stems]
     labels = [read_label(data / "labels" / f"{s}.png") for s in stems]
@@ -60,7 +65,7 @@ def synthetic_set(args, w: float, cache: Path):
     from engine.pipeline import load_model, sample_structures, synthesize
 
     torch.set_num_threads(args.threads)
-    k = f"-k{args.oversample:g}" if args.oversample > 1 else ""  # realism filter: n kept of n * k sampled
+    k = filter_suffix(args)
     f_struct = cache / f"structures-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}.npz"
     if f_struct.exists():
         z = np.load(f_struct)
@@ -163,7 +168,7 @@ def main(argv=None):
             row[f"copying_{size}"] = copy_check(tiles, tt, boxes, size=size).to_dict()
         print(f"  scored w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
         results["by_w"][f"{w:g}"] = row
-    out = cache / f"realism-{args.role}{'-k%g' % args.oversample if args.oversample > 1 else ''}.json"
+    out = cache / f"realism-{args.role}{filter_suffix(args)}.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
     if prev.get("by_w"):
         results["by_w"] = {**prev["by_w"], **results["by_w"]}

@@ -146,7 +146,9 @@ def training_throughput() -> None:
     """Training s/step of each preset, fp32 against bf16 autocast (``--mixed-precision bf16``) on this
     machine; the speed-up is fp32's time over bf16's, both measured in the same run."""
     print("\n## Training throughput (this machine): fp32 against bf16 autocast")
-    print(f"CPU native bf16 (oneDNN): {torch.ops.mkldnn._is_mkldnn_bf16_supported()}; "
+    from engine.train import cpu_has_native_bf16
+
+    print(f"CPU native bf16 (oneDNN): {cpu_has_native_bf16()}; "
           f"torch threads {torch.get_num_threads()}\n")
     print("| preset | kind | tile | batch | fp32 s/step | bf16 s/step | bf16 speed-up |")
     print("|---|---|---|---|---|---|---|")

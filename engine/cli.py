@@ -131,21 +131,22 @@ def _int_at_least(low: int):
     return parse
 
 
-def _non_negative_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        v = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+
+
+def _non_negative_float(text: str) -> float:
+    v = _number(text)
     if not 0 <= v < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {text}")
     return v
 
 
 def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    v = _number(text)
     if not 0 < v < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return v

@@ -159,8 +159,8 @@ class TrainConfig:
     mixed_precision: str = "auto"  # "auto": bf16 autocast on a GPU or a CPU with native bf16, else fp32
     init_from: str | None = None
     warmup_steps: int = 0  # learning rate rises linearly over the run's first steps (for init_from)
-    # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), min(SNR, gamma) / SNR per sample: the noisiest
-    # steps, which set a layout's global make-up (how much foreground), weigh as much as the rest; 0: plain MSE
+    # > 0: Min-SNR-gamma loss weighting (Hang et al. 2023), min(SNR, gamma) / SNR per sample, which turns down
+    # the nearly clean steps (SNR > gamma); 0: plain MSE
     min_snr_gamma: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 

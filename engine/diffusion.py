@@ -81,7 +81,8 @@ class NoiseSchedule:
         pred = model(self.q_sample(x0, t, noise), t, cond)
         if min_snr_gamma <= 0:
             return F.mse_loss(pred.float(), noise.float())
-        return (self.min_snr_weights(t, min_snr_gamma) * (pred.float() - noise.float()).pow(2).mean((1, 2, 3))).mean()
+        per_sample = (pred.float() - noise.float()).pow(2).mean((1, 2, 3))
+        return (self.min_snr_weights(t, min_snr_gamma) * per_sample).mean()
 
     def min_snr_weights(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
         """min(SNR_t, gamma) / SNR_t for integer timesteps t (B,): float32 (B,) in (0, 1]."""

@@ -55,8 +55,8 @@ from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_fil
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "read_status", "resolve_precision", "MAX_DEVICE_BYTES", "TRAINED_FIELDS",
-           "RunFolderBusy"]
+__all__ = ["TrainingSet", "Trainer", "read_status", "resolve_precision", "cpu_has_native_bf16", "MAX_DEVICE_BYTES",
+           "TRAINED_FIELDS", "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
 STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
@@ -219,7 +219,7 @@ def _same_path(a, b) -> bool:
 
 def cpu_has_native_bf16() -> bool:
     """True where oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX): there bf16 autocast trains
-    the cpu preset about twice as fast as fp32 (docs/benchmarks.md §2); elsewhere it is emulated, slower."""
+    the cpu preset 1.4-1.6x as fast as fp32 (docs/benchmarks.md §2); elsewhere it is emulated, slower."""
     try:
         return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
