@@ -5,9 +5,12 @@ bench/splits/monuseg.json) over the labeled folder ``--train``:
 
 - train: the only images anything here learns from. For every fraction in --augment the paper's subset of
   them is written out (``python -m engine subset``), a structure model and a two-stage image model are
-  trained on that subset alone for a wall-clock budget, ``--pairs`` synthetic pairs are generated, and a
-  segmenter is trained on subset + pairs; for every fraction in --labeled a segmenter is trained on the
-  subset alone. All segmenters share one setting.
+  trained on that subset alone for a wall-clock budget, synthetic pairs are generated, and segmenters are
+  trained on subset + pairs; for every fraction in --labeled segmenters are trained on the subset alone.
+  All segmenters share one setting; each arm is trained ``--repeats`` times (seeds seed, seed + 1, ...),
+  and with ``--fresh-pairs`` (the default) each augmented repeat has its own ``--pairs`` pairs, so the
+  spread includes the draw of the pairs. Pairs are generated in chunks (``--generate-chunk``, one job
+  each, gathered into WORK/synthetic_PCT), so a stopped call loses at most one chunk.
 - validation: for choices (guidance w, checkpoints, settings; e.g. ``python -m engine calibrate-w --real
   WORK/validation`` or ``bench/realism.py --role validation``). Linked into WORK/validation and never
   scored by this script.
@@ -17,7 +20,8 @@ bench/splits/monuseg.json) over the labeled folder ``--train``:
 
 Each step is a ``python -m engine`` command (logs in WORK/logs); independent steps run concurrently
 (--parallel). Running again resumes: finished steps are skipped, interrupted trainings resume. The table
-is collected into WORK/evaluate; its results.json also names, per augmented fraction, the diffusion models
+is collected into WORK/evaluate (WORK/evaluate/table1.md: mean ± std per arm, each gain ± its standard
+error, beside the paper's HoVer-Net figures); its results.json also names, per augmented fraction, the diffusion models
 (files and sha256), the seed and the training images they come from ("diffusion_models"), and the roles
 ("split"). A later call reuses a finished fraction's recorded models (``--reuse-models``, the default, so
 that the table can be finished across sessions) when every file is present with the recorded sha256 and
@@ -46,11 +50,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.monuseg import DATA, LICENCE, ROLES, SPLIT, read_split  # noqa: E402
+from bench.monuseg import DATA, LICENCE, PAPER_TABLE1, ROLES, SPLIT, read_split  # noqa: E402
 
 RECORD_KEY = "diffusion_models"  # results.json: {pct: record of the fraction's diffusion models}
 FINISHED = ("ok", "cached")
@@ -91,7 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "or given as two model files (repeatable)")
     ap.add_argument("--labeled", default="10,100", help="fractions with a labeled arm (percent)")
     ap.add_argument("--pairs", type=int, default=None,
-                    help="synthetic pairs per augmented fraction (default: the paper's 512, 1024 for 100%%)")
+                    help="synthetic pairs each augmented segmenter trains with (default: the paper's 512, 1024 "
+                         "for 100%%)")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="segmenter trainings per fraction and arm, seeds seed..seed+repeats-1; the table shows "
+                         "their mean, spread, and the gains' standard error")
+    ap.add_argument("--fresh-pairs", action=argparse.BooleanOptionalAction, default=True,
+                    help="each repeat of an augmented arm trains on its own --pairs pairs (repeats x pairs are "
+                         "generated), so the spread includes the draw of the pairs; --no-fresh-pairs: one draw")
+    ap.add_argument("--generate-chunk", type=int, default=64,
+                    help="pairs per generate job: a call stopped mid-way loses at most one chunk")
     ap.add_argument("--pair-size", type=int, default=256, help="synthetic tile size in px")
     ap.add_argument("--preset", default="cpu", choices=["test", "cpu", "paper"], help="diffusion model preset")
     ap.add_argument("--diffusion-size", type=int, default=128, help="diffusion training tile size in px")
@@ -282,7 +297,7 @@ def choose_models(args: argparse.Namespace, recorded: dict[str, dict], train_sha
         pct, _, given = spec.partition("=")
         pct = _pct_list(pct)[0]
         entry = recorded.get(pct)
-        downstream = [w / f"synthetic_{pct}", *sorted((w / "evaluate" / "runs").glob(f"{pct}pct_augmented_r*"))]
+        downstream = [w / f"synthetic_{pct}", w / f"synthetic_{pct}_parts", *sorted((w / "evaluate" / "runs").glob(f"{pct}pct_augmented_r*"))]
         if given:
             smodel, imodel = (Path(p).resolve() for p in given.split(","))
             same = entry and all(m.is_file() and model_files(m, w) == entry.get(k)
@@ -368,7 +383,10 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
     ev = w / "evaluate"
     seg = ["--real", str(real), "--test", str(test), "--out", str(ev), "--steps", str(args.seg_steps),
            "--size", str(args.seg_size), "--batch-size", str(args.seg_batch), "--channels", str(args.seg_channels),
-           "--depth", str(args.seg_depth), "--seed", str(args.seed), "--augment", args.seg_augment]
+           "--depth", str(args.seg_depth), "--seed", str(args.seed), "--augment", args.seg_augment,
+           "--repeats", str(args.repeats)]
+    from engine.pipeline import candidate_count
+
     cap = str(args.diffusion_steps or 1000000)
     jobs: list[Job] = []
     for c in choices if choices is not None else choose_models(args, {}, ""):
@@ -397,19 +415,103 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
                 "--finetune-steps", cap, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
                 "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2))
             gen_after = [f"structure {pct}%", f"image {pct}% stage 2"]
+        # the pairs, in chunks (a stopped call loses at most one); chunk k's candidates take the seeds after
+        # chunk k-1's, and a part's folder is named by a hash of its command, so other settings make new parts
         synth = w / f"synthetic_{pct}"
-        jobs.append(Job(f"generate {pct}%", py + [
-            "generate", "--structure-checkpoint", str(c.structure), "--image-checkpoint", str(c.image), "--n", str(n),
-            "--size", str(args.pair_size), "--steps", str(args.sampler_steps), "--batch-size", "32",
-            "--oversample", f"{args.oversample:g}", "--w", f"{args.w:g}",
-            "--seed", str(args.seed), "--out", str(synth)], gen_after, synth / "manifest.csv", -1))
+        total = n * args.repeats if args.fresh_pairs and args.repeats > 1 else n
+        sizes = [min(args.generate_chunk, total - lo) for lo in range(0, total, args.generate_chunk)]
+        stride = candidate_count(args.generate_chunk, args.oversample)
+        names, part_dirs = [], []
+        for k, size in enumerate(sizes):
+            cmd = py + ["generate", "--structure-checkpoint", str(c.structure), "--image-checkpoint", str(c.image),
+                        "--n", str(size), "--size", str(args.pair_size), "--steps", str(args.sampler_steps),
+                        "--batch-size", "32", "--oversample", f"{args.oversample:g}", "--w", f"{args.w:g}",
+                        "--seed", str(args.seed + k * stride)]
+            tag = hashlib.sha256(json.dumps(cmd[len(py):]).encode()).hexdigest()[:8]
+            part = w / f"synthetic_{pct}_parts" / f"part{k:03d}_{tag}"
+            names.append(f"generate {pct}% part {k + 1}/{len(sizes)}")
+            part_dirs.append(str(part))
+            jobs.append(Job(names[-1], cmd + ["--out", str(part)], gen_after, part / "manifest.csv", -1))
+        merge = f"from bench.table1_monuseg import merge_parts; merge_parts({part_dirs!r}, {str(synth)!r})"
+        jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, -1))
+        per_repeat = ["--pairs-per-repeat", str(n)] if total > n else []
         jobs.append(Job(f"segmenter {pct}% augmented", py + [
-            "evaluate", *seg, "--fractions", pct, "--arms", "augmented", "--synthetic", f"{pct}={synth}"],
-            [f"generate {pct}%"]))
+            "evaluate", *seg, "--fractions", pct, "--arms", "augmented", "--synthetic", f"{pct}={synth}",
+            *per_repeat], [f"pairs {pct}%"]))
     for pct in _pct_list(args.labeled):
         jobs.append(Job(f"segmenter {pct}% labeled", py + ["evaluate", *seg, "--fractions", pct,
                                                           "--arms", "labeled"], priority=1))
     return jobs
+
+
+def merge_parts(parts: list[str], out: str) -> Path:
+    """One labeled folder ``out`` of the generate parts, in order: images/ and labels/ hold links named
+    ``<part>_<pair id>`` (so folder order is seed order) and manifest.csv their rows. Built beside ``out``
+    and renamed; an earlier merge there (links only) is replaced, an older folder of files is moved to
+    WORK/replaced/<time>/ first."""
+    import csv
+    import shutil
+
+    from engine.fileio import atomic_output
+
+    out = Path(out)
+    rows, fields = [], None
+    for part in map(Path, parts):
+        with open(part / "manifest.csv", newline="") as f:
+            reader = csv.DictReader(f)
+            fields = fields or reader.fieldnames
+            for row in reader:
+                pid = f"{part.name}_{row['id']}"
+                rows.append((part, row, {**row, "id": pid, "image": f"images/{pid}.png",
+                                         "label": f"labels/{pid}{Path(row['label']).suffix}"}))
+    with atomic_output(out, folder=True) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
+        for part, row, new in rows:
+            for key in ("image", "label"):
+                (tmp / new[key]).symlink_to((part / row[key]).resolve())
+        with open(tmp / "manifest.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(new for _, _, new in rows)
+        if out.exists():  # replaced only now that its successor is complete
+            files = [p for p in out.rglob("*") if p.is_file() or p.is_symlink()]
+            if all(p.is_symlink() or p.name == "manifest.csv" for p in files):
+                shutil.rmtree(out)
+            else:
+                set_aside([out], out.parent, time.strftime("%Y%m%d-%H%M%S"))
+    print(f"{len(rows)} pairs of {len(parts)} parts in {out}")
+    return out
+
+
+def paper_table(rows: list[dict[str, Any]]) -> str:
+    """The collected rows (engine.evaluate) as Markdown beside the paper's HoVer-Net figures: mean ± std
+    over the repeats per arm, then each fraction's gain ± its standard error next to the paper's gain."""
+    def cell(r: dict, m: str) -> str:
+        return f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["repeats"] > 1 else "")
+
+    def gain(a: dict, b: dict, m: str) -> str:
+        se = float(np.hypot(a[m + "_se"], b[m + "_se"]))
+        return f"{a[m] - b[m]:+.4f}" + (f" ± {se:.4f}" if min(a["repeats"], b["repeats"]) > 1 else "")
+
+    out = ["| Training data | Dice | AJI | AJI+ | PQ | repeats | paper Dice | paper AJI |", "|---" * 8 + "|"]
+    by = {}
+    for r in rows:
+        pct = f"{r['fraction'] * 100:g}"
+        by[pct, r["arm"]] = r
+        paper = PAPER_TABLE1.get((pct, r["arm"]))
+        out.append(f"| {pct}% {r['arm']} | " + " | ".join(cell(r, m) for m in ("dice", "aji", "aji_plus", "pq"))
+                   + f" | {r['repeats']} | " + (" | ".join(f"{v:.4f}" for v in paper) if paper else "– | –") + " |")
+    out += ["", "Gain of augmentation (augmented − labeled; ± standard error over the repeats):", "",
+            "| Fraction | Dice | AJI | AJI+ | PQ | paper Dice | paper AJI |", "|---" * 7 + "|"]
+    for pct in sorted({p for p, _ in by}, key=float):
+        a, b = by.get((pct, "augmented")), by.get((pct, "labeled"))
+        if a and b:
+            pa, pb = PAPER_TABLE1.get((pct, "augmented")), PAPER_TABLE1.get((pct, "labeled"))
+            paper = " | ".join(f"{x - y:+.4f}" for x, y in zip(pa, pb)) if pa and pb else "– | –"
+            out.append(f"| {pct}% | " + " | ".join(gain(a, b, m) for m in ("dice", "aji", "aji_plus", "pq"))
+                       + f" | {paper} |")
+    return "\n".join(out) + "\n"
 
 
 def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
@@ -490,6 +592,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import NuDiffError
     from engine.evaluate import collect_results
+    from engine.fileio import atomic_write_bytes
 
     gpu = torch.cuda.is_available()
     parallel = args.parallel or (4 if gpu else 1)
@@ -539,7 +642,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split)
-    print(result.files["md"].read_text())
+    table = paper_table(result.rows)
+    atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
+    print(table)
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 

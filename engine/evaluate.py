@@ -48,7 +48,7 @@ __all__ = ["METRICS", "ARMS", "ExperimentConfig", "ExperimentResult", "parse_fra
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
 CSV_FIELDS = ("training_data", "fraction", "arm", "repeats", "n_real_tiles", "n_synthetic", "nuclei_fraction",
-              *[c for m in METRICS for c in (m, f"{m}_std")])
+              *[c for m in METRICS for c in (m, f"{m}_std", f"{m}_se")])
 Log = Callable[[str], None]
 SyntheticSpec = str | Path | Mapping[Any, Any] | None
 
@@ -518,7 +518,8 @@ def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],
 
 def _table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[dict[str, Any]]:
     """One row per fraction x arm: metric = mean over repeats of the per-run mean over test images,
-    metric_std = their standard deviation (0 with one repeat)."""
+    metric_std = their standard deviation, metric_se = the standard error of that mean (sample standard
+    deviation / sqrt(repeats); both 0 with one repeat)."""
     rows = []
     for f in fractions:
         for arm in ARMS:
@@ -533,6 +534,7 @@ def _table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[
                 vals = np.array([r["mean"][m] for r in group], np.float64)
                 row[m] = float(vals.mean())
                 row[f"{m}_std"] = float(vals.std())
+                row[f"{m}_se"] = float(vals.std(ddof=1) / np.sqrt(len(vals))) if len(vals) > 1 else 0.0
             rows.append(row)
     return rows
 
@@ -545,7 +547,8 @@ _HEADERS = {"dice": "Dice", "aji": "AJI", "aji_plus": "AJI+", "pq": "PQ"}
 
 def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     """Paper-style Markdown table (mean, '± std' with repeats) plus, where both arms exist, the gain of
-    augmentation per fraction."""
+    augmentation per fraction (with repeats: '± its standard error', sqrt(se_augmented² + se_labeled²), the
+    arms' repeats taken as independent)."""
     spread = any(r["repeats"] > 1 for r in rows)
     head = ["Training data", *[_HEADERS[m] for m in METRICS], "Real tiles", "Synthetic pairs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
@@ -558,13 +561,21 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for f in sorted({r["fraction"] for r in rows}):
         pair = {r["arm"]: r for r in rows if r["fraction"] == f}
         if len(pair) == 2:
-            gains.append("| " + " | ".join([f"{_pct(f)}%"] + [
-                f"{pair['augmented'][m] - pair['labeled'][m]:+.4f}" for m in METRICS]) + " |")
+            gains.append("| " + " | ".join([f"{_pct(f)}%"] + [_gain(pair["augmented"], pair["labeled"], m, spread)
+                                                            for m in METRICS]) + " |")
     if gains:
-        lines += ["", "Gain of augmentation (augmented − labeled):", "",
+        lines += ["", "Gain of augmentation (augmented − labeled"
+                  + (", ± its standard error over the repeats" if spread else "") + "):", "",
                   "| Fraction | " + " | ".join(_HEADERS[m] for m in METRICS) + " |",
                   "|---|" + "|".join("---" for _ in METRICS) + "|", *gains]
     return "\n".join(lines) + "\n"
+
+
+def _gain(aug: Mapping[str, Any], lab: Mapping[str, Any], m: str, spread: bool) -> str:
+    text = f"{aug[m] - lab[m]:+.4f}"
+    if spread:
+        text += f" ± {float(np.hypot(aug.get(f'{m}_se', 0.0), lab.get(f'{m}_se', 0.0))):.4f}"
+    return text
 
 
 def write_table(rows: Sequence[Mapping[str, Any]], out_dir: str | Path) -> dict[str, Path]:

@@ -237,6 +237,30 @@ def test_synthetic_share_weights():
     assert sum(a * x for a, x in zip(areas[3:], w[3:])) / total == pytest.approx(0.25)
 
 
+def test_repeats_give_a_spread_and_the_gain_a_standard_error():
+    from engine.evaluate import _table_rows, format_markdown
+
+    def run(arm: str, aji: float) -> dict:
+        return {"fraction": 0.1, "arm": arm, "n_real_tiles": 5, "n_synthetic": 0 if arm == "labeled" else 8,
+                "nuclei_fraction": 0.1, "mean": {"dice": 0.8, "aji": aji, "aji_plus": 0.6, "pq": 0.5}}
+
+    runs = [run("labeled", v) for v in (0.60, 0.62, 0.64)] + [run("augmented", v) for v in (0.63, 0.66, 0.66)]
+    rows = {r["arm"]: r for r in _table_rows(runs, [0.1])}
+    lab, aug = rows["labeled"], rows["augmented"]
+    assert lab["repeats"] == 3 and lab["aji"] == pytest.approx(0.62)
+    assert lab["aji_std"] == pytest.approx(np.sqrt(0.0008 / 3))  # population std, as the table shows it
+    assert lab["aji_se"] == pytest.approx(0.02 / np.sqrt(3))  # sample std 0.02 over sqrt(3)
+    assert aug["aji_se"] == pytest.approx(np.sqrt(0.0006 / 2) / np.sqrt(3))
+    assert lab["dice_se"] == pytest.approx(0.0, abs=1e-12)  # equal values: no spread
+    md = format_markdown(list(rows.values()))
+    se = np.hypot(0.02 / np.sqrt(3), np.sqrt(0.0006 / 2) / np.sqrt(3))
+    gain_line = next(line for line in md.splitlines() if line.startswith("| 10% |"))
+    assert gain_line.split(" | ")[2] == f"+0.0300 ± {se:.4f}"  # AJI: 0.65 - 0.62
+    assert "standard error" in md
+    one = _table_rows([runs[0], runs[3]], [0.1])
+    assert one[0]["aji_se"] == 0.0 and "±" not in format_markdown(one)
+
+
 def test_arms_split_over_calls_are_collected_into_one_table(experiment, folders, tmp_path):
     """Arms run separately (as by parallel processes) into one folder give the table of one run."""
     import shutil

@@ -3,6 +3,7 @@ the whole experiment on tiny procedural data with a split, a separate test folde
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 import sys
@@ -26,8 +27,11 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--augment", "100=s.json,i.json",
                                       "--labeled", "10,100", "--diffusion-minutes", "8"])
     jobs = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
-    assert set(jobs) == {"subset 10%", "structure 10%", "image 10% stage 1", "image 10% stage 2", "generate 10%",
-                         "segmenter 10% augmented", "generate 100%", "segmenter 100% augmented",
+    # the paper's pair counts (512, 1024 for 100 %) for each of the 3 repeats, in chunks of 64
+    gen10 = [f"generate 10% part {k}/24" for k in range(1, 25)]
+    gen100 = [f"generate 100% part {k}/48" for k in range(1, 49)]
+    assert set(jobs) == {"subset 10%", "structure 10%", "image 10% stage 1", "image 10% stage 2", *gen10,
+                         "pairs 10%", "segmenter 10% augmented", *gen100, "pairs 100%", "segmenter 100% augmented",
                          "segmenter 10% labeled", "segmenter 100% labeled"}
     # the 10 % models learn from the 10 % subset only; their budget splits 8 min and 6 + 2 min
     for name in ("structure 10%", "image 10% stage 1"):
@@ -37,15 +41,36 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     stage2 = jobs["image 10% stage 2"].cmd
     assert stage2[stage2.index("--time-limit") + 1] == "2" and "--init-from" in stage2
     assert stage2[stage2.index("--drop-rate") + 1] == "0.2"
-    assert jobs["generate 10%"].after == ["structure 10%", "image 10% stage 2"]
-    assert jobs["generate 100%"].after == [] and str(Path("s.json").resolve()) in jobs["generate 100%"].cmd
-    assert "512" in jobs["generate 10%"].cmd and "1024" in jobs["generate 100%"].cmd  # the paper's counts
-    gen = jobs["generate 10%"].cmd
+    assert all(jobs[g].after == ["structure 10%", "image 10% stage 2"] for g in gen10)
+    assert jobs[gen100[0]].after == [] and str(Path("s.json").resolve()) in jobs[gen100[0]].cmd
+
+    def arg(cmd: list[str], flag: str) -> str:
+        return cmd[cmd.index(flag) + 1]
+
+    # chunk k draws the 64 seeds after chunk k-1's: together one draw of 3 x 512 pairs, each part in its own folder
+    assert [int(arg(jobs[g].cmd, "--seed")) for g in gen10] == list(range(0, 3 * 512, 64))
+    assert all(arg(jobs[g].cmd, "--n") == "64" for g in gen10)
+    assert len({arg(jobs[g].cmd, "--out") for g in gen10}) == 24
+    assert jobs["pairs 10%"].after == gen10 and jobs["segmenter 10% augmented"].after == ["pairs 10%"]
+    seg10 = jobs["segmenter 10% augmented"].cmd
+    assert arg(seg10, "--repeats") == "3" and arg(seg10, "--pairs-per-repeat") == "512"
+    assert arg(jobs["segmenter 100% augmented"].cmd, "--pairs-per-repeat") == "1024"
+    gen = jobs[gen10[0]].cmd
     assert gen[gen.index("--oversample") + 1] == "1"  # the paper's protocol: no realism filter by default
     assert gen[gen.index("--w") + 1] == "2"  # and its guidance scale
-    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--oversample", "3", "--w", "1"])
-    gen = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["generate 10%"].cmd
-    assert gen[gen.index("--oversample") + 1] == "3" and gen[gen.index("--w") + 1] == "1"
+    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--oversample", "3", "--w", "1",
+                                      "--pairs", "100", "--repeats", "2", "--generate-chunk", "40"])
+    jobs2 = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
+    gens = [jobs2[f"generate 10% part {k}/5"] for k in range(1, 6)]
+    assert [arg(j.cmd, "--n") for j in gens] == ["40", "40", "40", "40", "40"]
+    assert [arg(j.cmd, "--seed") for j in gens] == ["0", "120", "240", "360", "480"]  # 40 x 3 candidates each
+    assert gens[0].cmd[gens[0].cmd.index("--oversample") + 1] == "3" and arg(gens[0].cmd, "--w") == "1"
+    assert arg(gens[0].cmd, "--out") != arg(jobs[gen10[0]].cmd, "--out")  # other settings, other parts
+    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--pairs", "100",
+                                      "--no-fresh-pairs"])
+    jobs2 = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
+    assert [arg(jobs2[f"generate 10% part {k}/2"].cmd, "--n") for k in (1, 2)] == ["64", "36"]
+    assert "--pairs-per-repeat" not in jobs2["segmenter 10% augmented"].cmd  # every repeat: the same 100
     # every segmenter shares one setting, so the arms are comparable
     seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
     assert len(seg) == 4 and all(s == seg[0] for s in seg)
@@ -106,7 +131,7 @@ def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
 TINY_RUN = ["--augment", "100", "--labeled", "100", "--preset", "test", "--diffusion-size", "32",
             "--diffusion-steps", "2", "--diffusion-batch", "2", "--diffusion-minutes", "5", "--pairs", "2",
             "--pair-size", "32", "--sampler-steps", "2", "--seg-steps", "2", "--seg-size", "32", "--seg-batch", "2",
-            "--seg-channels", "8", "--seg-depth", "2", "--parallel", "2"]
+            "--seg-channels", "8", "--seg-depth", "2", "--parallel", "2", "--repeats", "2", "--generate-chunk", "3"]
 
 
 def _tiny_data(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -153,6 +178,22 @@ def test_experiment_on_another_test_set_records_its_models_and_reuses_them(tmp_p
             files[work / f["path"]] = (work / f["path"]).stat().st_mtime_ns
     jobs = json.loads((work / "jobs.json").read_text())
     assert jobs["structure 100%"]["state"] == "ok" and jobs["image 100% stage 2"]["state"] == "ok"
+    # 2 repeats x 2 pairs, generated in parts of 3 + 1 and gathered (as links, in seed order) into one folder
+    assert jobs["generate 100% part 1/2"]["state"] == "ok" and jobs["generate 100% part 2/2"]["state"] == "ok"
+    synth = work / "synthetic_100"
+    images = sorted((synth / "images").iterdir())
+    assert len(images) == 4 and all(p.is_symlink() for p in images)
+    assert [p.name.split("_")[0] for p in images] == ["part000", "part000", "part000", "part001"]
+    with open(synth / "manifest.csv") as f:
+        seeds = [int(row["seed"]) for row in csv.DictReader(f)]
+    assert seeds == [0, 1, 2, 3]
+    # each augmented repeat trained on its own 2 pairs; the table gives the spread and the paper's figures
+    aug = sorted((r for r in record["runs"] if r["arm"] == "augmented"), key=lambda r: r["repeat"])
+    assert [r["synthetic_block"] for r in aug] == [[0, 2], [2, 4]]
+    assert all(r["repeats"] == 2 for r in record["rows"])
+    table = (work / "evaluate" / "table1.md").read_text()
+    assert "| 100% labeled |" in table and "0.8206 | 0.6652 |" in table  # the paper's 100 % labeled
+    assert "| 100% | " in table and "+0.0130 | +0.0158 |" in table  # the paper's gain at 100 %
 
     # again (--reuse-models is the default): the recorded models are verified and reused, nothing retrained
     rc = main(argv)
@@ -212,3 +253,30 @@ def test_split_roles_are_checked(tmp_path, capsys):
     # the same stem in the training folder and the separate test folder is refused (a leak or a name clash)
     with pytest.raises(SystemExit, match="synth_000 is both a train and a test image"):
         assign_roles(train, read_split(split), train)
+
+
+def test_merged_pairs_replace_an_earlier_merge_and_set_an_older_folder_aside(tmp_path):
+    import numpy as np
+
+    from bench.table1_monuseg import merge_parts
+    from engine.data import load_folder
+    from engine.export import write_folder
+
+    def part(name: str, seeds: list[int]) -> str:
+        inst = np.zeros((16, 16), np.int32)
+        inst[4:9, 4:9] = 1
+        pairs = [(np.full((16, 16, 3), s, np.uint8), inst, {"seed": s}) for s in seeds]
+        return str(write_folder(pairs, tmp_path / "parts" / name))
+
+    a, b = part("part000_x", [0, 1]), part("part001_y", [2])
+    out = tmp_path / "synthetic_10"
+    write_folder([(np.zeros((16, 16, 3), np.uint8), np.zeros((16, 16), np.int32), {})], out)  # an older layout
+    merge_parts([a, b], str(out))
+    items = load_folder(out)[0]
+    assert [int(it.image[0, 0, 0]) for it in items] == [0, 1, 2]  # folder order is seed order
+    assert [it.stem for it in items] == ["part000_x_pair_0001", "part000_x_pair_0002", "part001_y_pair_0001"]
+    aside, = (tmp_path / "replaced").iterdir()
+    assert len(list((aside / "synthetic_10" / "images").iterdir())) == 1  # the older folder: moved, not deleted
+    merge_parts([b], str(out))  # an earlier merge (links only) is simply replaced
+    assert [int(it.image[0, 0, 0]) for it in load_folder(out)[0]] == [2]
+    assert len(list((tmp_path / "replaced").iterdir())) == 1 and Path(a, "images", "pair_0001.png").is_file()
