@@ -17,6 +17,7 @@ only rescores. Usage (the demo models today, held-out test images)::
     python bench/realism.py --name demo --w 2 --w 0.75 --role test
     python bench/realism.py --name r21 --structure S.json --image I.json --role validation --w 0.5 --w 1
     python bench/realism.py --name demo --w 2 --oversample 4      # layouts through the realism filter
+    python bench/realism.py --name demo --w 0.75 --real-layouts   # images on real layouts: the image model alone
 
 Prints one markdown table and writes WORK/NAME/realism-ROLE.json (realism-ROLE-kK.json with --oversample).
 """
@@ -48,7 +49,10 @@ def grid_tiles(images, insts, size):
 
 
 def filter_suffix(args) -> str:
-    """File-name suffix of the realism filter's setting ("-kK": n kept of n * K sampled; "" when off)."""
+    """File-name suffix of the layouts' setting: "-real-layouts" (--real-layouts), "-kK" (the realism filter:
+    n kept of n * K sampled), "" (sampled, unfiltered)."""
+    if args.real_layouts:
+        return "-real-layouts"
     return f"-k{args.oversample:g}" if args.oversample > 1 else ""
 
 
@@ -58,8 +62,9 @@ def load_role(data: Path, stems):
     return images, labels
 
 
-def synthetic_set(args, w: float, cache: Path):
-    """(images, insts) of n synthetic tiles at w, cached."""
+def synthetic_set(args, w: float, cache: Path, real_labels=None):
+    """(images, insts) of n synthetic tiles at w, cached. real_labels: with --real-layouts, the real tiles'
+    instance maps to draw the n layouts from (seeded), instead of sampling them."""
     import torch
 
     from engine.pipeline import load_model, sample_structures, synthesize
@@ -67,7 +72,11 @@ def synthetic_set(args, w: float, cache: Path):
     torch.set_num_threads(args.threads)
     k = filter_suffix(args)
     f_struct = cache / f"structures-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}.npz"
-    if f_struct.exists():
+    if args.real_layouts:
+        pick = np.random.default_rng(args.seed).choice(len(real_labels), size=min(args.n, len(real_labels)),
+                                                       replace=False)
+        structures = insts = [real_labels[i] for i in sorted(pick)]  # synthesize rebuilds their structures
+    elif f_struct.exists():
         z = np.load(f_struct)
         structures, insts = list(z["structures"]), list(z["insts"])
     else:
@@ -91,16 +100,26 @@ def synthetic_set(args, w: float, cache: Path):
     return images, insts
 
 
-def sanity_rows(real256, real128, cfg):
-    """Real vs real (disjoint halves) and real vs blurred real (disjoint halves), at both sizes."""
-    rows = {}
-    for size, tiles in ((256, real256), (128, real128)):
-        rng = np.random.default_rng(cfg.seed + 7)
-        order = rng.permutation(len(tiles))
-        a = [tiles[i] for i in order[: len(tiles) // 2]]
-        b = [tiles[i] for i in order[len(tiles) // 2 :]]
-        rows[f"real_vs_real_{size}"] = two_sample_test(a, b, cfg).to_dict()
-        rows[f"real_vs_blurred_{size}"] = two_sample_test(a, blur_tiles(b), cfg).to_dict()
+def sanity_rows(real, train, cfg, have=None):
+    """Rows of the same test on real tiles only, per size (real, train: {size: tiles}); rows already in
+    ``have`` are kept, not measured again:
+
+    - real vs real: two disjoint halves of the role's tiles (must be near 0.5);
+    - real vs blurred real: one half against the other half blurred (must be near 1.0);
+    - train vs held-out: the training images' tiles against the role's. What a generator that reproduced
+      its training images exactly would score: tiles of other patients differ in stain and tissue, so a
+      figure above 0.5 here is a floor no generator trained on these images can be expected to beat."""
+    rows = dict(have or {})
+    for size, tiles in real.items():
+        if f"real_vs_blurred_{size}" not in rows:
+            rng = np.random.default_rng(cfg.seed + 7)
+            order = rng.permutation(len(tiles))
+            a = [tiles[i] for i in order[: len(tiles) // 2]]
+            b = [tiles[i] for i in order[len(tiles) // 2 :]]
+            rows[f"real_vs_real_{size}"] = two_sample_test(a, b, cfg).to_dict()
+            rows[f"real_vs_blurred_{size}"] = two_sample_test(a, blur_tiles(b), cfg).to_dict()
+        if f"train_vs_held_out_{size}" not in rows:
+            rows[f"train_vs_held_out_{size}"] = two_sample_test(train[size], tiles, cfg).to_dict()
     return rows
 
 
@@ -118,10 +137,15 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
     ap.add_argument("--oversample", type=float, default=1.0,
                     help="realism filter: keep n of n * K sampled structures (engine.curate; 1 = off)")
+    ap.add_argument("--real-layouts", action="store_true",
+                    help="synthesize on n of the role's own real layouts (their label tiles) instead of sampled "
+                         "ones: the image model's realism alone")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
     args = ap.parse_args(argv)
+    if args.real_layouts and args.size != 256:
+        ap.error("--real-layouts takes the real images' 256 px tiles: --size must be 256")
     ws = args.w or [2.0]
     split = json.loads(args.split.read_text())
     cfg = TwoSampleConfig()
@@ -129,26 +153,26 @@ def main(argv=None):
     cache.mkdir(parents=True, exist_ok=True)
 
     r_img, r_lab = load_role(args.data, split[args.role])
-    real256, _ = grid_tiles(r_img, r_lab, 256)
+    real256, real256_labels = grid_tiles(r_img, r_lab, 256)
     real128, _ = grid_tiles(r_img, r_lab, 128)
-    t_img, _ = load_role(args.data, split["train"])
+    t_img, t_lab = load_role(args.data, split["train"])
     f_sanity = args.work / f"sanity-{args.role}.json"
-    if f_sanity.exists():
-        sanity = json.loads(f_sanity.read_text())
-    else:
-        t = time.time()
-        sanity = sanity_rows(real256, real128, cfg)
+    have = json.loads(f_sanity.read_text()) if f_sanity.exists() else {}
+    t = time.time()
+    sanity = sanity_rows({256: real256, 128: real128},
+                         {size: grid_tiles(t_img, t_lab, size)[0] for size in (256, 128)}, cfg, have)
+    if sanity != have:
         print(f"  sanity rows in {time.time() - t:.0f} s", file=sys.stderr)
         f_sanity.write_text(json.dumps(sanity, indent=1))
 
     results = {"name": args.name, "structure": args.structure, "image": args.image, "role": args.role,
                "real_images": split[args.role], "n_real_tiles": {"256": len(real256), "128": len(real128)},
                "n_synthetic": args.n, "size": args.size, "steps": args.steps, "seed": args.seed,
-               "oversample": args.oversample,
+               "oversample": args.oversample, "real_layouts": args.real_layouts,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
     for w in ws:
-        s_img, s_lab = synthetic_set(args, w, cache)
+        s_img, s_lab = synthetic_set(args, w, cache, real256_labels)
         q_img, q_lab = grid_tiles(s_img, s_lab, args.size // 2)  # the quadrants of each tile
         t = time.time()
         row = {"two_sample_256": two_sample_test(real256, s_img, cfg).to_dict(),
@@ -180,7 +204,8 @@ def main(argv=None):
     print(f"\n{args.name} against {args.role} images ({', '.join(split[args.role])})\n")
     print(f"sanity: real vs real {acc(sanity['real_vs_real_256'])} (256 px), {acc(sanity['real_vs_real_128'])} "
           f"(128 px); real vs blurred {acc(sanity['real_vs_blurred_256'])} (256 px), "
-          f"{acc(sanity['real_vs_blurred_128'])} (128 px)\n")
+          f"{acc(sanity['real_vs_blurred_128'])} (128 px); train images vs these {acc(sanity['train_vs_held_out_256'])} "
+          f"(256 px), {acc(sanity['train_vs_held_out_128'])} (128 px)\n")
     print("| w | two-sample 256 px | two-sample 128 px | nuclei / 128 px tile (real) | foreground (real) | "
           "morphology distance | H Dice syn (real) | darker fraction | near-copies 128 / 256 | "
           "nearest training tile, median (real-real median) |")
