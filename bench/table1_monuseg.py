@@ -96,16 +96,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="fraction with an augmented arm; its diffusion models are trained on its subset, "
                          "or given as two model files (repeatable)")
     ap.add_argument("--labeled", default="10,100", help="fractions with a labeled arm (percent)")
-    ap.add_argument("--pairs", type=int, default=None,
+    ap.add_argument("--pairs", type=_positive_int, default=None,
                     help="synthetic pairs each augmented segmenter trains with (default: the paper's 512, 1024 "
                          "for 100%%)")
-    ap.add_argument("--repeats", type=int, default=3,
+    ap.add_argument("--repeats", type=_positive_int, default=3,
                     help="segmenter trainings per fraction and arm, seeds seed..seed+repeats-1; the table shows "
                          "their mean, spread, and the gains' standard error")
     ap.add_argument("--fresh-pairs", action=argparse.BooleanOptionalAction, default=True,
                     help="each repeat of an augmented arm trains on its own --pairs pairs (repeats x pairs are "
                          "generated), so the spread includes the draw of the pairs; --no-fresh-pairs: one draw")
-    ap.add_argument("--generate-chunk", type=int, default=64,
+    ap.add_argument("--generate-chunk", type=_positive_int, default=64,
                     help="pairs per generate job: a call stopped mid-way loses at most one chunk")
     ap.add_argument("--pair-size", type=int, default=256, help="synthetic tile size in px")
     ap.add_argument("--preset", default="cpu", choices=["test", "cpu", "paper"], help="diffusion model preset")
@@ -136,6 +136,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "starved each other, docs/benchmarks.md section 6)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
     return ap
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
 
 
 def _pct_list(text: str) -> list[str]:

@@ -71,6 +71,9 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     jobs2 = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
     assert [arg(jobs2[f"generate 10% part {k}/2"].cmd, "--n") for k in (1, 2)] == ["64", "36"]
     assert "--pairs-per-repeat" not in jobs2["segmenter 10% augmented"].cmd  # every repeat: the same 100
+    for bad in (["--repeats", "0"], ["--generate-chunk", "-1"], ["--pairs", "many"]):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--work", str(tmp_path), *bad])
     # every segmenter shares one setting, so the arms are comparable
     seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
     assert len(seg) == 4 and all(s == seg[0] for s in seg)
