@@ -25,8 +25,9 @@ error, beside the paper's HoVer-Net figures); its results.json also names, per a
 (files and sha256), the seed and the training images they come from ("diffusion_models"), and the roles
 ("split"). A later call reuses a finished fraction's recorded models (``--reuse-models``, the default, so
 that the table can be finished across sessions) when every file is present with the recorded sha256 and
-the seed and training images are the recorded ones, else retrains them; ``--no-reuse-models`` retrains. Outputs a retraining replaces (models,
-subset, pairs, augmented segmenters) are moved to WORK/replaced/<time>/, never deleted.
+the seed and training images are the recorded ones, else retrains them; ``--no-reuse-models`` retrains.
+Outputs a retraining replaces (models, subset, pairs, augmented segmenters) are moved to
+WORK/replaced/<time>/, never deleted.
 
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 \\
         --augment 100=checkpoints/structure-demo.json,checkpoints/image-demo.json --labeled 10,100
@@ -49,8 +50,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -307,7 +306,8 @@ def choose_models(args: argparse.Namespace, recorded: dict[str, dict], train_sha
         pct, _, given = spec.partition("=")
         pct = _pct_list(pct)[0]
         entry = recorded.get(pct)
-        downstream = [w / f"synthetic_{pct}", w / f"synthetic_{pct}_parts", *sorted((w / "evaluate" / "runs").glob(f"{pct}pct_augmented_r*"))]
+        downstream = [w / f"synthetic_{pct}", w / f"synthetic_{pct}_parts",
+                      *sorted((w / "evaluate" / "runs").glob(f"{pct}pct_augmented_r*"))]
         if given:
             smodel, imodel = (Path(p).resolve() for p in given.split(","))
             same = entry and all(m.is_file() and model_files(m, w) == entry.get(k)
@@ -497,12 +497,10 @@ def merge_parts(parts: list[str], out: str) -> Path:
 def paper_table(rows: list[dict[str, Any]]) -> str:
     """The collected rows (engine.evaluate) as Markdown beside the paper's HoVer-Net figures: mean ± std
     over the repeats per arm, then each fraction's gain ± its standard error next to the paper's gain."""
+    from engine.evaluate import format_gain
+
     def cell(r: dict, m: str) -> str:
         return f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["repeats"] > 1 else "")
-
-    def gain(a: dict, b: dict, m: str) -> str:
-        se = float(np.hypot(a[m + "_se"], b[m + "_se"]))
-        return f"{a[m] - b[m]:+.4f}" + (f" ± {se:.4f}" if min(a["repeats"], b["repeats"]) > 1 else "")
 
     out = ["| Training data | Dice | AJI | AJI+ | PQ | repeats | paper Dice | paper AJI |", "|---" * 8 + "|"]
     by = {}
@@ -519,8 +517,9 @@ def paper_table(rows: list[dict[str, Any]]) -> str:
         if a and b:
             pa, pb = PAPER_TABLE1.get((pct, "augmented")), PAPER_TABLE1.get((pct, "labeled"))
             paper = " | ".join(f"{x - y:+.4f}" for x, y in zip(pa, pb)) if pa and pb else "– | –"
-            out.append(f"| {pct}% | " + " | ".join(gain(a, b, m) for m in ("dice", "aji", "aji_plus", "pq"))
-                       + f" | {paper} |")
+            spread = min(a["repeats"], b["repeats"]) > 1
+            gains = " | ".join(format_gain(a, b, m, spread) for m in ("dice", "aji", "aji_plus", "pq"))
+            out.append(f"| {pct}% | {gains} | {paper} |")
     return "\n".join(out) + "\n"
 
 

@@ -43,7 +43,7 @@ from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_
 
 __all__ = ["METRICS", "ARMS", "ExperimentConfig", "ExperimentResult", "parse_fractions", "resolve_synthetic",
            "evaluate_segmenter", "image_metrics", "run_experiment", "collect_results", "labeled_subset",
-           "format_markdown", "write_table", "plot_results", "CSV_FIELDS"]
+           "format_markdown", "format_gain", "write_table", "plot_results", "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
@@ -561,7 +561,7 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for f in sorted({r["fraction"] for r in rows}):
         pair = {r["arm"]: r for r in rows if r["fraction"] == f}
         if len(pair) == 2:
-            gains.append("| " + " | ".join([f"{_pct(f)}%"] + [_gain(pair["augmented"], pair["labeled"], m, spread)
+            gains.append("| " + " | ".join([f"{_pct(f)}%"] + [format_gain(pair["augmented"], pair["labeled"], m, spread)
                                                             for m in METRICS]) + " |")
     if gains:
         lines += ["", "Gain of augmentation (augmented − labeled"
@@ -571,7 +571,8 @@ def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _gain(aug: Mapping[str, Any], lab: Mapping[str, Any], m: str, spread: bool) -> str:
+def format_gain(aug: Mapping[str, Any], lab: Mapping[str, Any], m: str, spread: bool) -> str:
+    """Gain of metric m of two table rows (augmented − labeled), '± its standard error' when spread."""
     text = f"{aug[m] - lab[m]:+.4f}"
     if spread:
         text += f" ± {float(np.hypot(aug.get(f'{m}_se', 0.0), lab.get(f'{m}_se', 0.0))):.4f}"
