@@ -17,11 +17,12 @@ ROLES = ("train", "validation", "test")
 LICENCE = ("MoNuSeg data: CC BY-NC-SA 4.0 (Kumar et al., IEEE TMI 2017 / 2019). The segmenters in this folder "
            "were trained on it and inherit these terms (non-commercial, share-alike, attribution).\n")
 
-#: The paper's Table 1, MoNuSeg columns (HoVer-Net): (percent, arm) -> (Dice, AJI)
-PAPER_TABLE1 = {("10", "labeled"): (0.7969, 0.6344), ("10", "augmented"): (0.8291, 0.6785),
-                ("20", "labeled"): (0.8118, 0.6501), ("20", "augmented"): (0.8219, 0.6657),
-                ("50", "labeled"): (0.8182, 0.6603), ("50", "augmented"): (0.8291, 0.6764),
-                ("100", "labeled"): (0.8206, 0.6652), ("100", "augmented"): (0.8336, 0.6810)}
+#: The paper's Table 1, MoNuSeg columns (HoVer-Net): (percent, arm) -> {metric: value}
+PAPER_TABLE1 = {(pct, arm): {"dice": dice, "aji": aji} for pct, arm, dice, aji in (
+    ("10", "labeled", 0.7969, 0.6344), ("10", "augmented", 0.8291, 0.6785),
+    ("20", "labeled", 0.8118, 0.6501), ("20", "augmented", 0.8219, 0.6657),
+    ("50", "labeled", 0.8182, 0.6603), ("50", "augmented", 0.8291, 0.6764),
+    ("100", "labeled", 0.8206, 0.6652), ("100", "augmented", 0.8336, 0.6810))}
 
 
 def read_split(path: Path = SPLIT) -> dict[str, list[str]]:

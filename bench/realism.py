@@ -103,8 +103,8 @@ def synthetic_set(args, w: float, cache: Path, real_labels=None):
 
 
 def sanity_rows(real, train, cfg, have=None):
-    """Rows of the same test on real tiles only, per size (real, train: {size: tiles}); rows already in
-    ``have`` are kept, not measured again:
+    """Rows of the same test on real tiles only, per size (real: {size: tiles}; train: size -> tiles, called
+    only for a row still to measure); rows already in ``have`` are kept, not measured again:
 
     - real vs real: two disjoint halves of the role's tiles (must be near 0.5);
     - real vs blurred real: one half against the other half blurred (must be near 1.0);
@@ -122,7 +122,7 @@ def sanity_rows(real, train, cfg, have=None):
             rows[f"real_vs_real_{size}"] = two_sample_test(a, b, cfg).to_dict()
             rows[f"real_vs_blurred_{size}"] = two_sample_test(a, blur_tiles(b), cfg).to_dict()
         if train is not None and f"train_vs_held_out_{size}" not in rows:
-            rows[f"train_vs_held_out_{size}"] = two_sample_test(train[size], tiles, cfg).to_dict()
+            rows[f"train_vs_held_out_{size}"] = two_sample_test(train(size), tiles, cfg).to_dict()
     return rows
 
 
@@ -164,8 +164,7 @@ def main(argv=None):
     t = time.time()
     held_out = args.role != "train"
     sanity = sanity_rows({256: real256, 128: real128},
-                         {size: grid_tiles(t_img, t_lab, size)[0] for size in (256, 128)} if held_out else None,
-                         cfg, have)
+                         (lambda size: grid_tiles(t_img, t_lab, size)[0]) if held_out else None, cfg, have)
     if sanity != have:
         print(f"  sanity rows in {time.time() - t:.0f} s", file=sys.stderr)
         f_sanity.write_text(json.dumps(sanity, indent=1))

@@ -494,35 +494,6 @@ def merge_parts(parts: list[str], out: str) -> Path:
     return out
 
 
-def paper_table(rows: list[dict[str, Any]]) -> str:
-    """The collected rows (engine.evaluate) as Markdown beside the paper's HoVer-Net figures: mean ± std
-    over the repeats per arm, then each fraction's gain ± its standard error next to the paper's gain."""
-    from engine.evaluate import format_gain
-
-    def cell(r: dict, m: str) -> str:
-        return f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if r["repeats"] > 1 else "")
-
-    out = ["| Training data | Dice | AJI | AJI+ | PQ | repeats | paper Dice | paper AJI |", "|---" * 8 + "|"]
-    by = {}
-    for r in rows:
-        pct = f"{r['fraction'] * 100:g}"
-        by[pct, r["arm"]] = r
-        paper = PAPER_TABLE1.get((pct, r["arm"]))
-        out.append(f"| {pct}% {r['arm']} | " + " | ".join(cell(r, m) for m in ("dice", "aji", "aji_plus", "pq"))
-                   + f" | {r['repeats']} | " + (" | ".join(f"{v:.4f}" for v in paper) if paper else "– | –") + " |")
-    out += ["", "Gain of augmentation (augmented − labeled; ± standard error over the repeats):", "",
-            "| Fraction | Dice | AJI | AJI+ | PQ | paper Dice | paper AJI |", "|---" * 7 + "|"]
-    for pct in sorted({p for p, _ in by}, key=float):
-        a, b = by.get((pct, "augmented")), by.get((pct, "labeled"))
-        if a and b:
-            pa, pb = PAPER_TABLE1.get((pct, "augmented")), PAPER_TABLE1.get((pct, "labeled"))
-            paper = " | ".join(f"{x - y:+.4f}" for x, y in zip(pa, pb)) if pa and pb else "– | –"
-            spread = min(a["repeats"], b["repeats"]) > 1
-            gains = " | ".join(format_gain(a, b, m, spread) for m in ("dice", "aji", "aji_plus", "pq"))
-            out.append(f"| {pct}% | {gains} | {paper} |")
-    return "\n".join(out) + "\n"
-
-
 def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
     """Run the jobs, at most ``parallel`` at a time, dependencies first; prints one line per event.
 
@@ -600,7 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.errors import NuDiffError
-    from engine.evaluate import collect_results
+    from engine.evaluate import collect_results, format_markdown
     from engine.fileio import atomic_write_bytes
 
     gpu = torch.cuda.is_available()
@@ -651,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split)
-    table = paper_table(result.rows)
+    table = format_markdown(result.rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
     atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
     print(table)
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))

@@ -545,29 +545,45 @@ def _table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[
 _HEADERS = {"dice": "Dice", "aji": "AJI", "aji_plus": "AJI+", "pq": "PQ"}
 
 
-def format_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_markdown(rows: Sequence[Mapping[str, Any]],
+                    reference: Mapping[tuple[str, str], Mapping[str, float]] | None = None,
+                    reference_name: str = "paper") -> str:
     """Paper-style Markdown table (mean, '± std' with repeats) plus, where both arms exist, the gain of
     augmentation per fraction (with repeats: '± its standard error', sqrt(se_augmented² + se_labeled²), the
-    arms' repeats taken as independent)."""
+    arms' repeats taken as independent).
+
+    reference: published figures to set beside them, {(percent, arm): {metric: value}} (e.g. ("10",
+    "labeled"): {"dice": 0.7969, "aji": 0.6344}); their metrics become columns "<reference_name> Dice", ...
+    in both tables, the gains' being the reference's own gains ("–" where a figure is missing)."""
     spread = any(r["repeats"] > 1 for r in rows)
-    head = ["Training data", *[_HEADERS[m] for m in METRICS], "Real tiles", "Synthetic pairs"]
+    ref = dict(reference or {})
+    ref_metrics = [m for m in METRICS if any(m in v for v in ref.values())]
+    ref_head = [f"{reference_name} {_HEADERS[m]}" for m in ref_metrics]
+
+    def ref_cells(pct: str, arm: str) -> list[str]:
+        v = ref.get((pct, arm), {})
+        return [f"{v[m]:.4f}" if m in v else "–" for m in ref_metrics]
+
+    head = ["Training data", *[_HEADERS[m] for m in METRICS], "Real tiles", "Synthetic pairs", *ref_head]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for r in rows:
         cells = [str(r["training_data"])]
         cells += [f"{r[m]:.4f}" + (f" ± {r[m + '_std']:.4f}" if spread else "") for m in METRICS]
-        cells += [str(r["n_real_tiles"]), str(r["n_synthetic"])]
+        cells += [str(r["n_real_tiles"]), str(r["n_synthetic"]), *ref_cells(_pct(r["fraction"]), r["arm"])]
         lines.append("| " + " | ".join(cells) + " |")
     gains = []
     for f in sorted({r["fraction"] for r in rows}):
         pair = {r["arm"]: r for r in rows if r["fraction"] == f}
         if len(pair) == 2:
+            aug, lab = ref.get((_pct(f), "augmented"), {}), ref.get((_pct(f), "labeled"), {})
+            ref_gains = [f"{aug[m] - lab[m]:+.4f}" if m in aug and m in lab else "–" for m in ref_metrics]
             gains.append("| " + " | ".join([f"{_pct(f)}%"] + [format_gain(pair["augmented"], pair["labeled"], m, spread)
-                                                            for m in METRICS]) + " |")
+                                                            for m in METRICS] + ref_gains) + " |")
     if gains:
+        gain_head = ["Fraction", *[_HEADERS[m] for m in METRICS], *ref_head]
         lines += ["", "Gain of augmentation (augmented − labeled"
                   + (", ± its standard error over the repeats" if spread else "") + "):", "",
-                  "| Fraction | " + " | ".join(_HEADERS[m] for m in METRICS) + " |",
-                  "|---|" + "|".join("---" for _ in METRICS) + "|", *gains]
+                  "| " + " | ".join(gain_head) + " |", "|" + "|".join("---" for _ in gain_head) + "|", *gains]
     return "\n".join(lines) + "\n"
 
 

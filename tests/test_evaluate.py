@@ -257,6 +257,13 @@ def test_repeats_give_a_spread_and_the_gain_a_standard_error():
     gain_line = next(line for line in md.splitlines() if line.startswith("| 10% |"))
     assert gain_line.split(" | ")[2] == f"+0.0300 ± {se:.4f}"  # AJI: 0.65 - 0.62
     assert "standard error" in md
+    # published figures beside them: their metrics as columns, their own gain in the gain table
+    md = format_markdown(list(rows.values()), reference={("10", "labeled"): {"aji": 0.60},
+                                                         ("10", "augmented"): {"aji": 0.65}})
+    assert "| Synthetic pairs | paper AJI |" in md and "paper Dice" not in md
+    assert next(line for line in md.splitlines() if line.startswith("| 10% labeled |")).endswith("| 0.6000 |")
+    gain_line = next(line for line in md.splitlines() if line.startswith("| 10% |"))
+    assert gain_line.endswith(f"| +0.0300 ± {se:.4f} | +0.0000 ± 0.0000 | +0.0000 ± 0.0000 | +0.0500 |")
     one = _table_rows([runs[0], runs[3]], [0.1])
     assert one[0]["aji_se"] == 0.0 and "±" not in format_markdown(one)
 
