@@ -169,6 +169,18 @@ def _fingerprint(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _content_digest(items: Sequence[LabeledImage]) -> str:
+    """Digest of the pairs' pixels (images and labels, in order): pairs regenerated under the same names
+    (another w, seed or model) make another digest, so runs trained on the old pairs are not reused."""
+    h = hashlib.sha256()
+    for it in items:
+        for a in (it.image, it.inst):
+            a = np.ascontiguousarray(a)
+            h.update(f"{it.stem}|{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
 def _run_name(fraction: float, arm: str, repeat: int) -> str:
     return f"{_pct(fraction)}pct_{arm}_r{repeat}"
 
@@ -367,7 +379,7 @@ def _run_spec(settings: dict[str, Any], config: ExperimentConfig, fraction: floa
             "train_seed": config.seed + repeat,
             "subset": [(t.stem, t.y, t.x, int(t.inst.max())) for t in subset],
             "synthetic": None if folder is None else str(folder.resolve()),
-            "synthetic_items": _fingerprint([(it.stem, it.inst.shape, int(it.inst.max())) for it in extra]),
+            "synthetic_items": _content_digest(extra),
             "n_synthetic": len(extra)}
     return spec, extra
 

@@ -132,6 +132,30 @@ def test_a_new_synthetic_share_retrains_only_the_augmented_arms(experiment, fold
         collect_results(out, log=None)
 
 
+def test_pairs_regenerated_under_the_same_names_retrain_the_augmented_arms(experiment, folders, tmp_path):
+    """Pairs made again (another w or model) keep their file names and labels: only their pixels differ.
+    Runs trained on the old pairs must not be reused for them; the labeled runs still are."""
+    import shutil
+
+    from PIL import Image
+
+    from engine.data import read_image
+
+    regenerated = tmp_path / "regenerated"
+    shutil.copytree(folders["synth"], regenerated)
+    for path in sorted((regenerated / "images").iterdir()):
+        Image.fromarray(255 - read_image(path)).save(path)
+    out = tmp_path / "regen"
+    shutil.copytree(experiment[0].out_dir / "runs", out / "runs")
+    lines: list[str] = []
+    run_experiment(folders["real"], regenerated, folders["test"], out, fast(fractions="50,100"),
+                      log=lines.append)
+    reused = sorted(line.split(":")[0] for line in lines if "reusing finished run" in line)
+    trained = sorted(line.split(":")[0] for line in lines if "training on" in line)
+    assert reused == ["100pct_labeled_r0", "50pct_labeled_r0"]
+    assert trained == ["100pct_augmented_r0", "50pct_augmented_r0"]
+
+
 def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, folders, tmp_path, capsys):
     import shutil
 
