@@ -111,10 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--diffusion-size", type=int, default=128, help="diffusion training tile size in px")
     ap.add_argument("--diffusion-minutes", type=float, default=30.0,
                     help="wall clock for each structure model and for each image model (its two stages "
-                         "share it 3:1)")
-    ap.add_argument("--diffusion-steps", type=int, default=None,
-                    help="also stop each diffusion training (and each image stage) after this many steps "
-                         "(default: the wall clock alone)")
+                         "share it 3:1), per call: a training resumed after an interruption gets it again, so "
+                         "give --diffusion-steps for a budget that does not depend on interruptions")
+    ap.add_argument("--diffusion-steps", type=_positive_int, default=None,
+                    help="also stop each structure model after this many steps, and each image model after as "
+                         "many in all, shared 3:1 by its two stages like the wall clock (default: the wall "
+                         "clock alone)")
     ap.add_argument("--diffusion-batch", type=int, default=16)
     ap.add_argument("--diffusion-lr", type=float, default=2e-4)
     ap.add_argument("--sampler-steps", type=int, default=20, help="DDIM steps for structures and images")
@@ -398,6 +400,8 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
     from engine.pipeline import candidate_count
 
     cap = str(args.diffusion_steps or 1000000)
+    # the image model's steps are shared 3:1 by its stages, as its wall clock is
+    cap1, cap2 = (cap, cap) if not args.diffusion_steps else image_stage_steps(args.diffusion_steps)
     jobs: list[Job] = []
     for c in choices if choices is not None else choose_models(args, {}, ""):
         pct = c.pct
@@ -417,12 +421,12 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
                                                        "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes:g}",
                                                        *common], [f"subset {pct}%"], srun / "model.json", -2))
             jobs.append(Job(f"image {pct}% stage 1", py + [
-                "train-image", "--run-dir", str(i1), "--steps", cap, "--finetune-steps", "0",
+                "train-image", "--run-dir", str(i1), "--steps", cap1, "--finetune-steps", "0",
                 "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes * 0.75:g}", *common],
                 [f"subset {pct}%"], i1 / "model.json", -2))
             jobs.append(Job(f"image {pct}% stage 2", py + [
                 "train-image", "--run-dir", str(i2), "--init-from", str(i1 / "model.json"), "--steps", "0",
-                "--finetune-steps", cap, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
+                "--finetune-steps", cap2, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
                 "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2))
             gen_after = [f"structure {pct}%", f"image {pct}% stage 2"]
         # the pairs, in chunks (a stopped call loses at most one); chunk k's candidates take the seeds after
@@ -452,6 +456,12 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
         jobs.append(Job(f"segmenter {pct}% labeled", py + ["evaluate", *seg, "--fractions", pct,
                                                           "--arms", "labeled"], priority=1))
     return jobs
+
+
+def image_stage_steps(total: int) -> tuple[str, str]:
+    """(conditional, classifier-free) steps of an image model given ``total``: 3:1, each at least 1."""
+    first = min(max(1, round(total * 0.75)), max(1, total - 1))
+    return str(first), str(max(1, total - first))
 
 
 def merge_parts(parts: list[str], out: str) -> Path:

@@ -78,6 +78,15 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
     assert len(seg) == 4 and all(s == seg[0] for s in seg)
     assert seg[0][seg[0].index("--augment") + 1] == "light"
+    # a step budget (not the wall clock of a call, which a resumed training gets again): the structure model's
+    # steps, and as many for the image model, shared 3:1 by its stages
+    args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--diffusion-steps", "1000"])
+    jobs2 = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
+    assert arg(jobs2["structure 10%"].cmd, "--steps") == "1000"
+    assert (arg(jobs2["image 10% stage 1"].cmd, "--steps"), arg(jobs2["image 10% stage 1"].cmd, "--finetune-steps"),
+            arg(jobs2["image 10% stage 2"].cmd, "--finetune-steps")) == ("750", "0", "250")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--work", str(tmp_path), "--diffusion-steps", "0"])
     args = build_parser().parse_args(["--work", str(tmp_path), "--labeled", "10", "--seg-augment", "strong"])
     cmd = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["segmenter 10% labeled"].cmd
     assert cmd[cmd.index("--augment") + 1] == "strong"
