@@ -114,7 +114,7 @@ def sanity_rows(real, train, cfg, have=None):
       (train None, for --role train: no such row)."""
     rows = dict(have or {})
     for size, tiles in real.items():
-        if f"real_vs_blurred_{size}" not in rows:
+        if f"real_vs_real_{size}" not in rows or f"real_vs_blurred_{size}" not in rows:  # (one split: both)
             rng = np.random.default_rng(cfg.seed + 7)
             order = rng.permutation(len(tiles))
             a = [tiles[i] for i in order[: len(tiles) // 2]]
@@ -144,6 +144,9 @@ def main(argv=None):
                     help="synthesize on n of the role's own real layouts (their label tiles) instead of sampled "
                          "ones: the image model's realism alone")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--epochs", type=int, default=TwoSampleConfig.epochs,
+                    help="two-sample classifier epochs (its fixed recipe's; fewer only for quick checks: figures "
+                         "made with other epochs are not comparable)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
     args = ap.parse_args(argv)
@@ -151,7 +154,7 @@ def main(argv=None):
         ap.error("--real-layouts takes the real images' 256 px tiles: --size must be 256")
     ws = args.w or [2.0]
     split = json.loads(args.split.read_text())
-    cfg = TwoSampleConfig()
+    cfg = TwoSampleConfig(epochs=args.epochs)
     cache = args.work / args.name
     cache.mkdir(parents=True, exist_ok=True)
 
@@ -161,6 +164,8 @@ def main(argv=None):
     t_img, t_lab = load_role(args.data, split["train"])
     f_sanity = args.work / f"sanity-{args.role}.json"
     have = json.loads(f_sanity.read_text()) if f_sanity.exists() else {}
+    # rows of another classifier recipe are measured again (each row records its epochs and seed)
+    have = {k: v for k, v in have.items() if (v.get("epochs"), v.get("seed")) == (cfg.epochs, cfg.seed)}
     t = time.time()
     held_out = args.role != "train"
     sanity = sanity_rows({256: real256, 128: real128},
@@ -198,7 +203,7 @@ def main(argv=None):
         results["by_w"][f"{w:g}"] = row
     out = cache / f"realism-{args.role}{filter_suffix(args)}.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
-    if prev.get("by_w"):
+    if prev.get("by_w") and prev.get("classifier") == results["classifier"]:  # rows of one recipe only
         results["by_w"] = {**prev["by_w"], **results["by_w"]}
     out.write_text(json.dumps(results, indent=1))
 
