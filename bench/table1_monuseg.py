@@ -74,6 +74,19 @@ class Job:
     proc: subprocess.Popen | None = None
     started: float = 0.0
     seconds: float = 0.0
+    run_dir: Path | None = None  # a training's run folder: done only when it ended on its budget (see finished)
+
+    def finished(self) -> bool:
+        """Whether the job's output is there: its ``done`` file and, for a training, a run that ended on its
+        budget (steps or time limit). A training stopped early (STOP file, SIGTERM at a session's end) has
+        exported a model.json too, but is resumed, not used."""
+        if self.done is None or not self.done.exists():
+            return False
+        if self.run_dir is None:
+            return True
+        from engine.train import budget_reached
+
+        return budget_reached(self.run_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parallel", type=int, default=None,
                     help="concurrent jobs (default: 4 with a GPU, 1 on CPU; 16 jobs on one H100 with 16 cores "
                          "starved each other, docs/benchmarks.md section 6)")
+    ap.add_argument("--threads", type=_positive_int, default=None,
+                    help="CPU threads per job (default: the cores / --parallel; 1 when the machine is shared: "
+                         "two threads on a core another process also uses wait on each other, ~10x slower here)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
     return ap
 
@@ -419,15 +435,17 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
             minutes = args.diffusion_minutes
             jobs.append(Job(f"structure {pct}%", py + ["train-structure", "--run-dir", str(srun), "--steps", cap,
                                                        "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes:g}",
-                                                       *common], [f"subset {pct}%"], srun / "model.json", -2))
+                                                       *common], [f"subset {pct}%"], srun / "model.json", -2,
+                            run_dir=srun))
             jobs.append(Job(f"image {pct}% stage 1", py + [
                 "train-image", "--run-dir", str(i1), "--steps", cap1, "--finetune-steps", "0",
                 "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes * 0.75:g}", *common],
-                [f"subset {pct}%"], i1 / "model.json", -2))
+                [f"subset {pct}%"], i1 / "model.json", -2, run_dir=i1))
             jobs.append(Job(f"image {pct}% stage 2", py + [
                 "train-image", "--run-dir", str(i2), "--init-from", str(i1 / "model.json"), "--steps", "0",
                 "--finetune-steps", cap2, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
-                "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2))
+                "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2,
+                run_dir=i2))
             gen_after = [f"structure {pct}%", f"image {pct}% stage 2"]
         # the pairs, in chunks (a stopped call loses at most one); chunk k's candidates take the seeds after
         # chunk k-1's, and a part's folder is named by a hash of its command, so other settings make new parts
@@ -546,13 +564,17 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
             rc = j.proc.poll()
             if rc is not None:
                 j.seconds = time.time() - j.started
+                if rc == 0 and j.run_dir is not None and not j.finished():
+                    j.state = "interrupted"  # stopped before its budget: what depends on it waits for a resume
+                    say(f"stop  {j.name} ({j.seconds:.0f} s): stopped before its budget; run again to resume")
+                    continue
                 j.state = "ok" if rc == 0 else "failed"
                 say(f"{'done ' if rc == 0 else 'FAIL '} {j.name} ({j.seconds:.0f} s)"
                     + ("" if rc == 0 else f", exit {rc}: see {logs / _slug(j.name)}.log"))
         ready = sorted((j for j in jobs if j.state == "waiting"
                         and all(by_name[a].state in ("ok", "cached") for a in j.after)), key=lambda j: j.priority)
         for j in ready:
-            if j.done is not None and j.done.exists():
+            if j.finished():
                 j.state = "cached"
                 say(f"have  {j.name} ({j.done})")
                 continue
@@ -564,7 +586,7 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
             j.proc = subprocess.Popen(j.cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
             j.started, j.state = time.time(), "running"
             say(f"start {j.name}")
-        if all(j.state in ("ok", "failed", "skipped", "cached") for j in jobs):
+        if all(j.state in ("ok", "failed", "skipped", "cached", "interrupted") for j in jobs):
             return
         time.sleep(1.0)
 
@@ -586,7 +608,7 @@ def main(argv: list[str] | None = None) -> int:
 
     gpu = torch.cuda.is_available()
     parallel = args.parallel or (4 if gpu else 1)
-    threads = max(1, (os.cpu_count() or 2) // parallel)
+    threads = args.threads or max(1, (os.cpu_count() or 2) // parallel)
     args.work.mkdir(parents=True, exist_ok=True)
     # 1. roles: train (learned from), validation (choices only), test (scored once per arm)
     roles = assign_roles(args.train, read_split(args.split), args.test)

@@ -55,8 +55,8 @@ from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_fil
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "read_status", "resolve_precision", "cpu_has_native_bf16", "MAX_DEVICE_BYTES",
-           "TRAINED_FIELDS", "RunFolderBusy"]
+__all__ = ["TrainingSet", "Trainer", "read_status", "budget_reached", "resolve_precision", "cpu_has_native_bf16",
+           "MAX_DEVICE_BYTES", "TRAINED_FIELDS", "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
 STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
@@ -194,6 +194,21 @@ def read_status(run_dir: str | os.PathLike) -> dict:
             f"interrupted at step {status.get('step', 0)}: the training process {status.get('pid')} ended "
             f"without saving (killed?); run again to resume from the last checkpoint")}
     return status
+
+
+def budget_reached(run_dir: str | os.PathLike) -> bool:
+    """Whether the run's last training ended on its budget: all its steps ("finished") or its time limit
+    ("stopped", reason "time_limit"), rather than a stop request, SIGTERM, a crash or a kill. A run that ended
+    otherwise has exported the model it had, but resuming it trains on."""
+    status = read_status(run_dir)
+    if status.get("state") == "finished":
+        return True
+    if status.get("state") != "stopped":
+        return False
+    reason = status.get("reason")
+    if reason is None:  # statuses written before the reason was recorded
+        return "(time limit)" in str(status.get("message", ""))
+    return reason == "time_limit"
 
 
 def write_status(run_dir: str | os.PathLike, status: dict) -> None:
@@ -500,11 +515,11 @@ class Trainer:
 
     # --- logging -----------------------------------------------------------------------------------
 
-    def _status(self, state: str, message: str = "", loss: float | None = None) -> None:
+    def _status(self, state: str, message: str = "", loss: float | None = None, **extra) -> None:
         if not self.main:
             return
         write_status(self.run_dir, {"state": state, "kind": self.cfg.kind, "step": self.step,
-                                    "total": self.cfg.total_steps, "loss": loss, "message": message})
+                                    "total": self.cfg.total_steps, "loss": loss, "message": message, **extra})
 
     def _log_event(self, message: str, step: int | None = None) -> None:
         """Append {"step", "event", "time"} to log.jsonl (step: default the trainer's current step)."""
@@ -721,8 +736,9 @@ class Trainer:
         self.acc.wait_for_everyone()
         out = self.export() if self.main else self.run_dir / "model.json"
         if stopped:
-            why = " (time limit)" if self._out_of_time() else " (terminated)" if self._terminated else ""
-            self._status("stopped", f"stopped at step {self.step}{why}; run again to resume")
+            reason = "time_limit" if self._out_of_time() else "terminated" if self._terminated else "requested"
+            why = {"time_limit": " (time limit)", "terminated": " (terminated)", "requested": ""}[reason]
+            self._status("stopped", f"stopped at step {self.step}{why}; run again to resume", reason=reason)
         else:
             if self.main and c.preview_every and self.step % c.preview_every:
                 self.preview()  # (a preview at this step was already made in the loop otherwise)

@@ -20,7 +20,7 @@ from engine.config import TrainConfig
 from engine.errors import TrainingError
 from engine.runlock import RunFolderBusy, host_name, lock_holder, process_start
 from engine.synthetic import make_tile
-from engine.train import Trainer, TrainingSet, read_status, write_status
+from engine.train import Trainer, TrainingSet, budget_reached, read_status, write_status
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 600  # seconds; generous for a loaded CI machine
@@ -104,7 +104,8 @@ def test_two_trainers_on_one_folder_one_is_refused_at_once(labeled_folder, tmp_p
                 p.kill()
                 p.wait()
     st = read_status(run)
-    assert st["state"] == "stopped" and "terminated" in st["message"]
+    assert st["state"] == "stopped" and "terminated" in st["message"] and st["reason"] == "terminated"
+    assert not budget_reached(run)  # SIGTERM (a session's end) is not the run's budget: it is resumed
     latest = load_checkpoint(run / "latest")  # intact (sha checked)
     assert latest.step == st["step"] >= 2
     assert load_checkpoint(run / f"step_{latest.step:07d}").step == latest.step

@@ -114,6 +114,41 @@ def test_runner_orders_skips_and_caches(tmp_path):
     assert (tmp_path / "logs" / "fails.log").read_text().startswith("$ ")
 
 
+def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
+    """A training stopped early (STOP file, SIGTERM at a session's end) exports a model.json and exits 0, as one
+    that ran its steps does; the runner must resume it, not hand the half-trained model to what depends on it."""
+    from engine.train import write_status
+
+    runs = {name: tmp_path / name for name in ("stopped", "finished", "timed")}
+    for name, run in runs.items():
+        run.mkdir()
+        (run / "model.json").write_text("{}")
+    write_status(runs["finished"], {"state": "finished", "step": 5, "total": 5})
+    write_status(runs["timed"], {"state": "stopped", "step": 3, "total": 5, "reason": "time_limit"})
+    stop = {"state": "stopped", "step": 2, "total": 5, "reason": "requested"}
+    write_status(runs["stopped"], stop)
+    log = tmp_path / "ran.txt"
+
+    def train(name: str, status: dict) -> list[str]:  # a "training" that ends with the given status
+        return py(f"from engine.train import write_status; write_status({str(runs[name])!r}, {status!r}); "
+                  f"open({str(log)!r}, 'a').write({name!r} + '\\n')")
+
+    def job(name: str, status: dict) -> Job:
+        return Job(name, train(name, status), done=runs[name] / "model.json", run_dir=runs[name])
+
+    assert not job("stopped", stop).finished() and job("finished", stop).finished() and job("timed", stop).finished()
+    jobs = [job("stopped", stop), Job("uses it", py("pass"), after=["stopped"]),
+            job("finished", stop), job("timed", stop)]
+    run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
+    # the stopped training ran again, was stopped early again: interrupted, and what needs it is not run
+    assert {j.name: j.state for j in jobs} == {"stopped": "interrupted", "uses it": "skipped",
+                                               "finished": "cached", "timed": "cached"}
+    assert log.read_text().split() == ["stopped"]
+    jobs = [job("stopped", {"state": "finished", "step": 5, "total": 5}), Job("uses it", py("pass"), after=["stopped"])]
+    run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
+    assert [j.state for j in jobs] == ["ok", "ok"]  # resumed to its end: now it is used
+
+
 def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
     jobs = [Job("sleeper", py("import time; time.sleep(60)")), Job("next", py("pass"), after=["sleeper"])]
 

@@ -13,7 +13,7 @@ from engine.config import TrainConfig
 from engine.errors import CheckpointError, TrainingError
 from engine.synthetic import make_tile
 from engine.structure import instances_to_structure
-from engine.train import Trainer, TrainingSet, read_status
+from engine.train import Trainer, TrainingSet, budget_reached, read_status
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +182,9 @@ def test_stop_file_saves_and_marks_stopped(data, tmp_path):
 
     Trainer(cfg(), tmp_path, data, stop=stop, show_progress=False).run()
     st = read_status(tmp_path)
-    assert st["state"] == "stopped" and st["step"] == 3
+    assert st["state"] == "stopped" and st["step"] == 3 and st["reason"] == "requested"
     assert load_checkpoint(tmp_path / "latest").step == 3
+    assert (tmp_path / "model.json").exists() and not budget_reached(tmp_path)  # exported, but to be resumed
 
 
 def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(data, tmp_path):
@@ -265,10 +266,13 @@ def test_time_limit_stops_saves_and_resumes(data, tmp_path):
     out = t.run()
     st = read_status(tmp_path)
     step = st["step"]
-    assert st["state"] == "stopped" and "time limit" in st["message"]
+    assert st["state"] == "stopped" and "time limit" in st["message"] and st["reason"] == "time_limit"
+    assert budget_reached(tmp_path)  # the time limit was its budget
     assert 0 < step < 10_000
     assert load_checkpoint(tmp_path / "latest").step == step and load_checkpoint(out).step == step
     again = Trainer(cfg(steps=step + 2, save_every=10_000), tmp_path, data, show_progress=False).run()
     assert load_checkpoint(again).step == step + 2 and read_status(tmp_path)["state"] == "finished"
+    assert budget_reached(tmp_path)
+    assert not budget_reached(tmp_path / "never-trained")
     with pytest.raises(TrainingError, match="time limit"):
         Trainer(cfg(), tmp_path / "x", data, show_progress=False, time_limit=0)
