@@ -41,3 +41,33 @@ def read_split(path: Path = SPLIT) -> dict[str, list[str]]:
             raise SystemExit(f"split file {path}: \"{role}\" must be a list of image stems")
         out[role] = list(stems)
     return out
+
+
+def link_role(role: str, out: Path, data: Path = DATA, split: Path = SPLIT) -> Path:
+    """OUT/ROLE/{images,labels}/: links to the split's ROLE images of ``data`` (made once, kept); returns
+    OUT/ROLE. SystemExit when an image of the role is missing from ``data``."""
+    if role not in ROLES:
+        raise SystemExit(f"role must be one of {', '.join(ROLES)}, got {role!r}")
+    data, folder = Path(data).resolve(), Path(out) / role
+    for kind in ("images", "labels"):
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for stem in read_split(split)[role]:
+            src, dst = data / kind / f"{stem}.png", folder / kind / f"{stem}.png"
+            if not src.is_file():
+                raise SystemExit(f"{src} is missing: {data} does not hold the split's {role} images")
+            if not dst.is_symlink():
+                dst.symlink_to(src)
+    return folder
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="The split's images of one role as a folder of links.")
+    ap.add_argument("action", choices=["link"])
+    ap.add_argument("role", choices=ROLES)
+    ap.add_argument("out", type=Path, help="the links go to OUT/ROLE/{images,labels}")
+    ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--split", type=Path, default=SPLIT)
+    a = ap.parse_args()
+    print(link_role(a.role, a.out, a.data, a.split))

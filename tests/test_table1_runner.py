@@ -327,3 +327,28 @@ def test_merged_pairs_replace_an_earlier_merge_and_set_an_older_folder_aside(tmp
     merge_parts([b], str(out))  # an earlier merge (links only) is simply replaced
     assert [int(it.image[0, 0, 0]) for it in load_folder(out)[0]] == [2]
     assert len(list((tmp_path / "replaced").iterdir())) == 1 and Path(a, "images", "pair_0001.png").is_file()
+
+
+def test_a_role_of_the_split_as_a_folder_of_links(tmp_path):
+    """bench/monuseg.py link ROLE OUT (used by bench/train_demo.sh and bench/gpu_kit.sh): the role's images
+    only, as links; an image of the role missing from the data is an error, not a smaller set."""
+    import subprocess
+
+    from bench.monuseg import link_role
+
+    train, split, _ = _tiny_data(tmp_path)
+    folder = link_role("validation", tmp_path / "out", train, split)
+    assert folder == tmp_path / "out" / "validation"
+    for kind in ("images", "labels"):
+        (link,) = (folder / kind).iterdir()
+        assert link.name == "synth_003.png" and link.is_symlink() and link.resolve() == train / kind / link.name
+    assert link_role("validation", tmp_path / "out", train, split) == folder  # again: kept as it is
+    out = subprocess.run([sys.executable, "bench/monuseg.py", "link", "train", str(tmp_path / "cli"), "--data",
+                          str(train), "--split", str(split)], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "cli" / "train")
+    assert sorted(p.name for p in (tmp_path / "cli" / "train" / "images").iterdir()) == \
+        ["synth_000.png", "synth_001.png", "synth_002.png"]
+    (train / "images" / "synth_004.png").unlink()
+    with pytest.raises(SystemExit, match="synth_004.png is missing"):
+        link_role("test", tmp_path / "out", train, split)
