@@ -8,6 +8,7 @@ says how the roles were drawn.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,20 +44,31 @@ def read_split(path: Path = SPLIT) -> dict[str, list[str]]:
     return out
 
 
+def link_files(folder: Path, files: list[Path]) -> None:
+    """FOLDER/<name of each file> as a link to it (made once, kept); links there that name other files (an
+    earlier call's) are removed, other files left alone."""
+    want = {f.name: Path(f).resolve() for f in files}
+    folder.mkdir(parents=True, exist_ok=True)
+    for link in folder.iterdir():
+        if link.is_symlink() and Path(os.readlink(link)) != want.get(link.name):
+            link.unlink()
+    for name, src in want.items():
+        if not os.path.lexists(folder / name):
+            (folder / name).symlink_to(src)
+
+
 def link_role(role: str, out: Path, data: Path = DATA, split: Path = SPLIT) -> Path:
-    """OUT/ROLE/{images,labels}/: links to the split's ROLE images of ``data`` (made once, kept); returns
+    """OUT/ROLE/{images,labels}/: links to the split's ROLE images of ``data`` (:func:`link_files`); returns
     OUT/ROLE. SystemExit when an image of the role is missing from ``data``."""
     if role not in ROLES:
         raise SystemExit(f"role must be one of {', '.join(ROLES)}, got {role!r}")
-    data, folder = Path(data).resolve(), Path(out) / role
+    data, folder, stems = Path(data).resolve(), Path(out) / role, read_split(split)[role]
     for kind in ("images", "labels"):
-        (folder / kind).mkdir(parents=True, exist_ok=True)
-        for stem in read_split(split)[role]:
-            src, dst = data / kind / f"{stem}.png", folder / kind / f"{stem}.png"
-            if not src.is_file():
-                raise SystemExit(f"{src} is missing: {data} does not hold the split's {role} images")
-            if not dst.is_symlink():
-                dst.symlink_to(src)
+        files = [data / kind / f"{stem}.png" for stem in stems]
+        missing = next((f for f in files if not f.is_file()), None)
+        if missing is not None:
+            raise SystemExit(f"{missing} is missing: {data} does not hold the split's {role} images")
+        link_files(folder / kind, files)
     return folder
 
 

@@ -55,7 +55,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.monuseg import DATA, LICENCE, PAPER_TABLE1, ROLES, SPLIT, read_split  # noqa: E402
+from bench.monuseg import DATA, LICENCE, PAPER_TABLE1, ROLES, SPLIT, link_files, read_split  # noqa: E402
 
 RECORD_KEY = "diffusion_models"  # results.json: {pct: record of the fraction's diffusion models}
 FINISHED = ("ok", "cached")
@@ -220,15 +220,7 @@ def link_roles(roles: Roles, work: Path) -> dict[str, Path]:
 
 def _link_folder(dst: Path, items: list) -> None:
     for sub, attr in (("images", "image_path"), ("labels", "label_path")):
-        want = {getattr(it, attr).name: getattr(it, attr).resolve() for it in items}
-        folder = dst / sub
-        folder.mkdir(parents=True, exist_ok=True)
-        for link in folder.iterdir():
-            if link.is_symlink() and Path(os.readlink(link)) != want.get(link.name):
-                link.unlink()
-        for name, src in want.items():
-            if not (folder / name).exists():
-                (folder / name).symlink_to(src)
+        link_files(dst / sub, [getattr(it, attr) for it in items])
 
 
 def train_fingerprint(items: list) -> str:
