@@ -86,7 +86,67 @@ class Job:
             return True
         from engine.train import budget_reached
 
-        return budget_reached(self.run_dir)
+        return training_change(self) is None and budget_reached(self.run_dir)
+
+
+def training_change(job: Job) -> tuple[str, str] | None:
+    """How a training job's command differs from what its run folder was last trained with (its
+    train_config.json): ("settings", what) when the preset, tile size or a trained setting
+    (engine.train.TRAINED_FIELDS) differs, so the run cannot go on; ("budget", what) when only the steps
+    differ, so resuming trains to the new budget; None when they agree or nothing was trained yet."""
+    try:
+        was = json.loads((job.run_dir / "train_config.json").read_text())
+    except (OSError, json.JSONDecodeError, TypeError):
+        return None
+    return config_change(was, job.cmd)
+
+
+def config_change(was: dict, cmd: list[str]) -> tuple[str, str] | None:
+    """training_change's comparison: ``was`` a TrainConfig record (a train_config.json, or the "train" of a
+    model record), ``cmd`` a ``python -m engine train-*`` command."""
+    from engine.cli import build_parser as engine_parser
+    from engine.cli import train_config
+    from engine.train import IMAGE_TRAINED_FIELDS, TRAINED_FIELDS
+
+    args = engine_parser().parse_args(cmd[cmd.index("engine") + 1:])
+    now = train_config(args, args.command.split("-")[1]).to_dict()
+    fields = ("preset", "image_size", *TRAINED_FIELDS, *(IMAGE_TRAINED_FIELDS if now["kind"] == "image" else ()))
+    size = now["image_size"] or 0
+    norm = {"tile_stride": lambda v: v or size // 2, "init_from": lambda v: str(Path(v).resolve()) if v else v}
+    diff = [f"{k} {was.get(k)} -> {now[k]}" for k in fields
+            if k in was and norm.get(k, lambda v: v)(was[k]) != norm.get(k, lambda v: v)(now[k])]
+    if diff:
+        return "settings", "; ".join(diff)
+    budget = [f"{k} {was.get(k)} -> {now[k]}" for k in ("steps", "finetune_steps") if was.get(k) != now[k]]
+    return ("budget", "; ".join(budget)) if budget else None
+
+
+def dependents(jobs: list[Job], name: str) -> list[Job]:
+    """The jobs that wait on ``name``, directly or through others, in plan order."""
+    found: set[str] = {name}
+    for j in jobs:  # plan order lists a job after those it waits on
+        if found.intersection(j.after):
+            found.add(j.name)
+    return [j for j in jobs if j.name in found and j.name != name]
+
+
+def changed_trainings(jobs: list[Job]) -> list[tuple[Job, str, str, list[Path]]]:
+    """Trainings whose run folder was trained with other settings or another budget than their command
+    now asks for, each as (job, "settings" | "budget", what changed, outputs made stale): the run folder
+    itself when a trained setting changed (it cannot resume), and the outputs of every job that waits on it
+    (a later stage's run folder, generated pairs), which came from the model as it was."""
+    out = []
+    for j in jobs:
+        if j.run_dir is None or (change := training_change(j)) is None:
+            continue
+        stale = [j.run_dir] if change[0] == "settings" else []
+        for d in dependents(jobs, j.name):
+            if d.run_dir is not None:
+                stale.append(d.run_dir)
+            elif d.done is not None:
+                stale.append(d.done.parent)
+        out.append((j, *change, stale))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -337,11 +397,33 @@ def choose_models(args: argparse.Namespace, recorded: dict[str, dict], train_sha
         why = why_not_reusable(entry, w, args.seed, train_sha256) if args.reuse_models else \
             "--no-reuse-models retrains its recorded models"
         if why is None:
+            why = recorded_settings_changed(args, pct, entry)
+        if why is None:
             choices.append(ModelChoice(pct, "reuse", _recorded_model(entry, "structure", w),
                                        _recorded_model(entry, "image", w), "files present with the recorded sha256"))
             continue
         choices.append(ModelChoice(pct, "train", smodel, imodel, why, stale + downstream))
     return choices
+
+
+def recorded_settings_changed(args: argparse.Namespace, pct: str, entry: dict) -> str | None:
+    """Why a fraction's recorded models are not what this call's diffusion settings would train (another
+    --diffusion-size, preset, batch, learning rate or step budget), or None. Compared: the structure model's
+    and the image model's (stage 2) training records against the commands that would train them now."""
+    probe = plan(args, args.work, args.work, [ModelChoice(pct, "train", *trained_model_paths(args.work, pct))])
+    cmds = {j.name: j.cmd for j in probe}
+    from engine.checkpoint import read_record
+    from engine.errors import NuDiffError
+
+    for kind, name in (("structure", f"structure {pct}%"), ("image", f"image {pct}% stage 2")):
+        try:
+            was = read_record(_recorded_model(entry, kind, args.work), kind=kind)[1].get("train")
+        except (NuDiffError, OSError, KeyError, StopIteration) as e:
+            return f"the recorded {kind} model's record is unreadable ({e})"
+        change = config_change(was, cmds[name]) if isinstance(was, dict) else None
+        if change:
+            return f"the recorded {kind} model was trained with other {change[0]} ({change[1]})"
+    return None
 
 
 def set_aside(paths: list[Path], work: Path, stamp: str) -> list[Path]:
@@ -631,6 +713,11 @@ def main(argv: list[str] | None = None) -> int:
         (args.work / "evaluate" / "LICENCE-DATA.txt").write_text(LICENCE)
     # 3. the jobs; segmenters are scored on the test images only
     jobs = plan(args, folders["train"], folders["test"], choices)
+    for job, kind, what, stale in changed_trainings(jobs):  # e.g. another --diffusion-size than last call
+        moved = set_aside(stale, args.work, stamp)
+        print(f"{job.name}: trained with other {kind} ({what}); "
+              + ("retrained" if kind == "settings" else "resumed to the new budget")
+              + (f"; outputs made from it moved to {args.work / 'replaced' / stamp}" if moved else ""))
     print(f"{len(jobs)} jobs, {parallel} at a time, {threads} CPU threads each, "
           f"{'GPU: ' + torch.cuda.get_device_name(0) if gpu else 'CPU only'}")
     t0 = time.time()

@@ -21,6 +21,8 @@ from engine.errors import NuDiffError
 if TYPE_CHECKING:
     import numpy as np
 
+    from engine.config import TrainConfig
+
 def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
     # ranges are checked while parsing: a bad value is refused (usage line + message, exit 2) before any
     # work is done or any file is written
@@ -451,13 +453,29 @@ def _model_shape(args: argparse.Namespace, kind: str) -> tuple[str, int | None]:
     return args.preset or name, args.image_size or config.image_size
 
 
+def train_config(args: argparse.Namespace, kind: str) -> TrainConfig:
+    """The TrainConfig a parsed ``train-structure`` / ``train-image`` command line asks for (preset "cpu" and
+    the preset's image size when not given; a fine-tuned run's shape is read from --init-from later)."""
+    from engine.config import TrainConfig
+
+    warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
+    return TrainConfig(
+        kind=kind, preset=args.preset or "cpu", image_size=args.image_size, data=str(args.data),
+        warmup_steps=warmup, tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
+        finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
+        finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
+        ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
+        preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
+        mixed_precision=args.mixed_precision, init_from=args.init_from, min_snr_gamma=args.min_snr_gamma,
+        extra={"sample_size": args.sample_size} if args.sample_size else {})
+
+
 def _train(args: argparse.Namespace, kind: str) -> int:
     import signal
     import threading
 
     import torch
 
-    from engine.config import TrainConfig
     from engine.runlock import RunFolderBusy, busy_message, lock_holder
     from engine.train import Trainer
 
@@ -473,16 +491,7 @@ def _train(args: argparse.Namespace, kind: str) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        warmup = args.warmup_steps if args.warmup_steps is not None else (DEFAULT_WARMUP if args.init_from else 0)
-        cfg = TrainConfig(
-            kind=kind, preset=args.preset or "cpu", image_size=args.image_size, data=str(args.data),
-            warmup_steps=warmup, tile_stride=args.tile_stride, fraction=args.fraction, steps=args.steps,
-            finetune_steps=getattr(args, "finetune_steps", 0), batch_size=args.batch_size, lr=args.lr,
-            finetune_lr=getattr(args, "finetune_lr", 2e-5), finetune_drop_rate=getattr(args, "drop_rate", 0.2),
-            ema_decay=args.ema_decay, grad_clip=args.grad_clip, save_every=args.save_every,
-            preview_every=args.preview_every, log_every=args.log_every, keep_last=args.keep_last, seed=args.seed,
-            mixed_precision=args.mixed_precision, init_from=args.init_from, min_snr_gamma=args.min_snr_gamma,
-            extra={"sample_size": args.sample_size} if args.sample_size else {})
+        cfg = train_config(args, kind)
         existed = Path(args.run_dir).is_dir()  # made by a watching studio, or a run to resume
         try:
             if args.time_limit is not None and not args.time_limit > 0:

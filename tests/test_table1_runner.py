@@ -149,6 +149,57 @@ def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
     assert [j.state for j in jobs] == ["ok", "ok"]  # resumed to its end: now it is used
 
 
+def test_a_training_of_other_settings_is_set_aside_and_one_of_another_budget_resumed(tmp_path):
+    """A training folder left by an earlier call with other diffusion settings (e.g. --diffusion-size) must not
+    be taken as this call's model: it is set aside and retrained, with the pairs made from it. One of another
+    step budget resumes to it; what was made from it (a later stage, pairs) is set aside."""
+    from bench.table1_monuseg import changed_trainings, set_aside
+    from engine.cli import build_parser as engine_parser
+    from engine.cli import train_config
+    from engine.train import write_status
+
+    def jobs(*extra: str) -> dict[str, Job]:
+        args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--diffusion-steps", "1000",
+                                          "--diffusion-size", "128", *extra])
+        return {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
+
+    old = jobs()
+    trainings = ["structure 10%", "image 10% stage 1", "image 10% stage 2"]
+    for name in trainings:  # each finished under the earlier call's command
+        job = old[name]
+        a = engine_parser().parse_args(job.cmd[job.cmd.index("engine") + 1:])
+        job.run_dir.mkdir(parents=True)
+        cfg = train_config(a, a.command.split("-")[1]).to_dict()
+        (job.run_dir / "train_config.json").write_text(json.dumps(cfg))
+        (job.run_dir / "model.json").write_text("{}")
+        write_status(job.run_dir, {"state": "finished", "step": 1000, "total": 1000})
+    part = old["generate 10% part 1/24"].done.parent
+    part.mkdir(parents=True)
+    assert changed_trainings(list(old.values())) == [] and all(old[n].finished() for n in trainings)
+
+    smaller = jobs("--diffusion-size", "64")
+    changed = {j.name: (kind, what, stale) for j, kind, what, stale in changed_trainings(list(smaller.values()))}
+    assert set(changed) == set(trainings) and not any(smaller[n].finished() for n in trainings)
+    kind, what, stale = changed["structure 10%"]
+    assert (kind, what) == ("settings", "image_size 128 -> 64; tile_stride 64 -> 32")
+    assert stale[0] == tmp_path / "structure_10" and part in stale
+    kind, what, stale = changed["image 10% stage 1"]
+    assert kind == "settings" and stale[:2] == [tmp_path / "image_10_stage1", tmp_path / "image_10_stage2"]
+
+    longer = jobs("--diffusion-steps", "2000")
+    changed = {j.name: (kind, what, stale) for j, kind, what, stale in changed_trainings(list(longer.values()))}
+    assert not any(longer[n].finished() for n in trainings)
+    kind, what, stale = changed["structure 10%"]
+    assert (kind, what) == ("budget", "steps 1000 -> 2000")
+    assert tmp_path / "structure_10" not in stale and part in stale  # resumed; its pairs are stale
+    kind, what, stale = changed["image 10% stage 1"]
+    assert (kind, what) == ("budget", "steps 750 -> 1500") and stale[0] == tmp_path / "image_10_stage2"
+    assert changed["image 10% stage 2"][:2] == ("budget", "finetune_steps 250 -> 500")
+    moved = set_aside(changed["image 10% stage 1"][2], tmp_path, "stamp")
+    assert tmp_path / "replaced" / "stamp" / "image_10_stage2" in moved and not part.exists()
+    assert (tmp_path / "image_10_stage1" / "model.json").exists()
+
+
 def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
     jobs = [Job("sleeper", py("import time; time.sleep(60)")), Job("next", py("pass"), after=["sleeper"])]
 
@@ -275,6 +326,13 @@ def test_experiment_on_another_test_set_records_its_models_and_reuses_them(tmp_p
     assert choice.action == "reuse"
     choice, = choose_models(args, recorded, train_sha256)
     assert choice.action == "reuse" and choice.set_aside == []
+    # other diffusion settings or another step budget than the recorded models were trained with: retrained
+    choice, = choose_models(build_parser().parse_args([*argv, "--diffusion-batch", "4"]), recorded, train_sha256)
+    assert choice.action == "train" and choice.reason == ("the recorded structure model was trained with other "
+                                                          "settings (batch_size 2 -> 4)")
+    assert work / "structure_100" in choice.set_aside and work / "synthetic_100" in choice.set_aside
+    choice, = choose_models(build_parser().parse_args([*argv, "--diffusion-steps", "3"]), recorded, train_sha256)
+    assert choice.action == "train" and "other budget (steps 2 -> 3)" in choice.reason
 
 
 def test_split_roles_are_checked(tmp_path, capsys):
