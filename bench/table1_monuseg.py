@@ -645,13 +645,17 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
                 j.state = "ok" if rc == 0 else "failed"
                 say(f"{'done ' if rc == 0 else 'FAIL '} {j.name} ({j.seconds:.0f} s)"
                     + ("" if rc == 0 else f", exit {rc}: see {logs / _slug(j.name)}.log"))
-        ready = sorted((j for j in jobs if j.state == "waiting"
-                        and all(by_name[a].state in ("ok", "cached") for a in j.after)), key=lambda j: j.priority)
-        for j in ready:
-            if j.finished():
+        def ready() -> list[Job]:
+            return sorted((j for j in jobs if j.state == "waiting"
+                           and all(by_name[a].state in ("ok", "cached") for a in j.after)), key=lambda j: j.priority)
+
+        # outputs already there first, through whole chains, so that the order of priority is kept among the
+        # jobs that really run (a training whose subset is there goes before a job of lower priority)
+        while cached := [j for j in ready() if j.finished()]:
+            for j in cached:
                 j.state = "cached"
                 say(f"have  {j.name} ({j.done})")
-                continue
+        for j in ready():
             if sum(1 for x in jobs if x.state == "running") >= parallel:
                 break
             log = open(logs / f"{_slug(j.name)}.log", "a")

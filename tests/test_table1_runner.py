@@ -112,6 +112,14 @@ def test_runner_orders_skips_and_caches(tmp_path):
     order = log.read_text().split()
     assert order.index("a") < order.index("b") < order.index("c") and "cached" not in order
     assert (tmp_path / "logs" / "fails.log").read_text().startswith("$ ")
+    # priority holds through outputs already there: the training whose subset exists starts before a job of
+    # lower priority that needs nothing (one slot)
+    log.unlink()
+    jobs = [Job("subset", step("subset"), done=done),
+            Job("labeled", step("labeled"), priority=1),
+            Job("training", step("training"), after=["subset"], priority=-2)]
+    run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
+    assert log.read_text().split() == ["training", "labeled"]
 
 
 def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
