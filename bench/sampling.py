@@ -90,25 +90,37 @@ def presets(size_cpu: int = 128, paper_latency: bool = False) -> None:
 
 
 def pair_wall_time(smodel, imodel, size: int, steps: int = 20) -> None:
+    import dataclasses
+
+    from engine.precision import bf16_is_fast
+
     print(f"\n## Wall time per {size}x{size} pair (cpu preset, {torch.get_num_threads()} threads)")
     s = pipeline.sample_structures(smodel, 1, steps=steps, size=size)  # warm-up
     times = {}
-    for sampler, st in (("ddim", steps), ("dpm++", steps)):
+    fp32 = dataclasses.replace(smodel, autocast=False), dataclasses.replace(imodel, autocast=False)
+    rows = [("ddim", "fp32", fp32), ("dpm++", "fp32", fp32)]
+    if bf16_is_fast(next(smodel.model.parameters()).device):  # the default where it is fast
+        rows.append(("ddim", "bf16 autocast", (smodel, imodel)))
+    for sampler, precision, (sm, im) in rows:
         t0 = time.perf_counter()
-        s = pipeline.sample_structures(smodel, 1, sampler=sampler, steps=st, size=size)
+        s = pipeline.sample_structures(sm, 1, sampler=sampler, steps=steps, size=size)
         t1 = time.perf_counter()
-        pipeline.synthesize(imodel, [s[0].structure], sampler=sampler, steps=st, w=2.0)
+        pipeline.synthesize(im, [s[0].structure], sampler=sampler, steps=steps, w=2.0)
         t2 = time.perf_counter()
-        times[sampler] = t2 - t0
-        print(f"{sampler} {st} steps: structure {t1 - t0:.2f} s + image {t2 - t1:.2f} s = {t2 - t0:.2f} s per pair")
-    # the paper's recipe, extrapolated from the measured per-step cost of the same networks
+        times[sampler, precision] = t2 - t0
+        print(f"{sampler} {steps} steps, {precision}: structure {t1 - t0:.2f} s + image {t2 - t1:.2f} s = "
+              f"{t2 - t0:.2f} s per pair")
+    if ("ddim", "bf16 autocast") in times:
+        print(f"bf16 autocast (the default here) against fp32: "
+              f"{times['ddim', 'fp32'] / times['ddim', 'bf16 autocast']:.2f}x as fast")
+    # the paper's recipe, extrapolated from the measured per-step cost of the same networks (fp32)
     x = torch.randn(1, 3, size, size)
     with torch.no_grad():
         ts = _time(lambda: smodel.model(x, torch.tensor([500])), repeat=2)
         ti = _time(lambda: guided_eps(imodel.model, x, torch.tensor([500]), torch.zeros_like(x), 2.0), repeat=2)
     paper = 1000 * (ts + ti)
     print(f"paper recipe (1000 + 1000 guided steps), from measured step cost: {paper:.0f} s per pair "
-          f"({paper / times['ddim']:.0f}x DDIM 20)")
+          f"({paper / times['ddim', 'fp32']:.0f}x DDIM 20 in fp32)")
 
 
 def _training_seconds(name: str, size: int, batch: int, kind: str, mp: str) -> float:

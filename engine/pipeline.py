@@ -27,9 +27,11 @@ from engine.structure import instances_to_structure, structure_to_instances
 from engine.tiling import TilingOptions
 from engine.unet import UNet
 
+PRECISIONS = ("auto", "fp32")  # load_model's precision: bf16 autocast where fast, or always fp32
+
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
-           "generate_pairs", "PairSettings", "sampler_steps", "resolve_device", "Progress", "curate_structures", "candidate_count",
-           "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
+           "generate_pairs", "PairSettings", "sampler_steps", "resolve_device", "Progress", "curate_structures",
+           "candidate_count", "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
 
 Progress = Callable[[int, int], None]
 
@@ -48,6 +50,7 @@ class LoadedModel:
     sample_size: int | None = None
     layout_reference: np.ndarray | None = None  # (N, 5) float32 engine.curate features of the training tiles
     recommended_w: float | None = None  # image models: calibrated guidance scale (engine.guidance), if any
+    autocast: bool = True  # bf16 autocast where it is fast (engine.precision.bf16_is_fast); False: fp32
 
     @property
     def image_size(self) -> int:
@@ -59,8 +62,15 @@ class LoadedModel:
         return self.path.stem
 
 
-def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto") -> LoadedModel:
-    """Load a checkpoint (inference or training) as a sampling-ready model; CheckpointError if unfit."""
+def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto",
+               precision: str = "auto") -> LoadedModel:
+    """Load a checkpoint (inference or training) as a sampling-ready model; CheckpointError if unfit.
+
+    precision: "auto" samples with bf16 autocast where that is fast (a GPU, a CPU with native bf16: about
+    twice as fast, layouts and images as real as in fp32, docs/benchmarks.md §3), else in fp32; "fp32"
+    always in fp32 (bit-for-bit the same samples on every CPU of the same kind)."""
+    if precision not in PRECISIONS:
+        raise NuDiffError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     ck = load_checkpoint(path, kind=kind)
     model = UNet(ck.model_config)
     try:
@@ -72,7 +82,7 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
     ref = ck.tensors.get(REFERENCE_KEY)
     return LoadedModel(ck.kind, model, ck.model_config, ck.diffusion_config, ck.path, ck.sha256, ck.step,
                        ck.record.get("sample_size"), None if ref is None else ref.float().numpy(),
-                       recommended_w(ck.record))
+                       recommended_w(ck.record), precision == "auto")
 
 
 @dataclass
@@ -210,7 +220,8 @@ def sample_structures(
         counter = _StepCounter(progress, steps * plan.units_per_step() * total)
         for i in range(total):
             arr = sample_canvas(model.model, plan, channels=3, seed=seed + i, sampler=sampler, steps=steps,
-                                diffusion=model.diffusion, progress=counter.tick, cancel=cancel)
+                                diffusion=model.diffusion, progress=counter.tick, cancel=cancel,
+                                autocast=model.autocast)
             out.append(StructureSample(arr, structure_to_instances(arr, merge_below=merge_below), seed + i))
         return curate_structures(out, n, ref, seed=seed, mode=filter_mode) if total > n else out
     size = plan.height
@@ -219,7 +230,7 @@ def sample_structures(
     for start in range(0, total, batch_size):
         seeds = [seed + i for i in range(start, min(total, start + batch_size))]
         x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
-                   diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel)
+                   diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel, autocast=model.autocast)
         for s, arr in zip(seeds, x.permute(0, 2, 3, 1).float().cpu().numpy()):
             inst = structure_to_instances(arr, merge_below=merge_below)
             out.append(StructureSample(arr.astype(np.float32), inst, s))
@@ -333,7 +344,7 @@ def synthesize(
         for j, v in jobs:
             x = sample_canvas(model.model, plans[j], channels=3, seed=job_seed(j, v), sampler=sampler, steps=steps,
                               diffusion=model.diffusion, cond=conds[j], w=float(w), progress=counter.tick,
-                              cancel=cancel)
+                              cancel=cancel, autocast=model.autocast)
             images.append(((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
         return images
     size = p0.height
@@ -347,7 +358,7 @@ def synthesize(
         chunk_seeds = [job_seed(j, v) for j, v in chunk]
         x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
-                   cancel=cancel)
+                   cancel=cancel, autocast=model.autocast)
         arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
         images.extend(a.astype(np.uint8) for a in arr)
     return images

@@ -25,6 +25,7 @@ from torch import nn
 from engine.config import DiffusionConfig
 from engine.diffusion import guided_eps, scheduler_settings
 from engine.errors import NuDiffError
+from engine.precision import bf16_is_fast
 
 __all__ = ["SAMPLERS", "SamplerSpec", "sampler_spec", "make_scheduler", "sample", "Cancelled"]
 
@@ -116,7 +117,9 @@ def sample(
     conditional model, used with guidance scale w. eta: DDIM's stochasticity (ignored otherwise).
     progress(i, n) is called after each step; cancel() is polled before each step. denoiser(x, t, cond, w):
     the guided noise prediction (default: the model's over the whole sample, engine.diffusion.guided_eps;
-    engine.tiling.TiledDenoiser for canvases larger than the model's tile).
+    engine.tiling.TiledDenoiser for canvases larger than the model's tile). autocast: run the network under
+    bf16 autocast where that is fast (engine.precision.bf16_is_fast: a GPU, a CPU with native bf16); the
+    sampler's own arithmetic stays fp32. False: fp32 throughout.
     Returns (B, C, H, W) float32 clipped to [-1, 1].
     """
     spec = sampler_spec(sampler)
@@ -135,7 +138,7 @@ def sample(
     x = _batched_noise(shape, gens, device, torch.float32) * sched.init_noise_sigma
     if cond is not None:
         cond = cond.to(device, torch.float32)
-    use_amp = autocast and device.type == "cuda"
+    use_amp = autocast and bf16_is_fast(device)
     timesteps = sched.timesteps
     n = len(timesteps)
     for i, t in enumerate(timesteps):

@@ -50,6 +50,7 @@ from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_output, atomic_write_bytes
+from engine.precision import cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
 from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files, host_name, process_running,
                             process_start)
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
@@ -230,23 +231,6 @@ def _same_path(a, b) -> bool:
         return Path(a).resolve() == Path(b).resolve()
     except OSError:
         return False
-
-
-def cpu_has_native_bf16() -> bool:
-    """True where oneDNN runs bf16 natively on this CPU (AVX512-BF16 or AMX): there bf16 autocast trains
-    the cpu preset 1.4-1.6x as fast as fp32 (docs/benchmarks.md §2); elsewhere it is emulated, slower."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def resolve_precision(mixed_precision: str) -> str:
-    """accelerate's mixed_precision for a TrainConfig value: "auto" is bf16 autocast on a GPU and on a CPU
-    with native bf16, fp32 ("no") on other CPUs; any other value is returned as given."""
-    if mixed_precision != "auto":
-        return mixed_precision
-    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
 
 
 class Trainer:

@@ -73,6 +73,34 @@ def test_synthesize_variants_and_reproducible(models):
     assert progress[-1] == (3, 3)
 
 
+def test_precision_of_a_loaded_model_reaches_every_sampling_path(models):
+    """load_model(precision="fp32") samples in fp32 on every path (batched, tiled canvas, images), which
+    equals engine.samplers.sample without autocast; "auto" uses bf16 where it is fast."""
+    from engine.precision import bf16_is_fast
+    from engine.samplers import sample
+    from engine.tiling import TilingOptions
+
+    s, i = standin_checkpoints()
+    exact = pipeline.load_model(s, kind="structure", precision="fp32"), pipeline.load_model(i, kind="image",
+                                                                                           precision="fp32")
+    assert not exact[0].autocast and models[0].autocast
+    x = sample(exact[0].model, (1, 3, 32, 32), steps=4, seeds=[7], diffusion=exact[0].diffusion, autocast=False)
+    fp32 = pipeline.sample_structures(exact[0], 1, steps=4, seed=7)[0].structure
+    np.testing.assert_array_equal(fp32, x[0].permute(1, 2, 0).numpy())
+    auto = pipeline.sample_structures(models[0], 1, steps=4, seed=7)[0].structure
+    assert np.array_equal(auto, fp32) == (not bf16_is_fast("cpu"))
+    tiling = TilingOptions(tile=32, overlap=16)
+    out = {}
+    for name, m in (("auto", models), ("fp32", exact)):  # a tiled canvas, then images on one layout
+        big = pipeline.sample_structures(m[0], 1, steps=2, seed=7, size=48, tiling=tiling)[0].structure
+        img = pipeline.synthesize(m[1], [fp32], steps=2, seed=7)[0]
+        out[name] = big, img
+    for a, b in zip(out["auto"], out["fp32"]):
+        assert np.array_equal(a, b) == (not bf16_is_fast("cpu"))
+    with pytest.raises(NuDiffError, match="precision must be one of auto, fp32"):
+        pipeline.load_model(s, kind="structure", precision="fp16")
+
+
 def test_bad_requests_give_readable_errors(models):
     smodel, imodel = models
     with pytest.raises(CheckpointError, match="not an image model"):

@@ -46,9 +46,12 @@ def test_guidance_formula_and_batched_passes(model):
 
 
 def test_ddim_eta1_full_steps_equals_ddpm(model):
+    # an identity of the samplers' arithmetic: in fp32 (bf16 autocast, used where it is fast, rounds the
+    # network's output to 8 bits of mantissa, which 1000 steps amplify past the tolerance)
     c = torch.rand(2, 3, 32, 32) * 2 - 1
-    a = sample(model, (2, 3, 32, 32), sampler="ddpm", steps=1000, seeds=[1, 2], cond=c, w=2.0)
-    b = sample(model, (2, 3, 32, 32), sampler="ddim", steps=1000, seeds=[1, 2], cond=c, w=2.0, eta=1.0)
+    a = sample(model, (2, 3, 32, 32), sampler="ddpm", steps=1000, seeds=[1, 2], cond=c, w=2.0, autocast=False)
+    b = sample(model, (2, 3, 32, 32), sampler="ddim", steps=1000, seeds=[1, 2], cond=c, w=2.0, eta=1.0,
+               autocast=False)
     assert (a - b).abs().max() < 1e-3
     assert a.std() > 0.1
 
@@ -83,12 +86,30 @@ def test_sde_solver_injects_noise_the_deterministic_one_does_not(model):
 def test_first_order_sde_solver_is_ddim_eta1(model):
     """With 2 steps both of dpm++sde's steps are first order, where SDE-DPM-Solver++ equals DDIM with
     eta = 1; the same per-sample noise must then give the same samples."""
-    c = torch.rand(2, 3, 32, 32) * 2 - 1
-    sde = sample(model, (2, 3, 32, 32), sampler="dpm++sde", steps=2, seeds=[8, 9], cond=c, w=2.0)
-    ddim = sample(model, (2, 3, 32, 32), sampler="ddim", steps=2, seeds=[8, 9], cond=c, w=2.0, eta=1.0)
+    c = torch.rand(2, 3, 32, 32) * 2 - 1  # an identity of the arithmetic: in fp32, as above
+    sde = sample(model, (2, 3, 32, 32), sampler="dpm++sde", steps=2, seeds=[8, 9], cond=c, w=2.0, autocast=False)
+    ddim = sample(model, (2, 3, 32, 32), sampler="ddim", steps=2, seeds=[8, 9], cond=c, w=2.0, eta=1.0,
+                  autocast=False)
     assert torch.allclose(sde, ddim, atol=1e-4)
     assert not torch.allclose(sde, sample(model, (2, 3, 32, 32), sampler="dpm++", steps=2, seeds=[8, 9],
                                           cond=c, w=2.0), atol=1e-2)
+
+def test_bf16_autocast_where_fast_stays_close_to_fp32(model, monkeypatch):
+    """Sampling runs the network under bf16 autocast where that is fast (a GPU, a CPU with native bf16), and
+    in fp32 elsewhere or when asked (autocast=False, load_model(precision="fp32"))."""
+    import engine.samplers
+    from engine.precision import bf16_is_fast
+
+    c = torch.rand(2, 3, 32, 32) * 2 - 1
+    fp32 = sample(model, (2, 3, 32, 32), steps=8, seeds=[3, 4], cond=c, w=2.0, autocast=False)
+    auto = sample(model, (2, 3, 32, 32), steps=8, seeds=[3, 4], cond=c, w=2.0)
+    assert (auto - fp32).abs().mean() < 0.01  # the same samples up to bf16 rounding
+    assert torch.equal(auto, fp32) == (not bf16_is_fast("cpu"))  # bf16 was used exactly where it is fast
+    monkeypatch.setattr(engine.samplers, "bf16_is_fast", lambda device: True)  # as on a GPU or such a CPU
+    forced = sample(model, (2, 3, 32, 32), steps=8, seeds=[3, 4], cond=c, w=2.0)
+    assert not torch.equal(forced, fp32) and (forced - fp32).abs().mean() < 0.01
+    assert torch.equal(sample(model, (2, 3, 32, 32), steps=8, seeds=[3, 4], cond=c, w=2.0, autocast=False), fp32)
+
 
 def test_cli_offers_every_sampler():
     """The registry drives the CLI: its names are the choices, in its order, and its descriptions and
