@@ -46,6 +46,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -599,8 +600,17 @@ def merge_parts(parts: list[str], out: str) -> Path:
 def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
     """Run the jobs, at most ``parallel`` at a time, dependencies first; prints one line per event.
 
-    On Ctrl-C (or ``timeout -s INT``) the running jobs get SIGINT, so trainings save and export their
-    models, and are given 60 s to exit; their state becomes "interrupted"."""
+    On Ctrl-C, SIGINT (``timeout -s INT``) or SIGTERM (``kill``, the end of a session) the running jobs get
+    SIGINT, so trainings save and export their models, and are given 60 s to exit; their state becomes
+    "interrupted". This holds also when the runner was started in the background (``nohup ... &``), where the
+    shell leaves SIGINT ignored, which the jobs would inherit."""
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                    signal.SIGTERM: signal.signal(signal.SIGTERM, interrupted)}
     try:
         _run_jobs(jobs, parallel, logs, threads)
     except KeyboardInterrupt:
@@ -615,6 +625,9 @@ def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
             except subprocess.TimeoutExpired:
                 j.proc.kill()
             j.seconds, j.state = time.time() - j.started, "interrupted"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:

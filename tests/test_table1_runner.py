@@ -234,6 +234,33 @@ def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
     assert "KeyboardInterrupt" in (tmp_path / "logs" / "sleeper.log").read_text()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_runner_started_in_the_background_stops_its_jobs_on_a_signal(tmp_path, signum):
+    """Started as `nohup ... &` starts it (SIGINT ignored, which children inherit), the runner still stops on
+    SIGTERM (kill, a session's end) or SIGINT, and its running jobs get a SIGINT they act on."""
+    import subprocess
+
+    script = tmp_path / "runner.py"
+    script.write_text(f"""import sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pathlib import Path
+from bench.table1_monuseg import Job, run_jobs
+jobs = [Job("sleeper", [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(60)"])]
+run_jobs(jobs, parallel=1, logs=Path({str(tmp_path / "logs")!r}), threads=1)
+print("state", jobs[0].state, flush=True)
+""")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    log = tmp_path / "logs" / "sleeper.log"
+    deadline = time.time() + 60
+    while not (log.exists() and "up" in log.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=60)
+    assert "interrupted: stopping sleeper" in out and "state interrupted" in out, out
+    assert "KeyboardInterrupt" in log.read_text()  # the job acted on its SIGINT (not inherited as ignored)
+
+
 TINY_RUN = ["--augment", "100", "--labeled", "100", "--preset", "test", "--diffusion-size", "32",
             "--diffusion-steps", "2", "--diffusion-batch", "2", "--diffusion-minutes", "5", "--pairs", "2",
             "--pair-size", "32", "--sampler-steps", "2", "--seg-steps", "2", "--seg-size", "32", "--seg-batch", "2",
