@@ -640,6 +640,11 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
     def say(msg: str) -> None:
         print(f"[{time.time() - t0:7.1f} s] {msg}", flush=True)
 
+    def ready() -> list[Job]:
+        return sorted((j for j in jobs if j.state == "waiting"
+                       and all(by_name[a].state in ("ok", "cached") for a in j.after)), key=lambda j: j.priority)
+
+    looked: set[str] = set()  # ready jobs whose output was looked for (once: it is there from the start or not)
     while True:
         for j in jobs:
             if j.state == "waiting" and any(by_name[a].state in ("failed", "skipped", "interrupted")
@@ -658,14 +663,11 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
                 j.state = "ok" if rc == 0 else "failed"
                 say(f"{'done ' if rc == 0 else 'FAIL '} {j.name} ({j.seconds:.0f} s)"
                     + ("" if rc == 0 else f", exit {rc}: see {logs / _slug(j.name)}.log"))
-        def ready() -> list[Job]:
-            return sorted((j for j in jobs if j.state == "waiting"
-                           and all(by_name[a].state in ("ok", "cached") for a in j.after)), key=lambda j: j.priority)
-
         # outputs already there first, through whole chains, so that the order of priority is kept among the
         # jobs that really run (a training whose subset is there goes before a job of lower priority)
-        while cached := [j for j in ready() if j.finished()]:
-            for j in cached:
+        while new := [j for j in ready() if j.name not in looked]:
+            looked.update(j.name for j in new)
+            for j in (j for j in new if j.finished()):
                 j.state = "cached"
                 say(f"have  {j.name} ({j.done})")
         for j in ready():
