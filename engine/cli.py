@@ -109,6 +109,7 @@ def _add_train_args(p: argparse.ArgumentParser, kind: str) -> None:
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = None) -> None:
+    from engine.precision import PRECISIONS
     from engine.samplers import SAMPLERS  # (the registry: names, descriptions and default steps)
 
     p.add_argument("--sampler", default="ddim", choices=list(SAMPLERS),
@@ -119,7 +120,7 @@ def _add_sampling_args(p: argparse.ArgumentParser, steps_default: int | None = N
     p.add_argument("--seed", type=int, default=0, help="seed of the first sample; sample i uses seed + i")
     p.add_argument("--batch-size", type=_int_at_least(1), default=4)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32"],
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto: bf16 autocast where it is fast (a GPU, a CPU with native bf16; about 2x on such a "
                         "CPU), else fp32; fp32: always fp32 (default: %(default)s)")
 
@@ -642,9 +643,9 @@ def _generate(args: argparse.Namespace) -> int:
     state = PartialState(cpu=not torch.cuda.is_available())
     device = str(state.device) if args.device == "auto" and state.num_processes > 1 else args.device
     smodel = pipeline.load_model(_checkpoint(args.structure_checkpoint, "structure"), kind="structure", device=device,
-                                   precision=args.precision)
+                                 precision=args.precision)
     imodel = pipeline.load_model(_checkpoint(args.image_checkpoint, "image"), kind="image", device=device,
-                                   precision=args.precision)
+                                 precision=args.precision)
     size = args.size or imodel.image_size  # size and memory refused before any work
     pipeline.plan_structure_canvas(smodel, size, _tiling(args))
     pipeline.plan_image_canvas(imodel, (size, size), _model_w(args, imodel), _tiling(args))
@@ -775,7 +776,7 @@ def _run(args: argparse.Namespace) -> int:
         from engine import render
 
         model = pipeline.load_model(_checkpoint(args.checkpoint, "structure"), kind="structure", device=args.device,
-                                       precision=args.precision)
+                                     precision=args.precision)
         pipeline.plan_structure_canvas(model, args.size, _tiling(args))  # size and memory refused before any work
         steps = pipeline.sampler_steps(args.sampler, args.steps)
         bar, cb = _progress_bar("structures")
@@ -801,7 +802,7 @@ def _run(args: argparse.Namespace) -> int:
 
         _check_out(args.out)
         model = pipeline.load_model(_checkpoint(args.checkpoint, "image"), kind="image", device=args.device,
-                                       precision=args.precision)
+                                     precision=args.precision)
         files = label_files(args.labels)
         insts = [read_label(f) for f in files]
         w = _model_w(args, model)

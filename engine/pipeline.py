@@ -22,12 +22,11 @@ from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.fileio import resolve_device
 from engine.memory import plan_windows
+from engine.precision import PRECISIONS
 from engine.samplers import SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
 from engine.tiling import TilingOptions
 from engine.unet import UNet
-
-PRECISIONS = ("auto", "fp32")  # load_model's precision: bf16 autocast where fast, or always fp32
 
 __all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
            "generate_pairs", "PairSettings", "sampler_steps", "resolve_device", "Progress", "curate_structures",

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["cpu_has_native_bf16", "resolve_precision", "bf16_is_fast"]
+__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "bf16_is_fast"]
+
+PRECISIONS = ("auto", "fp32")  # sampling precision: bf16 autocast where it is fast, or always fp32
 
 
 def cpu_has_native_bf16() -> bool:
@@ -31,4 +33,4 @@ def resolve_precision(mixed_precision: str) -> str:
     with native bf16, fp32 ("no") on other CPUs; any other value is returned as given."""
     if mixed_precision != "auto":
         return mixed_precision
-    return "bf16" if torch.cuda.is_available() or cpu_has_native_bf16() else "no"
+    return "bf16" if bf16_is_fast("cuda" if torch.cuda.is_available() else "cpu") else "no"
