@@ -15,8 +15,10 @@ Output folder::
     runs/<run>/metrics.json                  one run (fraction x arm x repeat): settings and metrics
     runs/<run>/predictions/<stem>.tif        predicted instance maps of the test images (int32)
     runs/<run>/segmenter.safetensors/.json   the trained segmenter (save_models=True)
+    runs/<run>/training-snapshot.safetensors a run in progress (every 200 steps; removed when it is done)
 
-Finished runs are skipped when the experiment is started again with the same settings (resume). The settings
+Finished runs are skipped when the experiment is started again with the same settings (resume), and a run
+that was interrupted continues from its last snapshot, to the same model an uninterrupted run makes. The settings
 are one :class:`ExperimentConfig` record; :func:`run_experiment` goes through named steps (load the inputs,
 the settings all runs share, the plan of runs, each run's specification, train and test it, write the results).
 """
@@ -27,7 +29,6 @@ import csv
 import hashlib
 import io
 import json
-import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -489,13 +490,15 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
                 return done
         except (OSError, json.JSONDecodeError):
             pass
+    snapshot = run_dir / SNAPSHOT if resume else None
+    if snapshot is not None and snapshot.is_file():
+        say(f"{name}: continuing from its last snapshot, if it was made with these settings and pairs")
     say(f"{name}: training on {len(subset)} real tiles + {len(extra)} synthetic pairs, {spec['steps']} steps")
-    t0 = time.time()
     seg = train_segmenter(list(subset) + list(extra), size=spec["size"], steps=spec["steps"],
                           batch_size=spec["batch_size"], lr=spec["lr"], seed=spec["train_seed"], device=device,
                           config=cfg, pair_weights=_pair_weights(subset, extra, spec["synthetic_share"]),
-                          augment=spec.get("augment", "light"))
-    train_s = time.time() - t0
+                          augment=spec.get("augment", "light"), snapshot=snapshot)
+    train_s = float(seg.record["seconds"])  # over all sessions of a resumed run
     if save_model:
         seg.save(run_dir / "segmenter")
     per_image = evaluate_segmenter(seg, test_items, run_dir / "predictions")
@@ -509,9 +512,14 @@ def _one_run(run_dir: Path, spec: dict[str, Any], subset: list[Tile], extra: lis
     if "synthetic_block" in spec:
         run["synthetic_block"] = spec["synthetic_block"]  # [first, stop) of the folder's pairs
     atomic_write_bytes(metrics_path, json.dumps(run, indent=2).encode())
+    if snapshot is not None:
+        snapshot.unlink(missing_ok=True)
     say(f"{name}: " + ", ".join(f"{m} {mean[m]:.4f}" for m in METRICS) + f" ({train_s:.0f} s training)")
     return run
 
+
+#: a run's training snapshot (engine.segment.train_segmenter), kept until its metrics.json is written
+SNAPSHOT = "training-snapshot.safetensors"
 
 _SHARED = ("steps", "size", "batch_size", "lr", "config", "tile_size", "stride", "n_clusters", "seed",
            "synthetic_share", "pairs_per_repeat", "augment", "test")

@@ -19,6 +19,7 @@ record, SHA-256 of the weights), written atomically, never pickled.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -461,6 +462,8 @@ def train_segmenter(
     weight_decay: float = 1e-4,
     pair_weights: Sequence[float] | None = None,
     augment: str = "light",
+    snapshot: str | Path | None = None,
+    snapshot_every: int = 200,
 ) -> Segmenter:
     """Train a segmenter from scratch on labeled pairs.
 
@@ -477,6 +480,11 @@ def train_segmenter(
             are drawn area-weighted over all pairs).
         augment: "light" (flips, quarter turns, colour jitter) or "strong" (also HoVer-Net's hue, saturation,
             brightness, contrast, blur and noise augmentations, see :func:`_photometric`).
+        snapshot: optional file (safetensors: weights, optimizer, schedule, random states, loss history) written
+            atomically every ``snapshot_every`` steps and at the end. A call that finds one made with the same
+            settings and pairs continues from it, and ends with the very model an uninterrupted call makes;
+            one made otherwise, or unreadable, is ignored and overwritten. The file is left in place: delete
+            it once the model is saved.
     Returns:
         Segmenter in eval mode; ``record["loss"]`` holds the loss of every step.
     Raises:
@@ -490,8 +498,9 @@ def train_segmenter(
             raise NuDiffError(f"pair_weights must be {len(pairs)} non-negative numbers, not all 0")
     if augment not in AUGMENTS:
         raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
-    if steps < 1 or batch_size < 1 or lr <= 0:
-        raise NuDiffError(f"steps and batch_size must be >= 1 and lr > 0 (got {steps}, {batch_size}, {lr})")
+    if steps < 1 or batch_size < 1 or lr <= 0 or snapshot_every < 1:
+        raise NuDiffError(f"steps, batch_size and snapshot_every must be >= 1 and lr > 0 "
+                          f"(got {steps}, {batch_size}, {snapshot_every}, {lr})")
     size = _ceil_to(max(int(size), cfg.multiple), cfg.multiple)
     dev = resolve_device(device)
     torch.manual_seed(seed)
@@ -502,9 +511,17 @@ def train_segmenter(
     warm = max(1, min(50, steps // 10))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: _lr_factor(i, steps, warm))
     losses: list[float] = []
+    start, spent = 1, 0.0
+    if snapshot is not None:
+        snapshot = Path(snapshot)
+        key = _snapshot_key(pairs, cfg, size=size, steps=steps, batch_size=batch_size, lr=lr, seed=seed,
+                            jitter=jitter, weight_decay=weight_decay, pair_weights=pair_weights, augment=augment)
+        state = _load_snapshot(snapshot, key, net, opt, sched, rng)
+        if state is not None:
+            start, spent, losses = state["step"] + 1, state["seconds"], state["loss"]
     t0 = time.time()
     net.train()
-    for step in range(1, steps + 1):
+    for step in range(start, steps + 1):
         xb, yb = sampler.batch(rng, batch_size)
         out = net(torch.from_numpy(xb).to(dev))
         loss, _ = segmentation_loss(out, torch.from_numpy(yb).to(dev), cfg.loss_weights)
@@ -516,12 +533,14 @@ def train_segmenter(
         opt.step()
         sched.step()
         losses.append(float(loss.detach()))
+        if snapshot is not None and (step % snapshot_every == 0 or step == steps):
+            _save_snapshot(snapshot, key, step, spent + time.time() - t0, losses, net, opt, sched, rng)
         if progress is not None:
             progress(step, steps)
     net.eval()
     record = {"size": size, "steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "jitter": jitter,
               "augment": augment,
-              "n_pairs": len(pairs), "seconds": round(time.time() - t0, 2), "device": str(dev),
+              "n_pairs": len(pairs), "seconds": round(spent + time.time() - t0, 2), "device": str(dev),
               "loss": [round(v, 5) for v in losses]}
     return Segmenter(net, cfg, dev, record)
 
@@ -532,3 +551,81 @@ def _lr_factor(i: int, steps: int, warm: int) -> float:
         return (i + 1) / warm
     t = (i - warm) / max(1, steps - warm)
     return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+# ----------------------------------------------------------------------------- resumable training
+
+
+def _snapshot_key(pairs: Sequence[tuple[np.ndarray, np.ndarray]], cfg: SegmenterConfig,
+                  **settings: Any) -> str:
+    """Digest of everything a training's result depends on: its settings, the network config and the
+    pairs' pixels, in order."""
+    h = hashlib.sha256(json.dumps({**settings, "config": cfg.to_dict()}, sort_keys=True,
+                                  default=_json_default).encode())
+    for image, inst in pairs:
+        for a in (image, inst):
+            a = np.ascontiguousarray(a)
+            h.update(f"{a.dtype.str}|{a.shape}|".encode())
+            h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _save_snapshot(path: Path, key: str, step: int, seconds: float, losses: list[float], net: nn.Module,
+                   opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+                   rng: np.random.Generator) -> None:
+    """One file (atomic): tensors = weights, optimizer moments, torch's random state; metadata "state" =
+    JSON of the step, seconds so far, loss history, optimizer groups, schedule and numpy generator state."""
+    from safetensors.torch import save as st_save
+
+    tensors = {f"net.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
+    opt_state = opt.state_dict()
+    for idx, st in opt_state["state"].items():
+        for name, v in st.items():
+            tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().to("cpu")
+    tensors["rng.torch"] = torch.get_rng_state()
+    sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
+    state = {"key": key, "step": step, "seconds": seconds, "loss": losses, "param_groups": opt_state["param_groups"],
+             "schedule": sched_state, "numpy": rng.bit_generator.state}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, st_save(tensors, metadata={"kind": "segmenter-training", "state": json.dumps(state)}))
+
+
+def _load_snapshot(path: Path, key: str, net: nn.Module, opt: torch.optim.Optimizer,
+                   sched: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> dict | None:
+    """Restore a snapshot of this very training into net / opt / sched / rng and return its state (step,
+    seconds, loss); None (nothing changed) when there is none, it is unreadable or it is another training's."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            state = json.loads((f.metadata() or {}).get("state", "null"))
+            if not isinstance(state, dict) or state.get("key") != key:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # (JSONDecodeError is a ValueError)
+        return None
+    before = (copy.deepcopy(net.state_dict()), copy.deepcopy(opt.state_dict()), copy.deepcopy(sched.state_dict()),
+              torch.get_rng_state(), rng.bit_generator.state)
+    try:
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        moments: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in tensors.items():
+            if k.startswith("optim."):
+                _, idx, name = k.split(".", 2)
+                moments.setdefault(int(idx), {})[name] = v
+        groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
+        opt.load_state_dict({"state": moments, "param_groups": groups})
+        sched.load_state_dict({**state["schedule"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
+        torch.set_rng_state(tensors["rng.torch"])
+        rng.bit_generator.state = state["numpy"]
+        return {"step": int(state["step"]), "seconds": float(state["seconds"]),
+                "loss": [float(v) for v in state["loss"]]}
+    except (ValueError, KeyError, TypeError, RuntimeError):  # a damaged snapshot: start afresh, as before it
+        net.load_state_dict(before[0])
+        opt.load_state_dict(before[1])
+        sched.load_state_dict(before[2])
+        torch.set_rng_state(before[3])
+        rng.bit_generator.state = before[4]
+        return None

@@ -389,3 +389,34 @@ def test_experiment_config_is_checked_and_round_trips_through_results_json(exper
                          (dict(arms=()), "arms")):
         with pytest.raises(NuDiffError, match=message):
             ExperimentConfig(**bad)
+
+
+def test_an_interrupted_run_continues_from_its_snapshot(experiment, folders, tmp_path, monkeypatch):
+    import functools
+
+    import engine.evaluate as evaluate
+    from engine.segment import train_segmenter
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_step_3(step: int, steps: int) -> None:
+        if step == 3:
+            raise Killed
+
+    settings = fast(fractions="100", arms=("labeled",))
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:  # the real training, stopped at step 3 as a kill would stop it
+        m.setattr(evaluate, "train_segmenter",
+                  functools.partial(train_segmenter, snapshot_every=2, progress=killed_at_step_3))
+        with pytest.raises(Killed):
+            run_experiment(folders["real"], folders["synth"], folders["test"], out, settings, log=None)
+    run_dir = out / "runs" / "100pct_labeled_r0"
+    assert (run_dir / evaluate.SNAPSHOT).is_file() and not (run_dir / "metrics.json").exists()
+    lines: list[str] = []
+    again = run_experiment(folders["real"], folders["synth"], folders["test"], out, settings, log=lines.append)
+    assert any("continuing from its last snapshot" in line for line in lines)
+    assert not (run_dir / evaluate.SNAPSHOT).exists()  # removed once the run's metrics are written
+    whole = next(r for r in experiment[0].runs if r["name"] == "100pct_labeled_r0")
+    assert again.runs[0]["per_image"] == whole["per_image"]  # the uninterrupted run's model, tested alike
+    assert not list((experiment[0].out_dir / "runs").glob(f"*/{evaluate.SNAPSHOT}"))

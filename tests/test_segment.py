@@ -138,3 +138,58 @@ def test_training_records_its_augmentation_and_refuses_unknown_ones():
     assert seg.record["augment"] == "strong"
     with pytest.raises(NuDiffError, match="augment must be one of light, strong"):
         train_segmenter(pairs, steps=1, device="cpu", config=TINY, augment="heavy")
+
+
+class _Crash(Exception):
+    """Stands for the process being killed part-way through a training."""
+
+
+def _crash_at(n: int):
+    def progress(step: int, steps: int) -> None:
+        if step == n:
+            raise _Crash
+
+    return progress
+
+
+def test_an_interrupted_training_resumes_from_its_snapshot_to_the_same_model(tmp_path):
+    pairs = [make_tile(48, seed=i) for i in range(3)]
+    settings = dict(size=32, steps=9, batch_size=2, lr=3e-3, seed=4, device="cpu", config=TINY, augment="strong")
+    whole = train_segmenter(pairs, **settings)
+    snap = tmp_path / "snap.safetensors"
+    with pytest.raises(_Crash):  # killed at step 7: the snapshot of step 6 is on disk
+        train_segmenter(pairs, **settings, snapshot=snap, snapshot_every=3, progress=_crash_at(7))
+    torch.manual_seed(123)  # the resumed call must not depend on the random state it starts in
+    np.random.seed(5)
+    steps_seen: list[int] = []
+    resumed = train_segmenter(pairs, **settings, snapshot=snap, snapshot_every=3,
+                              progress=lambda s, n: steps_seen.append(s))
+    assert steps_seen == [7, 8, 9]  # it trained only the steps after the snapshot
+    for (ka, va), (kb, vb) in zip(whole.net.state_dict().items(), resumed.net.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb), ka
+    assert resumed.record["loss"] == whole.record["loss"]
+    assert snap.is_file()  # left for the caller to remove once its model is saved
+
+
+def test_a_snapshot_of_another_training_or_a_damaged_one_is_ignored(tmp_path):
+    pairs = [make_tile(48, seed=i) for i in range(3)]
+    settings = dict(size=32, steps=4, batch_size=2, seed=4, device="cpu", config=TINY)
+    whole = train_segmenter(pairs, **settings)
+    snap = tmp_path / "snap.safetensors"
+    train_segmenter(pairs, **{**settings, "lr": 5e-3}, snapshot=snap, snapshot_every=2)  # other settings
+    for damage in ("other settings", "other pairs", "torn", "garbage"):
+        if damage == "other pairs":
+            train_segmenter(pairs[:2], **settings, snapshot=snap, snapshot_every=2)
+        elif damage == "torn":
+            train_segmenter(pairs, **settings, snapshot=snap, snapshot_every=2)
+            snap.write_bytes(snap.read_bytes()[: snap.stat().st_size // 2])
+        elif damage == "garbage":
+            snap.write_bytes(b"not a snapshot")
+        steps_seen: list[int] = []
+        again = train_segmenter(pairs, **settings, snapshot=snap, snapshot_every=2,
+                                progress=lambda s, n: steps_seen.append(s))
+        assert steps_seen == [1, 2, 3, 4], damage  # trained from the start ...
+        for va, vb in zip(whole.net.state_dict().values(), again.net.state_dict().values()):
+            assert torch.equal(va, vb), damage  # ... to the model of an uninterrupted call
+    with pytest.raises(NuDiffError, match="snapshot_every"):
+        train_segmenter(pairs, **settings, snapshot=snap, snapshot_every=0)
