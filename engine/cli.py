@@ -819,6 +819,7 @@ def _run(args: argparse.Namespace) -> int:
             j, v = divmod(k, args.variants)
             prov = Provenance.of(conds[j], image_checkpoint=model.path.name, image_sha256=model.sha256,
                                  seed=args.seed + k, w=w, sampler=args.sampler, steps=steps, variant=v,
+                                 precision=model.precision,
                                  **plans[j].meta())
             pairs.append(pipeline.Pair(img, conds[j].inst, prov.to_dict()))
         _save_pairs(pairs, args.out)

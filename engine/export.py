@@ -60,7 +60,10 @@ __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_
 MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "width", "n_nuclei", "sampler",
                    "steps", "w", "seed", "structure_checkpoint", "structure_sha256", "image_checkpoint",
                    "image_sha256", "edited", "source", "tile", "overlap", "windows", "structure_seed",
-                   "structure_rebuilt", "label_file")
+                   "structure_rebuilt", "label_file", "precision")
+#: The columns copied from each pair's provenance (engine.conditioning.Provenance; "" where it has none).
+_FROM_META = tuple(k for k in MANIFEST_FIELDS if k not in ("id", "image", "label", "hovernet", "geojson", "height",
+                                                          "width", "n_nuclei", "edited"))
 
 #: Default caps for :func:`safe_extract_zip` (total uncompressed bytes, number of entries).
 MAX_EXTRACT_BYTES = 2 * 1024 ** 3
@@ -250,11 +253,8 @@ def _manifest(pairs: list[ExportPair], *, hovernet: bool, geojson: bool) -> byte
             "hovernet": f"hovernet/{p.id}.npy" if hovernet else "",
             "geojson": f"geojson/{p.id}.geojson" if geojson else "",
             "height": p.inst.shape[0], "width": p.inst.shape[1], "n_nuclei": p.n_nuclei,
-            **{k: _fmt(m.get(k)) for k in ("sampler", "steps", "w", "seed", "structure_checkpoint",
-                                            "structure_sha256", "image_checkpoint", "image_sha256", "source",
-                                            "tile", "overlap", "windows", "structure_seed", "label_file")},
+            **{k: _fmt(m.get(k)) for k in _FROM_META},
             "edited": _fmt(bool(m.get("edited", False))),
-            "structure_rebuilt": _fmt(m.get("structure_rebuilt")),
         })
     return buf.getvalue().encode()
 

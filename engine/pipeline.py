@@ -22,7 +22,7 @@ from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.fileio import resolve_device
 from engine.memory import plan_windows
-from engine.precision import PRECISIONS
+from engine.precision import PRECISIONS, bf16_is_fast
 from engine.samplers import SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
 from engine.tiling import TilingOptions
@@ -59,6 +59,13 @@ class LoadedModel:
     @property
     def name(self) -> str:
         return self.path.stem
+
+    @property
+    def precision(self) -> str:
+        """What sampling with this model computes in here: "bf16" (autocast) or "fp32"; recorded with every
+        pair, since the two give samples that differ by rounding."""
+        device = next(self.model.parameters()).device
+        return "bf16" if self.autocast and bf16_is_fast(device) else "fp32"
 
 
 def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto",
@@ -470,7 +477,7 @@ def generate_pairs(
     pairs = []
     for s, cond, img in zip(structs, conds, imgs):
         prov = Provenance.of(cond, image_checkpoint=image_model.path.name, image_sha256=image_model.sha256,
-                             seed=s.seed, w=st.w, sampler=st.sampler, steps=steps,
+                             seed=s.seed, w=st.w, sampler=st.sampler, steps=steps, precision=image_model.precision,
                              few_nuclei=s.n_nuclei < st.min_nuclei, oversample=float(st.oversample),
                              filter_mode=st.filter_mode if total > n else None, merge_below=float(st.merge_below),
                              **_tiling_meta(splan, iplan))

@@ -224,6 +224,7 @@ class SynthesizeHandlers:
         for v, img in enumerate(imgs):
             prov = Provenance.of(cond, image_checkpoint=ctx.checkpoint_name(model), image_sha256=model.sha256,
                                  seed=int(seed) + v, w=float(w), sampler=sampler, steps=int(steps), variant=v,
+                                 precision=model.precision,
                                  **plan.meta())
             results.append(Result(img, inst, prov.to_dict()))
         with sess.lock:

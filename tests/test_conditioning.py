@@ -16,10 +16,12 @@ from PIL import Image
 
 from engine import cli
 from engine.conditioning import Condition, Provenance, inst_sha256, load_condition, save_condition
+from engine.precision import bf16_is_fast
 from engine.structure import instances_to_structure
 from engine.synthetic import make_tile
 
 SEED, STEPS, W = 5, 3, "2"
+_PRECISION = "bf16" if bf16_is_fast("cpu") else "fp32"  # sampling's default, "auto", on this machine
 
 
 def _manifest(folder: Path) -> list[dict]:
@@ -59,8 +61,10 @@ def test_generate_and_synthesize_condition_on_the_same_sampled_structure(cli_rou
         assert row["source"] == "sampled" and row["structure_seed"] == str(SEED) and row["seed"] == str(SEED)
         assert row["structure_sha256"] and row["image_sha256"]
     assert syn[0]["label_file"] == f"structure_{SEED:05d}.tif"
-    same = ("n_nuclei", "structure_checkpoint", "structure_sha256", "image_checkpoint", "image_sha256", "w", "steps")
+    same = ("n_nuclei", "structure_checkpoint", "structure_sha256", "image_checkpoint", "image_sha256", "w", "steps",
+            "precision")
     assert {k: gen[0][k] for k in same} == {k: syn[0][k] for k in same}
+    assert gen[0]["precision"] == _PRECISION  # what the images were computed in, for reproducing them elsewhere
 
 
 def test_a_rebuilt_structure_gives_another_image(cli_routes, tiny_checkpoints, tmp_path):
@@ -115,6 +119,7 @@ def test_studio_gives_the_cli_image(studio, tiny_checkpoints, cli_routes):
     ref = _manifest(cli_routes / "generate")[0]
     assert np.array_equal(img, _image(cli_routes / "generate", ref))
     assert row["structure_sha256"] == ref["structure_sha256"] and row["n_nuclei"] == ref["n_nuclei"]
+    assert row["precision"] == ref["precision"] == _PRECISION
 
     # after a hand edit the structure is rebuilt, and the provenance says so
     c.predict(0, api_name="/send_to_edit")

@@ -84,6 +84,9 @@ def test_precision_of_a_loaded_model_reaches_every_sampling_path(models):
     exact = pipeline.load_model(s, kind="structure", precision="fp32"), pipeline.load_model(i, kind="image",
                                                                                            precision="fp32")
     assert not exact[0].autocast and models[0].autocast
+    assert exact[1].precision == "fp32" and models[1].precision == ("bf16" if bf16_is_fast("cpu") else "fp32")
+    pair = pipeline.generate_pairs(exact[0], exact[1], 1, pipeline.PairSettings(steps=2, seed=4))[0]
+    assert pair.meta["precision"] == "fp32"  # each pair records what it was computed in
     x = sample(exact[0].model, (1, 3, 32, 32), steps=4, seeds=[7], diffusion=exact[0].diffusion, autocast=False)
     fp32 = pipeline.sample_structures(exact[0], 1, steps=4, seed=7)[0].structure
     np.testing.assert_array_equal(fp32, x[0].permute(1, 2, 0).numpy())
