@@ -213,6 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads per job (default: the cores / --parallel; 1 when the machine is shared: "
                          "two threads on a core another process also uses wait on each other, ~10x slower here)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
+    ap.add_argument("--status", action="store_true",
+                    help="print how far each job of this command has come (from WORK's files) and exit; runs, "
+                         "moves and writes nothing")
     return ap
 
 
@@ -270,10 +273,15 @@ def assign_roles(train_dir: Path, split: dict[str, list[str]], test_dir: Path | 
     return roles
 
 
+def role_folders(work: Path) -> dict[str, Path]:
+    """Where each role's folder of links lies in WORK."""
+    return {"train": work / "real", "validation": work / "validation", "test": work / "test"}
+
+
 def link_roles(roles: Roles, work: Path) -> dict[str, Path]:
     """WORK/real (train), WORK/validation and WORK/test as folders of links to the images (links of an
     earlier call that name other images are removed)."""
-    folders = {"train": work / "real", "validation": work / "validation", "test": work / "test"}
+    folders = role_folders(work)
     for role, folder in folders.items():
         _link_folder(folder, getattr(roles, role))
     return folders
@@ -551,6 +559,67 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
     return jobs
 
 
+def _option(cmd: list[str], name: str, default: str | None = None) -> str | None:
+    return cmd[cmd.index(name) + 1] if name in cmd else default
+
+
+def job_progress(job: Job) -> str:
+    """How far one job has come, from its files alone (nothing is run): "done", "step S of N" for a
+    training, "k of R runs" for a segmenter job (with the step of a run part-way through), or "not started"."""
+    if job.finished():
+        return "done"
+    if job.run_dir is not None:
+        try:
+            step = int(json.loads((job.run_dir / "latest.json").read_text())["step"])
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return "not started"
+        total = int(_option(job.cmd, "--steps", "0")) + int(_option(job.cmd, "--finetune-steps", "0"))
+        return f"step {step} of {total}"
+    if "evaluate" in job.cmd:
+        from engine.evaluate import SNAPSHOT, parse_fractions, run_name
+
+        fraction = parse_fractions(_option(job.cmd, "--fractions"))[0]
+        arm, repeats = _option(job.cmd, "--arms"), int(_option(job.cmd, "--repeats", "1"))
+        runs = [Path(_option(job.cmd, "--out")) / "runs" / run_name(fraction, arm, r) for r in range(repeats)]
+        done = sum((r / "metrics.json").is_file() for r in runs)
+        text = f"{done} of {repeats} runs"
+        for r in runs:
+            if not (r / "metrics.json").is_file() and (r / SNAPSHOT).is_file():
+                text += f"; {r.name} at step {_snapshot_step(r / SNAPSHOT)} of {_option(job.cmd, '--steps')}"
+        return text
+    if job.done is not None:
+        return "not started"
+    out = Path(job.cmd[-1].rsplit("'", 2)[-2]) if job.cmd[-1].startswith("from bench.") else None
+    return "done" if out is not None and (out / "manifest.csv").is_file() else "not started"
+
+
+def _snapshot_step(path: Path) -> str:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return str(json.loads((f.metadata() or {})["state"])["step"])
+    except (OSError, KeyError, TypeError, ValueError, SafetensorError):
+        return "?"
+
+
+def progress_report(jobs: list[Job]) -> str:
+    """One line per job (a fraction's pair chunks as one line) and a total: what --status prints."""
+    lines, done = [], 0
+    chunks: dict[str, list[str]] = {}
+    for j in jobs:
+        state = job_progress(j)
+        done += state == "done"
+        if j.name.startswith("generate "):
+            chunks.setdefault(j.name.rsplit(" part ", 1)[0], []).append(state)
+            continue
+        for name, states in list(chunks.items()):  # a fraction's chunks, before the merge that follows them
+            lines.append(f"{name} pairs: {states.count('done')} of {len(states)} chunks")
+            del chunks[name]
+        lines.append(f"{j.name}: {state}")
+    return "\n".join(lines + [f"{done} of {len(jobs)} jobs done"])
+
+
 def image_stage_steps(total: int) -> tuple[str, str]:
     """(conditional, classifier-free) steps of an image model given ``total``: 3:1, each at least 1."""
     first = min(max(1, round(total * 0.75)), max(1, total - 1))
@@ -702,10 +771,11 @@ def main(argv: list[str] | None = None) -> int:
     gpu = torch.cuda.is_available()
     parallel = args.parallel or (4 if gpu else 1)
     threads = args.threads or max(1, (os.cpu_count() or 2) // parallel)
-    args.work.mkdir(parents=True, exist_ok=True)
+    if not args.status:
+        args.work.mkdir(parents=True, exist_ok=True)
     # 1. roles: train (learned from), validation (choices only), test (scored once per arm)
     roles = assign_roles(args.train, read_split(args.split), args.test)
-    folders = link_roles(roles, args.work)
+    folders = role_folders(args.work) if args.status else link_roles(roles, args.work)
     print(f"train: {len(roles.train)} images; validation (for choices, not scored here): "
           f"{', '.join(it.stem for it in roles.validation) or 'none'} in {folders['validation']}; test: "
           f"{', '.join(it.stem for it in roles.test)}" + (f" (from {args.test})" if args.test else "")
@@ -720,6 +790,12 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         previous = "" if any(args.work.glob("subset_*")) else None  # outputs of unknown training images
     choices = choose_models(args, recorded, train_sha256, previous)
+    if args.status:
+        for c in choices:
+            print(f"models {c.pct}%: {c.action} ({c.reason})"
+                  + (f"; a run would set aside {len(c.set_aside)} outputs" if c.set_aside else ""))
+        print(progress_report(plan(args, folders["train"], folders["test"], choices)))
+        return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for c in choices:
         moved = set_aside(c.set_aside, args.work, stamp)

@@ -182,7 +182,8 @@ def _content_digest(items: Sequence[LabeledImage]) -> str:
     return h.hexdigest()[:16]
 
 
-def _run_name(fraction: float, arm: str, repeat: int) -> str:
+def run_name(fraction: float, arm: str, repeat: int) -> str:
+    """The folder of one run under ``runs/``, e.g. ``10pct_labeled_r0``."""
     return f"{_pct(fraction)}pct_{arm}_r{repeat}"
 
 
@@ -315,7 +316,7 @@ def run_experiment(real: str | Path | Sequence[Any], synthetic: SyntheticSpec, t
             folder = inputs.synth_dirs[f]
             pool = [] if arm == "labeled" else _load_synthetic(folder, inputs.synth_cache)
             spec, extra = _run_spec(settings, config, f, arm, r, subset, folder, pool)
-            runs.append(_one_run(out / "runs" / _run_name(f, arm, r), spec, subset, extra, inputs.test_items,
+            runs.append(_one_run(out / "runs" / run_name(f, arm, r), spec, subset, extra, inputs.test_items,
                                  selection.fraction_reached, device=config.device, cfg=config.segmenter,
                                  save_model=config.save_models, resume=config.resume, say=say))
             if progress is not None:

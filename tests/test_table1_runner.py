@@ -445,3 +445,42 @@ def test_a_role_of_the_split_as_a_folder_of_links(tmp_path):
     (train / "images" / "synth_004.png").unlink()
     with pytest.raises(SystemExit, match="synth_004.png is missing"):
         link_role("test", tmp_path / "out", train, split)
+
+
+def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, capsys):
+    from engine.evaluate import SNAPSHOT
+    from engine.segment import SegmenterConfig, train_segmenter
+    from engine.synthetic import make_tile
+
+    train, split, _ = _tiny_data(tmp_path)
+    work = tmp_path / "work"
+    argv = ["--train", str(train), "--split", str(split), "--work", str(work), *TINY_RUN]
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert not work.exists()  # nothing written, linked or moved
+    assert "structure 100%: not started" in out and "generate 100% pairs: 0 of 2 chunks" in out
+    assert "segmenter 100% labeled: 0 of 2 runs" in out and out.rstrip().endswith("0 of 9 jobs done")
+
+    # part-way: a training at step 1 of 2, one pair chunk made, one labeled run done and the next one
+    # stopped at step 2 of its 2 (its snapshot)
+    jobs = {j.name: j for j in plan(build_parser().parse_args(argv), work / "real", work / "test")}
+    structure = jobs["structure 100%"].run_dir
+    structure.mkdir(parents=True)
+    (structure / "latest.json").write_text(json.dumps({"step": 1}))
+    part = jobs["generate 100% part 1/2"].done
+    part.parent.mkdir(parents=True)
+    part.write_text("id\n")
+    runs = work / "evaluate" / "runs"
+    (runs / "100pct_labeled_r0").mkdir(parents=True)
+    (runs / "100pct_labeled_r0" / "metrics.json").write_text("{}")
+    train_segmenter([make_tile(32, seed=0)], size=32, steps=2, batch_size=1, device="cpu",
+                    config=SegmenterConfig(base_channels=8, depth=2, groups=4),
+                    snapshot=runs / "100pct_labeled_r1" / SNAPSHOT)
+    before = sorted(p.relative_to(work) for p in work.rglob("*"))
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "structure 100%: step 1 of 2" in out and "image 100% stage 1: not started" in out
+    assert "generate 100% pairs: 1 of 2 chunks" in out
+    assert "segmenter 100% labeled: 1 of 2 runs; 100pct_labeled_r1 at step 2 of 2" in out
+    assert out.rstrip().endswith("1 of 9 jobs done")
+    assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
