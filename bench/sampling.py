@@ -123,6 +123,29 @@ def pair_wall_time(smodel, imodel, size: int, steps: int = 20) -> None:
           f"({paper / times['ddim', 'fp32']:.0f}x DDIM 20 in fp32)")
 
 
+def condition_cache(imodel, size: int, steps: int = 20, repeat: int = 3) -> None:
+    """Image sampling with the condition's SPADE modulation kept from the first step (the default) against
+    recomputing it at every step (cache_bytes=0), on the same structure and seed: time and identity."""
+    from engine.samplers import sample
+    from engine.structure import instances_to_structure
+    from engine.synthetic import make_tile
+
+    print(f"\n## Condition maps kept between steps ({size}x{size} image, DDIM {steps}, w = 2, "
+          f"{imodel.precision}, {torch.get_num_threads()} threads)")
+    inst = make_tile(size, seed=3)[1]
+    cond = torch.from_numpy(instances_to_structure(inst)).permute(2, 0, 1)[None]
+    out, best = {}, {}
+    for cache in (0, 1 << 30, 0, 1 << 30):  # interleaved, best of `repeat` each
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            out[cache] = sample(imodel.model, (1, 3, size, size), steps=steps, seeds=[7], cond=cond, w=2.0,
+                                diffusion=imodel.diffusion, autocast=imodel.autocast, cache_bytes=cache)
+            best[cache] = min(best.get(cache, float("inf")), time.perf_counter() - t0)
+    same = torch.equal(out[0], out[1 << 30])
+    print(f"recomputed every step: {best[0]:.2f} s; kept: {best[1 << 30]:.2f} s; {best[0] / best[1 << 30]:.2f}x "
+          f"as fast; samples {'identical' if same else 'DIFFERENT'}")
+
+
 def _training_seconds(name: str, size: int, batch: int, kind: str, mp: str) -> float:
     """Seconds per training step (incl. the final checkpoint write), measured in a fresh process: the
     precision is accelerate's process-wide state, set once per process."""
@@ -219,6 +242,7 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train")
     ap.add_argument("--paper-latency", action="store_true", help="also time the 500M-parameter paper preset")
     ap.add_argument("--skip-training", action="store_true")
+    ap.add_argument("--cache-only", action="store_true", help="only the condition-maps row (image model)")
     ap.add_argument("--training-only", action="store_true", help="only the training throughput rows")
     ap.add_argument("--time-training", metavar="PRESET,SIZE,BATCH,KIND,MP", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -237,6 +261,11 @@ def main() -> None:
         print("models: demo checkpoints absent, timing randomly initialised cpu-preset networks")
     if args.training_only:
         training_throughput()
+        return
+    if args.cache_only:
+        if imodel is None:
+            sys.exit("--cache-only needs the demo checkpoints")
+        condition_cache(imodel, args.size)
         return
     if args.quality_only:
         if smodel is None:
@@ -261,6 +290,7 @@ def main() -> None:
     else:
         quality_ok = True
     pair_wall_time(smodel, imodel, args.size)
+    condition_cache(imodel, args.size)
     if not args.skip_training:
         training_throughput()
     if args.quality and quality_ok:

@@ -133,9 +133,10 @@ def sample_canvas(model: torch.nn.Module, plan: CanvasPlan, *, channels: int, se
     step_cb = None
     if plan.tiled:
         denoiser = TiledDenoiser(model, plan.grid, window_batch=plan.memory.window_batch, on_batch=progress,
-                                 cancel=cancel)
+                                 cancel=cancel, cache_bytes=plan.memory.cache_bytes)
     elif progress is not None:
         step_cb = lambda i, n: progress()  # noqa: E731
     x = sample(model, (1, channels, ph, pw), sampler=sampler, steps=steps, seeds=[int(seed)], cond=c, w=float(w),
-               diffusion=diffusion, progress=step_cb, cancel=cancel, denoiser=denoiser, autocast=autocast)
+               diffusion=diffusion, progress=step_cb, cancel=cancel, denoiser=denoiser, autocast=autocast,
+               cache_bytes=plan.memory.cache_bytes)
     return x[0, :, :plan.height, :plan.width].permute(1, 2, 0).float().cpu().numpy()

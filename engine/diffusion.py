@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.config import DiffusionConfig
-from engine.unet import null_condition
+from engine.unet import ConditionMaps, null_condition
 
-__all__ = ["NoiseSchedule", "scheduler_settings", "guided_eps"]
+__all__ = ["NoiseSchedule", "scheduler_settings", "guided_eps", "prepare_condition"]
 
 
 def scheduler_settings(cfg: DiffusionConfig) -> dict:
@@ -91,22 +91,31 @@ class NoiseSchedule:
         return (snr.clamp(max=gamma) / snr).float()
 
 
+def prepare_condition(cond: torch.Tensor, w: float, max_bytes: int) -> ConditionMaps:
+    """The model input of guided_eps for a condition (B, 3, H, W) that stays the same over a sampling run:
+    the batched [y, null] (y alone when w = 0) as :class:`engine.unet.ConditionMaps`, which keep the SPADE
+    modulation (up to ``max_bytes``) from the first step for the later ones."""
+    return ConditionMaps(cond if w == 0 else torch.cat([cond, null_condition(cond)]), max_bytes)
+
+
 def guided_eps(
     model: nn.Module,
     x: torch.Tensor,
     t: torch.Tensor,
-    cond: torch.Tensor | None,
+    cond: torch.Tensor | ConditionMaps | None,
     w: float,
 ) -> torch.Tensor:
     """Noise prediction with classifier-free guidance, paper eq. 6.
 
     eps = (w + 1) * eps(x, t, y) - w * eps(x, t, null); the conditional and the unconditional pass run
     as one batched forward. w = 0 (or an unconditional model, cond=None) is a single plain pass.
+    cond: the structure (B, 3, H, W), or :func:`prepare_condition` of it with the same w.
     """
     if t.ndim == 0:
         t = t.expand(x.shape[0])
     if cond is None or w == 0:
         return model(x, t, cond)
-    both = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, null_condition(cond)]))
+    pair = cond if isinstance(cond, ConditionMaps) else torch.cat([cond, null_condition(cond)])
+    both = model(torch.cat([x, x]), torch.cat([t, t]), pair)
     eps_c, eps_u = both.chunk(2)
     return (w + 1) * eps_c - w * eps_u

@@ -20,7 +20,7 @@ from engine.config import UNetConfig
 from engine.errors import NuDiffError
 
 __all__ = ["reuse_freed_memory", "MemoryBudgetError", "Plan", "forward_bytes", "job_bytes", "plan_windows",
-           "default_budget_gb", "total_ram_bytes", "GiB"]
+           "default_budget_gb", "total_ram_bytes", "GiB", "CONDITION_CACHE_BYTES"]
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 600 * 1024 ** 2  # torch, numpy, scipy, skimage, cv2 and two demo models: 0.46 GiB measured
@@ -29,6 +29,10 @@ WATERSHED_BYTES_PER_PX = 120  # structure_to_instances on an (H, W) map, measure
 SAFETY = 1.25  # on the canvases
 FORWARD_MARGIN = 1.3  # measured peaks of forwards were 0.6-1.6x the bare tensor count (tests/test_tiling.py)
 ALLOCATOR_BYTES = 16 * 1024 ** 2
+#: memory a sampling run may keep its condition's SPADE modulation in (engine.unet.ConditionMaps): a call
+#: without a plan uses the default, a planned one what its budget leaves, up to the maximum
+CONDITION_CACHE_BYTES = 256 * 1024 ** 2
+MAX_CONDITION_CACHE_BYTES = 1024 ** 3
 
 
 class MemoryBudgetError(NuDiffError):
@@ -144,6 +148,12 @@ class Plan:
 
     def describe(self) -> str:
         return f"about {self.estimate / GiB:.2f} GiB of a {self.budget / GiB:.1f} GiB budget"
+
+    @property
+    def cache_bytes(self) -> int:
+        """What the budget leaves beyond the estimate, for the condition's SPADE modulation (at most
+        MAX_CONDITION_CACHE_BYTES): the job stays within its budget."""
+        return max(0, min(MAX_CONDITION_CACHE_BYTES, self.budget - self.estimate))
 
 
 def job_bytes(cfg: UNetConfig, canvas: tuple[int, int], tile: tuple[int, int], window_batch: int, *,

@@ -21,7 +21,7 @@ from engine.config import PAPER_W, DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
 from engine.errors import CheckpointError, NuDiffError
 from engine.fileio import resolve_device
-from engine.memory import plan_windows
+from engine.memory import Plan, plan_windows
 from engine.precision import PRECISIONS, bf16_is_fast
 from engine.samplers import SAMPLERS, sample
 from engine.structure import instances_to_structure, structure_to_instances
@@ -145,13 +145,14 @@ def plan_image_canvas(model: LoadedModel, shape: tuple[int, int], w: float = 2.0
 
 
 def _direct_batch(model: LoadedModel, plan: CanvasPlan, batch_size: int, guided: bool,
-                  tiling: TilingOptions | None) -> int:
-    """Samples per pass for canvases that take one window each: batch_size, lowered to fit the budget."""
+                  tiling: TilingOptions | None) -> Plan:
+    """Samples per pass for canvases that take one window each (``window_batch``: batch_size, lowered to fit
+    the budget), and the memory left for the condition's SPADE modulation (``cache_bytes``)."""
     if batch_size < 1:
         raise NuDiffError(f"batch size must be at least 1, got {batch_size}")
     budget = (tiling or TilingOptions()).max_memory_gb
     return plan_windows(model.config, plan.padded, plan.padded, guided=guided, max_window_batch=batch_size,
-                        budget_gb=budget, canvases=None, what="batch").window_batch
+                        budget_gb=budget, canvases=None, what="batch")
 
 
 class _StepCounter:
@@ -231,7 +232,7 @@ def sample_structures(
             out.append(StructureSample(arr, structure_to_instances(arr, merge_below=merge_below), seed + i))
         return curate_structures(out, n, ref, seed=seed, mode=filter_mode) if total > n else out
     size = plan.height
-    batch_size = _direct_batch(model, plan, batch_size, False, tiling)
+    batch_size = _direct_batch(model, plan, batch_size, False, tiling).window_batch
     counter = _StepCounter(progress, steps * ((total + batch_size - 1) // batch_size))
     for start in range(0, total, batch_size):
         seeds = [seed + i for i in range(start, min(total, start + batch_size))]
@@ -354,7 +355,8 @@ def synthesize(
             images.append(((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
         return images
     size = p0.height
-    batch_size = _direct_batch(model, p0, batch_size, float(w) != 0, tiling)
+    mem = _direct_batch(model, p0, batch_size, float(w) != 0, tiling)
+    batch_size = mem.window_batch
     counter = _StepCounter(progress, steps * ((len(jobs) + batch_size - 1) // batch_size))
     dev = next(model.model.parameters()).device
     images = []
@@ -364,7 +366,7 @@ def synthesize(
         chunk_seeds = [job_seed(j, v) for j, v in chunk]
         x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
-                   cancel=cancel, autocast=model.autocast)
+                   cancel=cancel, autocast=model.autocast, cache_bytes=mem.cache_bytes)
         arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
         images.extend(a.astype(np.uint8) for a in arr)
     return images

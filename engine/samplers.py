@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from engine.config import DiffusionConfig
-from engine.diffusion import guided_eps, scheduler_settings
+from engine.diffusion import guided_eps, prepare_condition, scheduler_settings
 from engine.errors import NuDiffError
+from engine.memory import CONDITION_CACHE_BYTES
 from engine.precision import bf16_is_fast
 
 __all__ = ["SAMPLERS", "SamplerSpec", "sampler_spec", "make_scheduler", "sample", "Cancelled"]
@@ -110,6 +111,7 @@ def sample(
     cancel: Callable[[], bool] | None = None,
     autocast: bool = True,
     denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None = None,
+    cache_bytes: int = CONDITION_CACHE_BYTES,
 ) -> torch.Tensor:
     """Draw a batch from the reverse process.
 
@@ -119,7 +121,9 @@ def sample(
     the guided noise prediction (default: the model's over the whole sample, engine.diffusion.guided_eps;
     engine.tiling.TiledDenoiser for canvases larger than the model's tile). autocast: run the network under
     bf16 autocast where that is fast (engine.precision.bf16_is_fast: a GPU, a CPU with native bf16); the
-    sampler's own arithmetic stays fp32. False: fp32 throughout.
+    sampler's own arithmetic stays fp32. False: fp32 throughout. cache_bytes: memory for the condition's
+    SPADE modulation, computed at the first step and reused (engine.unet.ConditionMaps; the same samples,
+    faster; 0 = recompute at every step), for the default denoiser; a TiledDenoiser has its own.
     Returns (B, C, H, W) float32 clipped to [-1, 1].
     """
     spec = sampler_spec(sampler)
@@ -136,8 +140,10 @@ def sample(
     step_args = dict(spec.step_options, **({"eta": eta} if spec.eta else {}))
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     x = _batched_noise(shape, gens, device, torch.float32) * sched.init_noise_sigma
+    model_cond = None
     if cond is not None:
         cond = cond.to(device, torch.float32)
+        model_cond = prepare_condition(cond, w, cache_bytes) if denoiser is None and cache_bytes > 0 else cond
     use_amp = autocast and bf16_is_fast(device)
     timesteps = sched.timesteps
     n = len(timesteps)
@@ -146,7 +152,7 @@ def sample(
             raise Cancelled("cancelled")
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            eps = (guided_eps(model, x, tt, cond, w) if denoiser is None else denoiser(x, tt, cond, w)).float()
+            eps = (guided_eps(model, x, tt, model_cond, w) if denoiser is None else denoiser(x, tt, cond, w)).float()
         if spec.noise == "variance_noise":  # per-sample noise, from each sample's own generator
             step_args["variance_noise"] = _batched_noise(shape, gens, device, torch.float32)
         elif spec.noise == "generators":

@@ -20,8 +20,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from engine.diffusion import guided_eps
+from engine.diffusion import guided_eps, prepare_condition
 from engine.errors import NuDiffError
+from engine.unet import ConditionMaps
 
 __all__ = ["window_positions", "WindowGrid", "TiledDenoiser", "TilingOptions", "DEFAULT_OVERLAP_FRACTION",
            "seam_score"]
@@ -148,13 +149,16 @@ class TiledDenoiser:
     """
 
     def __init__(self, model: nn.Module, grid: WindowGrid, *, window_batch: int = 4,
-                 on_batch: Callable[[], None] | None = None, cancel: Callable[[], bool] | None = None):
+                 on_batch: Callable[[], None] | None = None, cancel: Callable[[], bool] | None = None,
+                 cache_bytes: int = 0):
         if window_batch < 1:
             raise ValueError("window_batch must be at least 1")
         self.model, self.grid, self.window_batch = model, grid, int(window_batch)
         self.on_batch, self.cancel = on_batch, cancel
+        self.cache_bytes = int(cache_bytes)  # for the windows' SPADE modulation, shared equally by the batches
         self._weight: torch.Tensor | None = None
         self._norm: torch.Tensor | None = None
+        self._maps: tuple[torch.Tensor, float, dict[int, ConditionMaps]] | None = None  # (cond, w, per batch)
 
     def batches_per_step(self, canvases: int = 1) -> int:
         return -(-len(self.grid) * canvases // self.window_batch)
@@ -185,10 +189,27 @@ class TiledDenoiser:
             chunk = items[start:start + self.window_batch]
             xs = torch.stack([x[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
             ts = torch.stack([t[i] for i, _, _ in chunk])
-            cs = None if cond is None else torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
-            eps = guided_eps(self.model, xs, ts, cs, w).float()
+            eps = guided_eps(self.model, xs, ts, self._condition(cond, w, chunk, start, len(items)), w).float()
             for e, (i, y, xx) in zip(eps, chunk):
                 out[i, :, y:y + tile, xx:xx + tile] += e * weight
             if self.on_batch is not None:
                 self.on_batch()
         return out / norm
+
+    def _condition(self, cond: torch.Tensor | None, w: float, chunk: list[tuple[int, int, int]], start: int,
+                   n_items: int) -> torch.Tensor | ConditionMaps | None:
+        """The windows' structures for guided_eps; with a cache, kept (with their SPADE modulation) for the
+        later steps of the same sampling run, i.e. while the same condition tensor and w are passed."""
+        if cond is None:
+            return None
+        tile = self.grid.tile
+        if self.cache_bytes <= 0:
+            return torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
+        if self._maps is None or self._maps[0] is not cond or self._maps[1] != w:
+            self._maps = (cond, w, {})
+        kept = self._maps[2]
+        if start not in kept:
+            share = self.cache_bytes // -(-n_items // self.window_batch)
+            windows = torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
+            kept[start] = prepare_condition(windows, w, share)
+        return kept[start]

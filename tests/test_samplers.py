@@ -184,3 +184,45 @@ def test_progress_and_cancel(model):
         sample(model, (1, 3, 32, 32), sampler="ddim", steps=10, cond=torch.zeros(1, 3, 32, 32), cancel=cancel)
     with pytest.raises(ValueError):
         make_scheduler("euler")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_condition_maps_give_the_same_samples_as_recomputing_them(model, autocast):
+    """The SPADE modulation kept from the first step (engine.unet.ConditionMaps) changes no number, whole,
+    partly kept (a budget that holds only some layers) or with guidance off; and it is really reused."""
+    from engine.diffusion import prepare_condition
+    from engine.unet import SPADE, ConditionMaps
+
+    c = torch.rand(2, 3, 32, 32) * 2 - 1
+    calls = {"n": 0}
+    original = SPADE.modulation
+
+    def counting(self, cond, size):
+        calls["n"] += 1
+        return original(self, cond, size)
+
+    SPADE.modulation = counting
+    try:
+        for w in (2.0, 0.0):
+            full = prepare_condition(c, w, 1 << 30)
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(torch.zeros(len(full.cond), 3, 32, 32), torch.tensor([1] * len(full.cond)), full)
+            half = full.nbytes // 2  # holds some layers' maps, not all
+            out = {}
+            for cache in (0, 1, half, 1 << 30):
+                calls["n"] = 0
+                out[cache] = sample(model, (2, 3, 32, 32), sampler="ddim", steps=4, seeds=[3, 4], cond=c, w=w,
+                                    autocast=autocast, cache_bytes=cache)
+                out[cache, "calls"] = calls["n"]
+            for cache in (1, half, 1 << 30):
+                assert torch.equal(out[cache], out[0]), (w, cache)
+            layers = sum(isinstance(m, SPADE) for m in model.modules())
+            assert out[0, "calls"] == out[1, "calls"] == 4 * layers  # nothing kept: every step, every layer
+            assert out[1 << 30, "calls"] == layers  # all kept: each layer once, at the first step
+            assert layers < out[half, "calls"] < 4 * layers  # some kept
+    finally:
+        SPADE.modulation = original
+    full = prepare_condition(c, 2.0, 1 << 30)
+    assert isinstance(full, ConditionMaps) and full.cond.shape[0] == 4  # [y, null]
+    with pytest.raises(ValueError, match="batch of 4 for a batch of 2"):
+        model(torch.zeros(2, 3, 32, 32), torch.tensor([1, 1]), full)

@@ -248,3 +248,28 @@ def test_cli_refuses_a_canvas_over_the_budget_before_any_work(tmp_path, tiny_che
 
     rows = list(csv.DictReader(open(out / "manifest.csv")))
     assert rows and rows[0]["windows"] == "9" and rows[0]["tile"] == "32" and rows[0]["overlap"] == "8"
+
+
+def test_windows_keep_their_spade_modulation_between_steps_with_the_same_result(models):
+    """A TiledDenoiser with a cache keeps each window batch's condition maps for the later steps of the run
+    (a new condition or w starts afresh) and gives the samples it gives without one; the pipeline passes the
+    memory its plan leaves."""
+    from engine.samplers import sample
+    from engine.unet import ConditionMaps
+
+    _, imodel = models
+    grid = WindowGrid(48, 48, 32, 16)
+    cond = torch.rand(1, 3, 48, 48) * 2 - 1
+    out = {}
+    for cache in (0, 1 << 30):
+        den = TiledDenoiser(imodel.model, grid, window_batch=2, cache_bytes=cache)
+        out[cache] = sample(imodel.model, (1, 3, 48, 48), steps=3, seeds=[5], cond=cond, w=2.0, denoiser=den)
+        if cache:
+            kept = den._maps[2]
+            assert len(kept) == 2 and all(isinstance(m, ConditionMaps) and m.nbytes > 0 for m in kept.values())
+            other = cond.clone()
+            den(torch.zeros(1, 3, 48, 48), torch.tensor([10]), other, 2.0)  # another condition: new maps
+            assert den._maps[0] is other and den._maps[2] is not kept
+    assert torch.equal(out[0], out[1 << 30])
+    plan = pipeline.plan_image_canvas(imodel, (80, 80), 2.0, TilingOptions(tile=32, overlap=8))
+    assert plan.tiled and 0 < plan.memory.cache_bytes <= plan.memory.budget - plan.memory.estimate
