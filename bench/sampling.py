@@ -146,6 +146,30 @@ def condition_cache(imodel, size: int, steps: int = 20, repeat: int = 3) -> None
           f"as fast; samples {'identical' if same else 'DIFFERENT'}")
 
 
+def memory_layout(smodel, imodel, size: int, steps: int = 20) -> None:
+    """A pair with the networks' weights channels-last against contiguous (load_model's default): time, and
+    how far the samples move (rounding of other kernels). Then back to contiguous."""
+    print(f"\n## Weights channels-last against contiguous ({size}x{size} pair, DDIM {steps}, "
+          f"{imodel.precision}, {torch.get_num_threads()} threads)")
+    best, out = {}, {}
+    for fmt in ("contiguous", "channels_last", "contiguous", "channels_last"):
+        layout = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+        for m in (smodel, imodel):
+            m.model.to(memory_format=layout)
+        t0 = time.perf_counter()
+        s = pipeline.sample_structures(smodel, 1, steps=steps, size=size, seed=11)[0]
+        img = pipeline.synthesize(imodel, [s.structure], steps=steps, w=2.0, seed=11)[0]
+        best[fmt] = min(best.get(fmt, float("inf")), time.perf_counter() - t0)
+        out[fmt] = s.structure, img
+    for m in (smodel, imodel):
+        m.model.to(memory_format=torch.contiguous_format)
+    (sa, ia), (sb, ib) = out["contiguous"], out["channels_last"]
+    print(f"contiguous: {best['contiguous']:.2f} s; channels-last: {best['channels_last']:.2f} s per pair; "
+          f"{best['contiguous'] / best['channels_last']:.2f}x as fast; the layouts' foreground agrees on "
+          f"{100 * ((sa[..., 0] > 0) == (sb[..., 0] > 0)).mean():.1f} % of pixels, the images differ by "
+          f"{abs(ia.astype(int) - ib.astype(int)).mean():.2f} grey levels on average")
+
+
 def _training_seconds(name: str, size: int, batch: int, kind: str, mp: str) -> float:
     """Seconds per training step (incl. the final checkpoint write), measured in a fresh process: the
     precision is accelerate's process-wide state, set once per process."""
@@ -242,7 +266,7 @@ def main() -> None:
                     default=Path(__file__).resolve().parents[2] / "shared" / "data" / "monuseg" / "train")
     ap.add_argument("--paper-latency", action="store_true", help="also time the 500M-parameter paper preset")
     ap.add_argument("--skip-training", action="store_true")
-    ap.add_argument("--cache-only", action="store_true", help="only the condition-maps row (image model)")
+    ap.add_argument("--cache-only", action="store_true", help="only the condition-maps and memory-layout rows")
     ap.add_argument("--training-only", action="store_true", help="only the training throughput rows")
     ap.add_argument("--time-training", metavar="PRESET,SIZE,BATCH,KIND,MP", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -266,6 +290,7 @@ def main() -> None:
         if imodel is None:
             sys.exit("--cache-only needs the demo checkpoints")
         condition_cache(imodel, args.size)
+        memory_layout(smodel, imodel, args.size)
         return
     if args.quality_only:
         if smodel is None:
@@ -291,6 +316,7 @@ def main() -> None:
         quality_ok = True
     pair_wall_time(smodel, imodel, args.size)
     condition_cache(imodel, args.size)
+    memory_layout(smodel, imodel, args.size)
     if not args.skip_training:
         training_throughput()
     if args.quality and quality_ok:

@@ -228,6 +228,13 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
+    def channels_last(self) -> bool:
+        """Whether the convolutions' weights are channels-last (``model.to(memory_format=torch.channels_last)``:
+        a pair 1.25-1.3x as fast on our CPU, but not the default, since GroupNorm in bf16 then makes a sample of
+        a small model depend on its batch, docs/benchmarks.md §3); inputs are then given that layout too."""
+        w = self.inp.weight
+        return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: torch.Tensor | ConditionMaps | None = None) -> torch.Tensor:
         if self.cfg.cond_channels > 0:
@@ -240,6 +247,10 @@ class UNet(nn.Module):
                 cond = cond.to(x.dtype)
         else:
             cond = None
+        if self.channels_last():  # inputs in the weights' layout: no conversion inside every convolution
+            x = x.contiguous(memory_format=torch.channels_last)
+            if isinstance(cond, torch.Tensor):
+                cond = cond.contiguous(memory_format=torch.channels_last)
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         emb = self.time_mlp(timestep_embedding(t, self.cfg.channels[0]).to(x.dtype))

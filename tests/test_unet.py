@@ -88,3 +88,20 @@ def test_config_validation_and_round_trip():
         UNetConfig(image_size=100, channels=(32, 64, 128, 128))  # 100 not divisible by 8
     with pytest.raises(ValueError):
         preset("huge", "image")
+
+
+def test_channels_last_weights_take_channels_last_inputs_and_give_the_same_prediction():
+    torch.manual_seed(0)
+    m = UNet(preset("test", "image")).eval()
+    x, t, c = torch.randn(2, 3, 32, 32), torch.tensor([3, 700]), torch.rand(2, 3, 32, 32) * 2 - 1
+    assert not m.channels_last()
+    seen = []
+    m.inp.register_forward_pre_hook(lambda mod, args: seen.append(args[0].is_contiguous(
+        memory_format=torch.channels_last) and not args[0].is_contiguous()))
+    with torch.no_grad():
+        before = m(x, t, c)
+        m.to(memory_format=torch.channels_last)
+        assert m.channels_last()
+        after = m(x, t, c)
+    assert seen == [False, True]  # the first convolution is given its weights' layout
+    assert torch.allclose(before, after, atol=1e-5)
