@@ -76,6 +76,7 @@ class Job:
     started: float = 0.0
     seconds: float = 0.0
     run_dir: Path | None = None  # a training's run folder: done only when it ended on its budget (see finished)
+    output: Path | None = None  # a job that always runs (done None): the folder it writes, for --status
 
     def finished(self) -> bool:
         """Whether the job's output is there: its ``done`` file and, for a training, a run that ended on its
@@ -548,7 +549,7 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
             part_dirs.append(str(part))
             jobs.append(Job(names[-1], cmd + ["--out", str(part)], gen_after, part / "manifest.csv", -1))
         merge = f"from bench.table1_monuseg import merge_parts; merge_parts({part_dirs!r}, {str(synth)!r})"
-        jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, -1))
+        jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, -1, output=synth))
         per_repeat = ["--pairs-per-repeat", str(n)] if total > n else []
         jobs.append(Job(f"segmenter {pct}% augmented", py + [
             "evaluate", *seg, "--fractions", pct, "--arms", "augmented", "--synthetic", f"{pct}={synth}",
@@ -587,10 +588,9 @@ def job_progress(job: Job) -> str:
             if not (r / "metrics.json").is_file() and (r / SNAPSHOT).is_file():
                 text += f"; {r.name} at step {_snapshot_step(r / SNAPSHOT)} of {_option(job.cmd, '--steps')}"
         return text
-    if job.done is not None:
-        return "not started"
-    out = Path(job.cmd[-1].rsplit("'", 2)[-2]) if job.cmd[-1].startswith("from bench.") else None
-    return "done" if out is not None and (out / "manifest.csv").is_file() else "not started"
+    if job.output is not None and (job.output / "manifest.csv").is_file():
+        return "done"
+    return "not started"
 
 
 def _snapshot_step(path: Path) -> str:

@@ -482,5 +482,10 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     assert "structure 100%: step 1 of 2" in out and "image 100% stage 1: not started" in out
     assert "generate 100% pairs: 1 of 2 chunks" in out
     assert "segmenter 100% labeled: 1 of 2 runs; 100pct_labeled_r1 at step 2 of 2" in out
-    assert out.rstrip().endswith("1 of 9 jobs done")
+    assert "pairs 100%: not started" in out and out.rstrip().endswith("1 of 9 jobs done")
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+    (work / "synthetic_100").mkdir()
+    (work / "synthetic_100" / "manifest.csv").write_text("id\n")  # the pairs gathered
+    assert main([*argv, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs 100%: done" in out and out.rstrip().endswith("2 of 9 jobs done")
