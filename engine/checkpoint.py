@@ -34,7 +34,7 @@ import engine
 from engine.config import KINDS, PAPER_W, DiffusionConfig, UNetConfig
 from engine.errors import CheckpointError
 from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, file_sha256,
-                           is_whole_number, read_json_record)
+                           is_whole_number, read_json_record, safetensors_paths)
 
 FORMAT = 1
 GUIDANCE_KEY = "guidance"  # record field of an image model's calibrated guidance (engine.guidance)
@@ -43,12 +43,8 @@ __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "read_record", "c
            "sample_size"]
 
 
-def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(weights, record) paths of a checkpoint given its stem, .safetensors or .json path."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+#: (weights, record) paths of a checkpoint given its stem, .safetensors or .json path
+checkpoint_paths = safetensors_paths
 
 
 @dataclass

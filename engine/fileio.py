@@ -25,7 +25,7 @@ from typing import Any
 from engine.errors import CheckpointError, NuDiffError
 
 __all__ = ["TEMP_NAME", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes", "file_sha256",
-           "read_json_record", "is_whole_number", "check_format", "resolve_device"]
+           "read_json_record", "is_whole_number", "check_format", "resolve_device", "safetensors_paths"]
 
 #: Name of the temporary file a write of ``<target>`` goes through (made by :func:`temp_beside`):
 #: ``.<target>.<random>.tmp``.
@@ -91,6 +91,15 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to path via a temporary file in the same folder, fsync and an atomic rename."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+def safetensors_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(weights ``<stem>.safetensors``, record ``<stem>.json``) of a saved model given its stem or either file:
+    diffusion checkpoints (engine.checkpoint) and segmenters (engine.segment) are stored this way."""
+    p = Path(path)
+    if p.suffix in (".safetensors", ".json"):
+        p = p.with_suffix("")
+    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
 def file_sha256(path: str | os.PathLike) -> str:

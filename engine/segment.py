@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
-from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device
+from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device, safetensors_paths
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
 
 __all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "as_image_label_pairs",
@@ -307,12 +307,8 @@ def segmentation_loss(out: torch.Tensor, target: torch.Tensor,
 # ----------------------------------------------------------------------------- segmenter
 
 
-def segmenter_paths(path: str | Path) -> tuple[Path, Path]:
-    """(weights .safetensors, record .json) of a segmenter given its stem or either file."""
-    p = Path(path)
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+#: (weights .safetensors, record .json) of a segmenter given its stem or either file
+segmenter_paths = safetensors_paths
 
 
 @dataclass
