@@ -32,7 +32,7 @@ ALLOCATOR_BYTES = 16 * 1024 ** 2
 #: memory a sampling run may keep its condition's SPADE modulation in (engine.unet.ConditionMaps): a call
 #: without a plan uses the default, a planned one what its budget leaves, up to the maximum
 CONDITION_CACHE_BYTES = 256 * 1024 ** 2
-MAX_CONDITION_CACHE_BYTES = 2 * 1024 ** 3
+MAX_CONDITION_CACHE_BYTES = 1024 ** 3
 
 
 class MemoryBudgetError(NuDiffError):
