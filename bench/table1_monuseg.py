@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import threading
@@ -575,7 +576,12 @@ def job_progress(job: Job) -> str:
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return "not started"
         total = int(_option(job.cmd, "--steps", "0")) + int(_option(job.cmd, "--finetune-steps", "0"))
-        return f"step {step} of {total}"
+        pace = _training_pace(job.run_dir / "log.jsonl")
+        if pace is None:
+            return f"step {step} of {total}"
+        left = max(0, total - step) * pace
+        left_text = f"{left / 3600:.1f} h" if left >= 3600 else f"{left / 60:.0f} min"
+        return f"step {step} of {total}, {pace:.2f} s/step lately: about {left_text} left"
     if "evaluate" in job.cmd:
         from engine.evaluate import SNAPSHOT, parse_fractions, run_name
 
@@ -591,6 +597,26 @@ def job_progress(job: Job) -> str:
     if job.output is not None and (job.output / "manifest.csv").is_file():
         return "done"
     return "not started"
+
+
+def _training_pace(log: Path) -> float | None:
+    """Seconds per step over the last stretch of a training's log.jsonl written by one process (its
+    "elapsed" restarts when a training resumes): the median over its logging intervals; None without two
+    such lines."""
+    try:
+        rows = [json.loads(line) for line in log.read_text().splitlines()[-30:] if line.strip()]
+    except (OSError, json.JSONDecodeError):
+        return None
+    rows = [r for r in rows if isinstance(r, dict) and isinstance(r.get("step"), (int, float))
+            and isinstance(r.get("elapsed"), (int, float))]  # loss lines (event lines have no "elapsed")
+    stretch = []
+    for row in reversed(rows):
+        if stretch and not row["elapsed"] < stretch[-1]["elapsed"]:
+            break
+        stretch.append(row)
+    paces = [(a["elapsed"] - b["elapsed"]) / (a["step"] - b["step"]) for a, b in zip(stretch, stretch[1:])
+             if a["step"] > b["step"]]
+    return float(statistics.median(paces)) if paces else None  # the median: a pause (a stopped job) is not the pace
 
 
 def _snapshot_step(path: Path) -> str:

@@ -467,6 +467,10 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     structure = jobs["structure 100%"].run_dir
     structure.mkdir(parents=True)
     (structure / "latest.json").write_text(json.dumps({"step": 1}))
+    log = [{"step": 5, "elapsed": 900.0}, {"step": 0, "event": "resumed from step 0"}, {"step": 1, "elapsed": 10.0},
+           {"step": 2, "elapsed": 40.0}, {"step": 3, "elapsed": 970.0}, {"step": 4, "elapsed": 1000.0}]
+    # the last process: 30 s per step, once paused for 900 s (the first line is an earlier process)
+    (structure / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     part = jobs["generate 100% part 1/2"].done
     part.parent.mkdir(parents=True)
     part.write_text("id\n")
@@ -479,7 +483,8 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     before = sorted(p.relative_to(work) for p in work.rglob("*"))
     assert main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
-    assert "structure 100%: step 1 of 2" in out and "image 100% stage 1: not started" in out
+    assert "structure 100%: step 1 of 2, 30.00 s/step lately: about 0 min left" in out
+    assert "image 100% stage 1: not started" in out
     assert "generate 100% pairs: 1 of 2 chunks" in out
     assert "segmenter 100% labeled: 1 of 2 runs; 100pct_labeled_r1 at step 2 of 2" in out
     assert "pairs 100%: not started" in out and out.rstrip().endswith("1 of 9 jobs done")
