@@ -107,11 +107,10 @@ def training_change(job: Job) -> tuple[str, str] | None:
 def config_change(was: dict, cmd: list[str]) -> tuple[str, str] | None:
     """training_change's comparison: ``was`` a TrainConfig record (a train_config.json, or the "train" of a
     model record), ``cmd`` a ``python -m engine train-*`` command."""
-    from engine.cli import build_parser as engine_parser
     from engine.cli import train_config
     from engine.train import IMAGE_TRAINED_FIELDS, TRAINED_FIELDS
 
-    args = engine_parser().parse_args(cmd[cmd.index("engine") + 1:])
+    args = engine_args(cmd)
     now = train_config(args, args.command.split("-")[1]).to_dict()
     fields = ("preset", "image_size", *TRAINED_FIELDS, *(IMAGE_TRAINED_FIELDS if now["kind"] == "image" else ()))
     size = now["image_size"] or 0
@@ -122,6 +121,13 @@ def config_change(was: dict, cmd: list[str]) -> tuple[str, str] | None:
         return "settings", "; ".join(diff)
     budget = [f"{k} {was.get(k)} -> {now[k]}" for k in ("steps", "finetune_steps") if was.get(k) != now[k]]
     return ("budget", "; ".join(budget)) if budget else None
+
+
+def engine_args(cmd: list[str]) -> argparse.Namespace:
+    """A ``python -m engine ...`` job command as the engine's own parser reads it (its defaults included)."""
+    from engine.cli import build_parser as engine_parser
+
+    return engine_parser().parse_args(cmd[cmd.index("engine") + 1:])
 
 
 def dependents(jobs: list[Job], name: str) -> list[Job]:
@@ -561,10 +567,6 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
     return jobs
 
 
-def _option(cmd: list[str], name: str, default: str | None = None) -> str | None:
-    return cmd[cmd.index(name) + 1] if name in cmd else default
-
-
 def job_progress(job: Job) -> str:
     """How far one job has come, from its files alone (nothing is run): "done", "step S of N" for a
     training, "k of R runs" for a segmenter job (with the step of a run part-way through), or "not started"."""
@@ -575,7 +577,10 @@ def job_progress(job: Job) -> str:
             step = int(json.loads((job.run_dir / "latest.json").read_text())["step"])
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return "not started"
-        total = int(_option(job.cmd, "--steps", "0")) + int(_option(job.cmd, "--finetune-steps", "0"))
+        from engine.cli import train_config
+
+        args = engine_args(job.cmd)
+        total = train_config(args, args.command.split("-")[1]).total_steps
         pace = _training_pace(job.run_dir / "log.jsonl")
         if pace is None:
             return f"step {step} of {total}"
@@ -584,15 +589,16 @@ def job_progress(job: Job) -> str:
         return f"step {step} of {total}, {pace:.2f} s/step lately: about {left_text} left"
     if "evaluate" in job.cmd:
         from engine.evaluate import SNAPSHOT, parse_fractions, run_name
+        from engine.segment import snapshot_step
 
-        fraction = parse_fractions(_option(job.cmd, "--fractions"))[0]
-        arm, repeats = _option(job.cmd, "--arms"), int(_option(job.cmd, "--repeats", "1"))
-        runs = [Path(_option(job.cmd, "--out")) / "runs" / run_name(fraction, arm, r) for r in range(repeats)]
+        args = engine_args(job.cmd)
+        fraction, arm = parse_fractions(args.fractions)[0], args.arms
+        runs = [Path(args.out) / "runs" / run_name(fraction, arm, r) for r in range(args.repeats)]
         done = sum((r / "metrics.json").is_file() for r in runs)
-        text = f"{done} of {repeats} runs"
+        text = f"{done} of {args.repeats} runs"
         for r in runs:
             if not (r / "metrics.json").is_file() and (r / SNAPSHOT).is_file():
-                text += f"; {r.name} at step {_snapshot_step(r / SNAPSHOT)} of {_option(job.cmd, '--steps')}"
+                text += f"; {r.name} at step {snapshot_step(r / SNAPSHOT) or '?'} of {args.steps}"
         return text
     if job.output is not None and (job.output / "manifest.csv").is_file():
         return "done"
@@ -617,16 +623,6 @@ def _training_pace(log: Path) -> float | None:
     paces = [(a["elapsed"] - b["elapsed"]) / (a["step"] - b["step"]) for a, b in zip(stretch, stretch[1:])
              if a["step"] > b["step"]]
     return float(statistics.median(paces)) if paces else None  # the median: a pause (a stopped job) is not the pace
-
-
-def _snapshot_step(path: Path) -> str:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return str(json.loads((f.metadata() or {})["state"])["step"])
-    except (OSError, KeyError, TypeError, ValueError, SafetensorError):
-        return "?"
 
 
 def progress_report(jobs: list[Job]) -> str:

@@ -39,7 +39,7 @@ from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device, safetensors_paths
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
 
-__all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "as_image_label_pairs",
+__all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "snapshot_step", "as_image_label_pairs",
            "dihedral", "segmenter_paths", "FORMAT"]
 
 FORMAT = 1
@@ -586,6 +586,22 @@ def _save_snapshot(path: Path, key: str, step: int, seconds: float, losses: list
     atomic_write_bytes(path, st_save(tensors, metadata={"kind": "segmenter-training", "state": json.dumps(state)}))
 
 
+def _snapshot_state(f: Any) -> Any:
+    """The JSON "state" of an open snapshot (safetensors ``safe_open`` handle); None when it has none."""
+    return json.loads((f.metadata() or {}).get("state", "null"))
+
+
+def snapshot_step(path: str | Path) -> int | None:
+    """The step a training snapshot (``train_segmenter(snapshot=...)``) was written at; None if unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return int(_snapshot_state(f)["step"])
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError):
+        return None
+
+
 def _load_snapshot(path: Path, key: str, net: nn.Module, opt: torch.optim.Optimizer,
                    sched: torch.optim.lr_scheduler.LRScheduler, rng: np.random.Generator) -> dict | None:
     """Restore a snapshot of this very training into net / opt / sched / rng and return its state (step,
@@ -596,7 +612,7 @@ def _load_snapshot(path: Path, key: str, net: nn.Module, opt: torch.optim.Optimi
         return None
     try:
         with safe_open(str(path), framework="pt") as f:
-            state = json.loads((f.metadata() or {}).get("state", "null"))
+            state = _snapshot_state(f)
             if not isinstance(state, dict) or state.get("key") != key:
                 return None
             tensors = {k: f.get_tensor(k) for k in f.keys()}
