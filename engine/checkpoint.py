@@ -40,11 +40,31 @@ FORMAT = 1
 GUIDANCE_KEY = "guidance"  # record field of an image model's calibrated guidance (engine.guidance)
 __all__ = ["Checkpoint", "save_checkpoint", "load_checkpoint", "read_record", "checkpoint_paths",
            "atomic_write_bytes", "file_sha256", "export_inference", "TEMP_NAME", "GUIDANCE_KEY", "recommended_w",
-           "sample_size"]
+           "sample_size", "optimizer_tensors", "load_optimizer"]
 
 
 #: (weights, record) paths of a checkpoint given its stem, .safetensors or .json path
 checkpoint_paths = safetensors_paths
+
+
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """An optimizer's state for a safetensors file: its per-parameter state as tensors named
+    ``optim.<param index>.<name>`` (CPU), and its param groups (JSON-able) for the record."""
+    sd = opt.state_dict()
+    tensors = {f"optim.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().to("cpu")
+               for idx, st in sd["state"].items() for name, v in st.items()}
+    return tensors, sd["param_groups"]
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                   param_groups: list[dict[str, Any]]) -> None:
+    """Restore what :func:`optimizer_tensors` gave (other tensors in ``tensors`` are ignored)."""
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": param_groups})
 
 
 @dataclass

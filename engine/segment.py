@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.checkpoint import load_optimizer, optimizer_tensors
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device, safetensors_paths
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
@@ -574,13 +575,11 @@ def _save_snapshot(path: Path, key: str, step: int, seconds: float, losses: list
     from safetensors.torch import save as st_save
 
     tensors = {f"net.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
-    opt_state = opt.state_dict()
-    for idx, st in opt_state["state"].items():
-        for name, v in st.items():
-            tensors[f"optim.{idx}.{name}"] = (v if torch.is_tensor(v) else torch.tensor(v)).detach().to("cpu")
+    optim, groups = optimizer_tensors(opt)
+    tensors.update(optim)
     tensors["rng.torch"] = torch.get_rng_state()
     sched_state = {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"}
-    state = {"key": key, "step": step, "seconds": seconds, "loss": losses, "param_groups": opt_state["param_groups"],
+    state = {"key": key, "step": step, "seconds": seconds, "loss": losses, "param_groups": groups,
              "schedule": sched_state, "numpy": rng.bit_generator.state}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, st_save(tensors, metadata={"kind": "segmenter-training", "state": json.dumps(state)}))
@@ -622,13 +621,8 @@ def _load_snapshot(path: Path, key: str, net: nn.Module, opt: torch.optim.Optimi
               torch.get_rng_state(), rng.bit_generator.state)
     try:
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
-        moments: dict[int, dict[str, torch.Tensor]] = {}
-        for k, v in tensors.items():
-            if k.startswith("optim."):
-                _, idx, name = k.split(".", 2)
-                moments.setdefault(int(idx), {})[name] = v
         groups = [{**g, "betas": tuple(g["betas"])} if "betas" in g else g for g in state["param_groups"]]
-        opt.load_state_dict({"state": moments, "param_groups": groups})
+        load_optimizer(opt, tensors, groups)
         sched.load_state_dict({**state["schedule"], "lr_lambdas": [None] * len(sched.lr_lambdas)})
         torch.set_rng_state(tensors["rng.torch"])
         rng.bit_generator.state = state["numpy"]

@@ -44,7 +44,8 @@ import torch
 from torch import nn
 
 from engine import render
-from engine.checkpoint import checkpoint_paths, export_inference, load_checkpoint, save_checkpoint
+from engine.checkpoint import (checkpoint_paths, export_inference, load_checkpoint, load_optimizer,
+                               optimizer_tensors, save_checkpoint)
 from engine.config import DiffusionConfig, TrainConfig, preset
 from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
@@ -359,13 +360,7 @@ class Trainer:
             self._check_changes(ck.record, ck.step)
             model.load_state_dict(ck.state_dict("model."))
             self.ema.load_state_dict(ck.state_dict("ema."))
-            groups = ck.record["optimizer"]["param_groups"]
-            state = {}
-            for key, v in ck.tensors.items():
-                if key.startswith("optim."):
-                    _, idx, name = key.split(".", 2)
-                    state.setdefault(int(idx), {})[name] = v
-            opt.load_state_dict({"state": state, "param_groups": groups})
+            load_optimizer(opt, ck.tensors, ck.record["optimizer"]["param_groups"])
             self.step = ck.step
             rng = ck.tensors.get(f"rng.gen.{self.acc.process_index}")
             if rng is None:
@@ -451,16 +446,14 @@ class Trainer:
         model = self.acc.unwrap_model(self.model)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update({f"ema.{k}": v for k, v in self.ema.state_dict().items()})
-        sd = self.opt.state_dict()
-        for idx, st in sd["state"].items():
-            for name, v in st.items():
-                tensors[f"optim.{idx}.{name}"] = v if torch.is_tensor(v) else torch.tensor(v)
+        optim, groups = optimizer_tensors(self.opt)
+        tensors.update(optim)
         if self.cfg.kind == "structure":
             tensors[REFERENCE_KEY] = torch.from_numpy(self._layout_reference())
         gen_states = self.acc.gather(self.gen.get_state().to(self.acc.device)[None]).cpu()
         for r in range(gen_states.shape[0]):
             tensors[f"rng.gen.{r}"] = gen_states[r]
-        return tensors, {"param_groups": sd["param_groups"]}
+        return tensors, {"param_groups": groups}
 
     def _layout_reference(self) -> np.ndarray:
         """(N, 5) layout features of (up to 1000 of) the training tiles, computed once (engine.curate)."""
