@@ -202,14 +202,15 @@ class TiledDenoiser:
         later steps of the same sampling run, i.e. while the same condition tensor and w are passed."""
         if cond is None:
             return None
+        if self.cache_bytes > 0:
+            if self._maps is None or self._maps[0] is not cond or self._maps[1] != w:
+                self._maps = (cond, w, {})
+            if start in self._maps[2]:
+                return self._maps[2][start]
         tile = self.grid.tile
+        windows = torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
         if self.cache_bytes <= 0:
-            return torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
-        if self._maps is None or self._maps[0] is not cond or self._maps[1] != w:
-            self._maps = (cond, w, {})
-        kept = self._maps[2]
-        if start not in kept:
-            share = self.cache_bytes // -(-n_items // self.window_batch)
-            windows = torch.stack([cond[i, :, y:y + tile, xx:xx + tile] for i, y, xx in chunk])
-            kept[start] = prepare_condition(windows, w, share)
-        return kept[start]
+            return windows
+        share = self.cache_bytes // -(-n_items // self.window_batch)
+        self._maps[2][start] = prepare_condition(windows, w, share)
+        return self._maps[2][start]
