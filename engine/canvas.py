@@ -70,8 +70,11 @@ class CanvasPlan:
 
 
 def plan_canvas(cfg: UNetConfig, default_tile: int, height: int, width: int, *, guided: bool,
-                options: TilingOptions | None = None, watershed: bool = False, what: str = "canvas") -> CanvasPlan:
+                options: TilingOptions | None = None, watershed: bool = False, what: str = "canvas",
+                device=None) -> CanvasPlan:
     """Plan one canvas of (height, width) px for a model `cfg` whose sampling tile is `default_tile`.
+
+    device: where the model sits (a GPU caps the memory budget: engine.memory.plan_windows).
 
     NuDiffError for a size the model cannot take; engine.memory.MemoryBudgetError when even one window
     per pass does not fit the budget.
@@ -90,7 +93,7 @@ def plan_canvas(cfg: UNetConfig, default_tile: int, height: int, width: int, *, 
     if height <= tile and width <= tile:
         padded = (_round_up(height, f), _round_up(width, f))
         mem = plan_windows(cfg, padded, padded, guided=guided, max_window_batch=1, budget_gb=opt.max_memory_gb,
-                           watershed=watershed, what=what)
+                           watershed=watershed, what=what, device=device)
         return CanvasPlan(height, width, padded, None, mem)
     overlap = int(opt.overlap if opt.overlap is not None else round(tile * DEFAULT_OVERLAP_FRACTION))
     if not 0 <= overlap < tile:
@@ -98,7 +101,7 @@ def plan_canvas(cfg: UNetConfig, default_tile: int, height: int, width: int, *, 
     padded = (max(height, tile), max(width, tile))
     grid = WindowGrid(padded[0], padded[1], tile, overlap)
     mem = plan_windows(cfg, padded, (tile, tile), guided=guided, max_window_batch=opt.max_window_batch,
-                       budget_gb=opt.max_memory_gb, watershed=watershed, what=what)
+                       budget_gb=opt.max_memory_gb, watershed=watershed, what=what, device=device)
     return CanvasPlan(height, width, padded, grid, mem)
 
 

@@ -707,6 +707,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an allocation that failed part-way is the user's size, not a bug
+        from engine.memory import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"error: out of memory ({type(e).__name__}); choose a smaller size or batch size, or lower "
+              f"--max-memory-gb. Saved checkpoints and finished files are intact.", file=sys.stderr)
+        return 2
 
 
 def _progress_bar(desc: str):

@@ -7,7 +7,9 @@ largest block's temporaries, attention scores as if materialised), and the water
 It is deliberately on the safe side: tests check it against the measured peak of real forwards.
 
 A call either lowers its window batch until the estimate fits the budget or refuses with a one-line
-:class:`MemoryBudgetError` naming the size and the budget.
+:class:`MemoryBudgetError` naming the size and the budget. The budget is of RAM (default 40 % of it); a
+job whose model sits on a GPU keeps its canvases and activations in the GPU's memory, so there the budget
+is also capped at :data:`DEVICE_FRACTION` of that device's memory.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from engine.config import UNetConfig
 from engine.errors import NuDiffError
 
 __all__ = ["reuse_freed_memory", "MemoryBudgetError", "Plan", "forward_bytes", "job_bytes", "plan_windows",
-           "default_budget_gb", "total_ram_bytes", "GiB", "CONDITION_CACHE_BYTES"]
+           "default_budget_gb", "total_ram_bytes", "device_memory_bytes", "is_out_of_memory",
+           "GiB", "CONDITION_CACHE_BYTES"]
 
 GiB = 1024 ** 3
 RUNTIME_BYTES = 600 * 1024 ** 2  # torch, numpy, scipy, skimage, cv2 and two demo models: 0.46 GiB measured
@@ -33,6 +36,9 @@ ALLOCATOR_BYTES = 16 * 1024 ** 2
 #: without a plan uses the default, a planned one what its budget leaves, up to the maximum
 CONDITION_CACHE_BYTES = 256 * 1024 ** 2
 MAX_CONDITION_CACHE_BYTES = 1024 ** 3
+#: share of a GPU's memory a sampling job may plan for (the CUDA context and the allocator's cache take
+#: the rest)
+DEVICE_FRACTION = 0.8
 
 
 class MemoryBudgetError(NuDiffError):
@@ -74,6 +80,28 @@ def default_budget_gb() -> float:
         except ValueError:
             pass
     return max(2.0, round(0.4 * total_ram_bytes() / GiB, 1))
+
+
+def device_memory_bytes(device) -> int | None:
+    """Total memory of the GPU `device` (torch.device or str, e.g. "cuda:1"), or None for the CPU and any
+    other device whose memory is the machine's RAM."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.get_device_properties(dev).total_memory)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """True for a failed allocation: Python's MemoryError, torch's OutOfMemoryError (a GPU), or the
+    RuntimeError of torch's CPU allocator."""
+    if isinstance(exc, MemoryError):
+        return True
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def check_budget_gb(value: float | None) -> float:
@@ -170,14 +198,26 @@ def job_bytes(cfg: UNetConfig, canvas: tuple[int, int], tile: tuple[int, int], w
 
 def plan_windows(cfg: UNetConfig, canvas: tuple[int, int], tile: tuple[int, int], *, guided: bool,
                  max_window_batch: int, budget_gb: float | None = None, canvases: int | None = 1,
-                 watershed: bool = False, what: str = "canvas") -> Plan:
-    """The largest window batch <= max_window_batch whose estimate fits the budget, or MemoryBudgetError."""
+                 watershed: bool = False, what: str = "canvas", device=None) -> Plan:
+    """The largest window batch <= max_window_batch whose estimate fits the budget, or MemoryBudgetError.
+
+    device: where the model sits; on a GPU the budget is at most DEVICE_FRACTION of its memory.
+    """
     budget = int(check_budget_gb(budget_gb) * GiB)
+    on_device = device_memory_bytes(device) if device is not None else None
+    gpu_bound = on_device is not None and int(DEVICE_FRACTION * on_device) < budget
+    if gpu_bound:
+        budget = int(DEVICE_FRACTION * on_device)
     for wb in range(max(1, int(max_window_batch)), 0, -1):
         est = job_bytes(cfg, canvas, tile, wb, guided=guided, canvases=canvases, watershed=watershed)
         if est <= budget:
             return Plan(wb, est, budget)
     h, w = canvas
+    if gpu_bound:
+        raise MemoryBudgetError(
+            f"a {h}x{w} px {what} needs about {est / GiB:.1f} GiB, more than the {budget / GiB:.1f} GiB this "
+            f"GPU can give a job ({DEVICE_FRACTION:.0%} of its {on_device / GiB:.1f} GiB): choose a smaller size, "
+            f"or sample on the CPU (--device cpu)")
     raise MemoryBudgetError(
         f"a {h}x{w} px {what} needs about {est / GiB:.1f} GiB, more than the memory budget of "
         f"{budget / GiB:.1f} GiB: choose a smaller size, or raise the budget (--max-memory-gb)")

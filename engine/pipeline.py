@@ -61,11 +61,15 @@ class LoadedModel:
         return self.path.stem
 
     @property
+    def device(self) -> torch.device:
+        """Where the model's weights (and its sampling's tensors) are."""
+        return next(self.model.parameters()).device
+
+    @property
     def precision(self) -> str:
         """What sampling with this model computes in here: "bf16" (autocast) or "fp32"; recorded with every
         pair, since the two give samples that differ by rounding."""
-        device = next(self.model.parameters()).device
-        return "bf16" if self.autocast and bf16_is_fast(device) else "fp32"
+        return "bf16" if self.autocast and bf16_is_fast(self.device) else "fp32"
 
 
 def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto",
@@ -134,14 +138,14 @@ def plan_structure_canvas(model: LoadedModel, size: int | None = None,
     """How a structure of `size` px (default: the model's) is sampled: one pass or windows; memory checked."""
     size = int(size or model.image_size)
     return plan_canvas(model.config, model.image_size, size, size, guided=False, options=tiling, watershed=True,
-                       what="structure")
+                       what="structure", device=model.device)
 
 
 def plan_image_canvas(model: LoadedModel, shape: tuple[int, int], w: float = 2.0,
                       tiling: TilingOptions | None = None) -> CanvasPlan:
     """How an image for an (H, W) structure is synthesized: one pass or windows; memory checked."""
     return plan_canvas(model.config, model.image_size, shape[0], shape[1], guided=float(w) != 0, options=tiling,
-                       what="image")
+                       what="image", device=model.device)
 
 
 def _direct_batch(model: LoadedModel, plan: CanvasPlan, batch_size: int, guided: bool,
@@ -152,7 +156,7 @@ def _direct_batch(model: LoadedModel, plan: CanvasPlan, batch_size: int, guided:
         raise NuDiffError(f"batch size must be at least 1, got {batch_size}")
     budget = (tiling or TilingOptions()).max_memory_gb
     return plan_windows(model.config, plan.padded, plan.padded, guided=guided, max_window_batch=batch_size,
-                        budget_gb=budget, canvases=None, what="batch")
+                        budget_gb=budget, canvases=None, what="batch", device=model.device)
 
 
 class _StepCounter:
@@ -358,7 +362,7 @@ def synthesize(
     mem = _direct_batch(model, p0, batch_size, float(w) != 0, tiling)
     batch_size = mem.window_batch
     counter = _StepCounter(progress, steps * ((len(jobs) + batch_size - 1) // batch_size))
-    dev = next(model.model.parameters()).device
+    dev = model.device
     images = []
     for start in range(0, len(jobs), batch_size):
         chunk = jobs[start:start + batch_size]

@@ -81,9 +81,14 @@ def _task_synthesize(models, device, kw, progress, cancel):
 
 
 def _task_rss(models, device, kw, progress, cancel):
-    """Test hook: allocate `mb` MiB and hold it for `seconds` (checks the memory watchdog)."""
+    """Test hook: allocate `mb` MiB and hold it for `seconds` (checks the memory watchdog); or ask torch's
+    allocator for `torch_bytes` at once (checks that a failed allocation is reported as the size's fault)."""
     import numpy as np
 
+    if "torch_bytes" in kw:
+        import torch
+
+        return torch.empty(int(kw["torch_bytes"]), dtype=torch.uint8).numel()
     block = np.ones(int(kw["mb"]) * 1024 * 1024 // 8)
     deadline = time.time() + float(kw.get("seconds", 2))
     while time.time() < deadline:
@@ -110,7 +115,7 @@ def _child(requests, responses, cancel_event, cap: int, device: str) -> None:
     except OSError:
         pass
     threading.Thread(target=_watchdog, args=(cap,), daemon=True).start()
-    from engine.memory import reuse_freed_memory
+    from engine.memory import is_out_of_memory, reuse_freed_memory
     from engine.samplers import Cancelled
 
     reuse_freed_memory()
@@ -136,10 +141,11 @@ def _child(requests, responses, cancel_event, cap: int, device: str) -> None:
             responses.put(("cancelled", job))
         except NuDiffError as e:
             responses.put(("error", job, type(e).__name__, str(e)))
-        except MemoryError:
-            responses.put(("error", job, "MemoryBudgetError", "the job ran out of memory; choose a smaller size"))
         except Exception as e:  # noqa: BLE001 - reported to the parent, which logs it
-            responses.put(("crash", job, f"{type(e).__name__}: {e}", traceback.format_exc()))
+            if is_out_of_memory(e):  # MemoryError, a GPU's or the CPU allocator's: the size, not a bug
+                responses.put(("error", job, "MemoryBudgetError", "the job ran out of memory; choose a smaller size"))
+            else:
+                responses.put(("crash", job, f"{type(e).__name__}: {e}", traceback.format_exc()))
 
 
 # ----------------------------------------------------------------------------- parent side

@@ -17,7 +17,8 @@ from engine import pipeline
 from engine.config import preset
 from engine.diffusion import guided_eps
 from engine.errors import NuDiffError
-from engine.memory import GiB, MemoryBudgetError, forward_bytes, job_bytes, plan_windows
+from engine.memory import (GiB, MemoryBudgetError, device_memory_bytes, forward_bytes, is_out_of_memory, job_bytes,
+                           plan_windows)
 from engine.quality import alignment_score
 from engine.synthetic import make_tile
 from engine.tiling import TiledDenoiser, TilingOptions, WindowGrid, seam_score, window_positions
@@ -146,6 +147,47 @@ def test_budget_lowers_the_window_batch_then_refuses_with_one_line():
     assert job_bytes(cfg, (2000, 2000), (128, 128), 8, guided=True) < 4 * GiB
 
 
+def test_a_model_on_the_cpu_plans_with_the_ram_budget():
+    cfg = preset("cpu", "image", 128)
+    for device in (None, "cpu", torch.device("cpu")):
+        plan = plan_windows(cfg, (1000, 1000), (128, 128), guided=True, max_window_batch=8, budget_gb=3,
+                            device=device)
+        assert plan.budget == 3 * GiB
+    assert device_memory_bytes("cpu") is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_model_on_a_gpu_plans_within_the_gpu_memory():
+    cfg = preset("paper", "image", 256)
+    total = device_memory_bytes("cuda")
+    assert total == torch.cuda.get_device_properties(0).total_memory
+    plan = plan_windows(cfg, (1000, 1000), (256, 256), guided=True, max_window_batch=64, budget_gb=10 * total / GiB,
+                        device="cuda")
+    assert plan.budget <= total and plan.estimate <= plan.budget
+    with pytest.raises(MemoryBudgetError, match="this GPU can give a job"):
+        plan_windows(cfg, (20000, 20000), (20000, 20000), guided=True, max_window_batch=1,
+                     budget_gb=10 * total / GiB, device="cuda")
+
+
+def test_a_failed_allocation_is_told_apart_from_a_bug():
+    try:
+        torch.empty(2 ** 50, dtype=torch.uint8)  # the CPU allocator refuses at once
+    except RuntimeError as e:
+        cpu_refusal = e
+    assert is_out_of_memory(cpu_refusal) and is_out_of_memory(MemoryError())
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    assert not is_out_of_memory(RuntimeError("shape mismatch")) and not is_out_of_memory(ValueError("x"))
+
+
+def test_cli_reports_a_failed_allocation_in_one_line(monkeypatch, capsys):
+    from engine import cli
+
+    monkeypatch.setattr(cli, "_run", lambda args: torch.empty(2 ** 50, dtype=torch.uint8))
+    assert cli.main(["inspect", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: out of memory") and err.count("\n") == 1 and "smaller" in err
+
+
 def test_paper_model_at_1000_px_in_one_pass_is_refused_but_tiled_fits(models):
     cfg = preset("paper", "image", 256)
     with pytest.raises(MemoryBudgetError):
@@ -208,6 +250,10 @@ def test_worker_survives_a_job_over_budget_and_runs_the_next(tiny_checkpoints):
             w.run("allocate", {"mb": 1500, "seconds": 5})
         got = w.run("synthesize", {"checkpoint": str(i), "structures": [np.zeros((40, 40), np.int32)], "steps": 2})
         assert got[0].shape == (40, 40, 3)
+        pid = w.pid
+        with pytest.raises(MemoryBudgetError, match="ran out of memory; choose a smaller size"):
+            w.run("allocate", {"torch_bytes": 2 ** 50})  # torch's allocator refuses at once: no memory is touched
+        assert w.pid == pid  # reported as the size's fault, in the same process: no restart
         from engine.errors import CheckpointError
 
         with pytest.raises(CheckpointError, match="not an image model|image model is needed"):
