@@ -4,7 +4,10 @@ Modules, one concept each (layers and import graph: docs/architecture.md):
     fileio      atomic file output, file hashes, JSON record checks, device choice (the bottom layer)
     structure   instance map <-> 3-channel nuclei structure (semantic, horizontal, vertical)
     metrics     Dice, AJI, AJI+, PQ (HoVer-Net definitions)
-    data        reading folders of labeled tiles, tiling, validation, subset selection
+    geojson     QuPath GeoJSON outlines read as an instance map
+    data        reading folders of labeled tiles (images, label formats), validation, tiling
+    inspection  pre-flight report of a labeled-tile folder
+    subset      the paper's labeled subset (tile features, KMeans, round-robin by cluster)
     synthetic   procedural H&E-like labeled tiles for tests and smoke runs
     config      typed model / diffusion / training records and presets
     unet        U-Net with timestep embedding, attention and SPADE-conditioned decoder

@@ -558,7 +558,8 @@ def _training_set(cfg):
     problems are printed, and a folder whose label maps hold no nucleus at all is refused
     (RefusedBeforeRun) before the run folder is touched."""
     from engine.config import preset
-    from engine.data import load_tiles, select_subset
+    from engine.data import load_tiles
+    from engine.subset import select_subset
     from engine.train import TrainingSet
 
     if not cfg.data:
@@ -734,7 +735,7 @@ def _progress_bar(desc: str):
 def _run(args: argparse.Namespace) -> int:
     cmd = args.command
     if cmd == "inspect":
-        from engine.data import inspect_folder
+        from engine.inspection import inspect_folder
 
         print(inspect_folder(args.folder, size=args.tile_size, stride=args.stride).summary())
         return 0

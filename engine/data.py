@@ -1,4 +1,4 @@
-"""Reading folders of labeled nuclei tiles as users keep them; tiling, inspection, subset selection.
+"""Reading folders of labeled nuclei tiles as users keep them, and cutting them into tiles.
 
 Folder layout::
 
@@ -22,8 +22,6 @@ in a folder report) whose message names the file at fault.
 
 from __future__ import annotations
 
-import json
-import math
 import re
 import warnings
 import xml.etree.ElementTree as ET
@@ -36,19 +34,17 @@ import numpy as np
 from scipy import ndimage
 
 from engine.errors import DataError
+from engine.geojson import looks_like_geojson, rasterise_geojson
 from engine.metrics import relabel
 
 __all__ = [
     "IMAGE_EXTENSIONS", "LABEL_EXTENSIONS", "DataWarning", "LabeledImage", "Tile", "Problem",
-    "Inspection", "SubsetSelection", "read_image", "read_label", "load_folder", "tile_positions",
-    "tile_image", "load_tiles", "inspect_folder", "inspect_items", "select_subset", "plan_subset",
-    "MAX_LABEL_PIXELS", "max_pixels", "raster_size", "find_pairs",
+    "read_image", "read_label", "load_folder", "tile_positions", "tile_image", "load_tiles",
+    "max_pixels", "raster_size", "find_pairs",
 ]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 LABEL_EXTENSIONS = (".png", ".tif", ".tiff", ".npy", ".mat", ".xml", ".geojson", ".json")
-#: Largest label map (H * W pixels) a GeoJSON outline file may ask for; refused before allocating.
-MAX_LABEL_PIXELS = 20000 * 20000
 #: Default pixel budget of one raster file (H * W), checked from its header before any decode; raise it
 #: with the environment variable NUDIFF_MAX_PIXELS. 100 MP: a 10000 x 10000 field, 300 MB as RGB.
 DEFAULT_MAX_PIXELS = 100_000_000
@@ -318,208 +314,6 @@ def _rasterise_xml(path: Path, shape: tuple[int, int] | None, notes: Notes) -> n
     return inst
 
 
-# ----------------------------------------------------------------------------- GeoJSON (QuPath)
-
-_AREA_TYPES = ("Polygon", "MultiPolygon", "GeometryCollection")
-_NON_AREA_TYPES = ("Point", "MultiPoint", "LineString", "MultiLineString")
-_DETECTION_TYPES = ("detection", "cell", "tile")
-_GEOJSON_SNIFF = re.compile(rb'"type"\s*:\s*"Feature(Collection)?"')
-_Polygon = tuple[np.ndarray, list[np.ndarray]]  # outer ring, hole rings: (K, 2) float (x, y)
-
-
-def _looks_like_geojson(path: Path) -> bool:
-    """Cheap sniff (first 64 KiB) for a ``.json`` file in a folder of labels."""
-    try:
-        with open(path, "rb") as f:
-            return _GEOJSON_SNIFF.search(f.read(1 << 16)) is not None
-    except OSError:
-        return False
-
-
-def _geojson_features(path: Path) -> list:
-    """The Features of a GeoJSON FeatureCollection, a bare list of Features or a single Feature."""
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise DataError(f"label {path} is not valid JSON ({exc})") from None
-    expected = "expected a GeoJSON FeatureCollection or a list of Features, one per nucleus"
-    if isinstance(data, list):
-        features = data
-    elif isinstance(data, dict) and data.get("type") == "FeatureCollection":
-        features = data.get("features")
-        if not isinstance(features, list):
-            raise DataError(f"label {path} is a FeatureCollection without a 'features' list")
-    elif isinstance(data, dict) and data.get("type") == "Feature":
-        features = [data]
-    elif isinstance(data, dict) and data.get("type") in _AREA_TYPES + _NON_AREA_TYPES:
-        raise DataError(f"label {path} is a bare {data['type']} geometry; {expected}")
-    else:
-        found = (f"an object with keys {', '.join(map(str, list(data)[:5])) or 'none'}"
-                 if isinstance(data, dict) else f"a JSON {type(data).__name__}")
-        raise DataError(f"label {path} is JSON but not GeoJSON ({found}); {expected}")
-    for i, feature in enumerate(features, start=1):
-        if not isinstance(feature, dict) or (feature.get("type") != "Feature"
-                                             and "geometry" not in feature):
-            raise DataError(f"label {path}: item {i} of the feature list is not a GeoJSON Feature")
-    return features
-
-
-def _object_type(feature: dict) -> str:
-    """QuPath's ``objectType`` (``object_type`` before v0.3), lower case; "" if absent."""
-    props = feature.get("properties")
-    if not isinstance(props, dict):
-        return ""
-    return str(props.get("objectType") or props.get("object_type") or "").lower()
-
-
-def _feature_name(i: int, feature: dict) -> str:
-    fid = feature.get("id")
-    return f"feature {i}" + (f" (id {str(fid)[:40]})" if fid not in (None, "") else "")
-
-
-def _ring(coords, path: Path, name: str) -> np.ndarray:
-    """A GeoJSON linear ring -> (K, 2) float (x, y); DataError if malformed or off-image."""
-    try:
-        arr = np.array(coords)
-    except ValueError:  # ragged
-        arr = np.zeros(0)
-    if arr.ndim != 2 or arr.shape[1] < 2 or arr.dtype.kind not in "iuf":
-        raise DataError(f"label {path}: {name} has a malformed ring (expected a list of numeric "
-                        "[x, y] pairs)")
-    arr = arr[:, :2].astype(np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise DataError(f"label {path}: {name} has a NaN or infinite coordinate")
-    if arr.min() < 0:
-        x, y = arr[np.argmin(arr.min(axis=1))]
-        raise DataError(f"label {path}: {name} has a negative coordinate (x={x:g}, y={y:g}); "
-                        "expected pixels from the image's top-left corner")
-    if len(arr) > 1 and np.array_equal(arr[0], arr[-1]):
-        arr = arr[:-1]
-    if len(np.unique(arr, axis=0)) < 3:
-        raise DataError(f"label {path}: {name} has a ring with fewer than 3 distinct points")
-    return arr
-
-
-def _polygon(coords, path: Path, name: str) -> _Polygon:
-    if not isinstance(coords, list) or not coords:
-        raise DataError(f"label {path}: {name} has a malformed Polygon (expected a list of rings)")
-    rings = [_ring(r, path, name) for r in coords]
-    return rings[0], rings[1:]
-
-
-def _geometry_polygons(geom, path: Path, name: str) -> list[_Polygon] | str:
-    """Polygons (outer ring, holes) of one geometry, or why it has no area (a str) to skip it."""
-    if geom is None:
-        return "no geometry"
-    kind = geom.get("type") if isinstance(geom, dict) else None
-    if kind in _NON_AREA_TYPES:
-        return kind
-    if kind == "GeometryCollection":
-        parts = geom.get("geometries")
-        if not isinstance(parts, list):
-            raise DataError(f"label {path}: {name} has a GeometryCollection without 'geometries'")
-        polys = [p for g in parts if not isinstance(got := _geometry_polygons(g, path, name), str)
-                 for p in got]
-        return polys or "GeometryCollection without polygons"
-    if kind not in ("Polygon", "MultiPolygon"):
-        what = f"unknown geometry type {kind!r}" if kind else "a geometry without a 'type'"
-        raise DataError(f"label {path}: {name} has {what}")
-    coords = geom.get("coordinates")
-    if kind == "Polygon":
-        return [_polygon(coords, path, name)]
-    if not isinstance(coords, list) or not coords:
-        raise DataError(f"label {path}: {name} has a malformed MultiPolygon (expected a list of "
-                        "polygons)")
-    return [_polygon(c, path, name) for c in coords]
-
-
-def _fill_polygon(inst: np.ndarray, poly: _Polygon, value: int) -> int:
-    """Set the pixels of one polygon to ``value``; returns how many were set.
-
-    Coordinates are in pixel-edge units (pixel (r, c) spans x in [c, c+1), y in [r, r+1)), so a pixel
-    belongs to the polygon when its centre (c + 0.5, r + 0.5) is inside or on the outer ring and not
-    strictly inside a hole. This is exact both for QuPath outlines along pixel edges and for outlines
-    through boundary-pixel centres (engine.export's GeoJSON), whose boundary pixels are kept.
-    """
-    from skimage.measure import grid_points_in_poly
-
-    outer, holes = poly
-    height, width = inst.shape
-    rc = outer[:, ::-1] - 0.5  # (row, col) of the pixel-centre lattice
-    r0, c0 = (max(0, math.ceil(v)) for v in rc.min(axis=0))
-    r1, c1 = math.floor(min(rc[:, 0].max(), height - 1)), math.floor(min(rc[:, 1].max(), width - 1))
-    if r1 < r0 or c1 < c0:
-        return 0
-    box = (r1 - r0 + 1, c1 - c0 + 1)
-    mask = grid_points_in_poly(box, rc - (r0, c0), binarize=False) > 0
-    for hole in holes:
-        mask &= grid_points_in_poly(box, hole[:, ::-1] - 0.5 - (r0, c0), binarize=False) != 1
-    inst[r0 : r1 + 1, c0 : c1 + 1][mask] = value
-    return int(mask.sum())
-
-
-def _rasterise_geojson(path: Path, shape: tuple[int, int] | None, notes: Notes) -> np.ndarray:
-    """QuPath GeoJSON outlines -> (H, W) int32: one id per Feature in file order (later wins).
-
-    A MultiPolygon is one nucleus; holes are not part of it; a cell's ``nucleusGeometry`` is used
-    instead of its cell boundary; annotations and detections alike are nuclei. Without ``shape`` the
-    canvas is the coordinates' extent.
-    """
-    features = _geojson_features(path)
-    nuclei: list[list[_Polygon]] = []
-    kinds: list[str] = []  # objectType of each nucleus
-    skipped: dict[str, int] = {}
-    for i, feature in enumerate(features, start=1):
-        name = _feature_name(i, feature)
-        geom = feature.get("nucleusGeometry") or feature.get("geometry")
-        got = _geometry_polygons(geom, path, name)
-        if isinstance(got, str):
-            skipped[got] = skipped.get(got, 0) + 1
-        else:
-            nuclei.append(got)
-            kinds.append(_object_type(feature))
-    n_annotations = kinds.count("annotation")
-    n_detections = sum(k in _DETECTION_TYPES for k in kinds)
-    if n_annotations and n_detections:
-        notes.append((path, f"label {path} mixes {n_annotations} annotation(s) and {n_detections} "
-                            "detection(s); all are read as nuclei (if the annotations are regions "
-                            "such as tissue outlines, export the detections only)"))
-    if skipped:
-        why = ", ".join(f"{n} {k}" for k, n in skipped.items())
-        notes.append((path, f"label {path}: skipped {sum(skipped.values())} feature(s) without a "
-                            f"polygon outline ({why})"))
-    if shape is None:
-        if not nuclei:
-            raise DataError(f"label {path} holds no nucleus polygons, so its size cannot be "
-                            "inferred; read it with its image")
-        top = np.max([ring.max(axis=0) for polys in nuclei for poly in polys for ring in poly[:1]],
-                     axis=0)
-        if top[0] * top[1] > MAX_LABEL_PIXELS:
-            raise DataError(f"label {path}: its outlines reach x={top[0]:g}, y={top[1]:g}, beyond "
-                            f"the MAX_LABEL_PIXELS limit of {MAX_LABEL_PIXELS} px")
-        shape = (math.ceil(top[1]), math.ceil(top[0]))
-    if shape[0] * shape[1] > MAX_LABEL_PIXELS:
-        raise DataError(f"label {path}: a {shape[0]}x{shape[1]} px label map exceeds the "
-                        f"MAX_LABEL_PIXELS limit of {MAX_LABEL_PIXELS} px")
-    if shape[0] == 0 or shape[1] == 0:
-        raise DataError(f"label {path}: its outlines have zero extent ({shape[0]}x{shape[1]} px)")
-    inst = np.zeros(shape, np.int32)
-    next_id, empty = 1, 0
-    for polys in nuclei:
-        if sum([_fill_polygon(inst, poly, next_id) for poly in polys]) == 0:
-            empty += 1
-            continue
-        next_id += 1
-    if empty:
-        notes.append((path, f"label {path}: {empty} of {len(nuclei)} outlines lie outside the "
-                            f"{shape[0]}x{shape[1]} image or cover no pixel centre; dropped"))
-    hidden = int(np.count_nonzero(np.bincount(inst.ravel(), minlength=next_id)[1:] == 0))
-    if hidden:
-        notes.append((path, f"label {path}: {hidden} outline(s) entirely covered by later ones "
-                            "(later outlines win on overlap)"))
-    return inst
-
-
 def _decode_label(path: Path, shape: tuple[int, int] | None, notes: Notes) -> np.ndarray:
     suffix = path.suffix.lower()
     if suffix == ".npy":
@@ -529,7 +323,7 @@ def _decode_label(path: Path, shape: tuple[int, int] | None, notes: Notes) -> np
     if suffix == ".xml":
         return _read_file(path, "label", lambda p: _rasterise_xml(p, shape, notes))
     if suffix in (".geojson", ".json"):
-        return _read_file(path, "label", lambda p: _rasterise_geojson(p, shape, notes))
+        return _read_file(path, "label", lambda p: rasterise_geojson(p, shape, notes))
     return _read_file(path, "label", _decode_raster)
 
 
@@ -600,7 +394,7 @@ def read_label(path: str | Path, shape: tuple[int, ...] | None = None) -> np.nda
     or outside the image are skipped with a :class:`DataWarning`; a file mixing annotations and
     detections reads both as nuclei, with a DataWarning. GeoJSON without ``shape`` gets the extent
     of its coordinates, H = ceil(max y), W = ceil(max x) (an empty bottom / right margin of the
-    original image is lost), at most ``MAX_LABEL_PIXELS``. A 0/255 binary mask is split into
+    original image is lost), at most ``engine.geojson.MAX_LABEL_PIXELS``. A 0/255 binary mask is split into
     connected components with a :class:`DataWarning`. If ``shape`` is given the label must have
     that (H, W). Raises DataError naming the file for any problem.
     """
@@ -629,7 +423,7 @@ def label_files(items: Sequence[str | Path]) -> list[Path]:
             sub = p / "labels" if (p / "labels").is_dir() else p
             files += sorted(f for f in sub.iterdir() if f.is_file() and (
                 f.suffix.lower() in (".png", ".tif", ".tiff", ".npy", ".mat", ".geojson")
-                or (f.suffix.lower() == ".json" and _looks_like_geojson(f))))
+                or (f.suffix.lower() == ".json" and looks_like_geojson(f))))
         elif p.exists():
             files.append(p)
         else:
@@ -734,7 +528,7 @@ def _pair_files(root: Path) -> tuple[list[tuple[str, Path, list[Path]]], list[Pr
                                     f"for {stem}.* or {stem}_label.* in {where})", "error"))
             continue
         if len(candidates) > 1:  # a .json that is not GeoJSON (metadata, COCO) is no label candidate
-            other_json = [p for p in candidates if p.suffix.lower() == ".json" and not _looks_like_geojson(p)]
+            other_json = [p for p in candidates if p.suffix.lower() == ".json" and not looks_like_geojson(p)]
             if other_json and len(other_json) < len(candidates):
                 for path in other_json:
                     problems.append(Problem(str(path), f"ignored {path}: JSON but not GeoJSON outlines "
@@ -910,150 +704,3 @@ def load_tiles(folder: str | Path, size: int = 256,
     if not tiles:
         raise _nothing_usable(f"{size}x{size} tiles", Path(folder), problems)
     return tiles, problems
-
-
-# ----------------------------------------------------------------------------- inspection
-
-
-@dataclass
-class Inspection:
-    """What a folder holds, for a pre-flight report."""
-
-    folder: Path
-    n_images: int
-    n_tiles: int  # tiles the folder yields at (tile_size, stride)
-    n_nuclei: int  # instances over whole images (tiles overlap, so not per tile)
-    areas: np.ndarray  # (n_nuclei,) int64 nucleus areas in pixels
-    image_sizes: list[tuple[int, int]]  # (H, W) per image
-    problems: list[Problem]
-    tile_size: int = 256
-    stride: int = 128
-
-    def summary(self) -> str:
-        """Human-readable multi-line report."""
-        lines = [f"Folder: {self.folder}", f"Images: {self.n_images} ({self._sizes_text()})",
-                 f"Tiles: {self.n_tiles} ({self.tile_size}x{self.tile_size} px, stride "
-                 f"{self.stride})"]
-        per_image = self.n_nuclei / self.n_images if self.n_images else 0.0
-        lines.append(f"Nuclei: {self.n_nuclei} ({per_image:.1f} per image on average)")
-        if len(self.areas):
-            pct = np.percentile(self.areas, [0, 5, 25, 50, 75, 95, 100])
-            lines.append("Nucleus area (px): min {:.0f}, p5 {:.0f}, p25 {:.0f}, median {:.0f}, "
-                         "p75 {:.0f}, p95 {:.0f}, max {:.0f}".format(*pct))
-        errors = sum(p.severity == "error" for p in self.problems)
-        warns = len(self.problems) - errors
-        lines.append(f"Problems: {errors} error(s), {warns} warning(s)")
-        lines.extend(f"  {p}" for p in self.problems)
-        return "\n".join(lines)
-
-    def _sizes_text(self) -> str:
-        counts: dict[tuple[int, int], int] = {}
-        for hw in self.image_sizes:
-            counts[hw] = counts.get(hw, 0) + 1
-        return ", ".join(f"{n} x {h}x{w} px" for (h, w), n in sorted(counts.items()))
-
-
-def inspect_folder(folder: str | Path, size: int = 256, stride: int = 128) -> Inspection:
-    """Load a folder and summarise it (counts, nucleus areas, problems) without keeping tiles.
-
-    Raises DataError as load_folder does.
-    """
-    items, problems = load_folder(folder)
-    return inspect_items(folder, items, problems, size=size, stride=stride)
-
-
-def inspect_items(folder: str | Path, items: Sequence[LabeledImage], problems: list[Problem],
-                  size: int = 256, stride: int = 128) -> Inspection:
-    """inspect_folder's report from what load_folder(folder) returned (to use the images for more than the
-    report without reading the folder twice). Images smaller than a tile are added to ``problems``."""
-    n_tiles = 0
-    for item in items:
-        height, width = item.inst.shape
-        if size > height or size > width:
-            problems.append(Problem(str(item.image_path), f"image {item.image_path} is "
-                                    f"{height}x{width} px, smaller than the tile size of {size} px",
-                                    "error"))
-            continue
-        n_tiles += len(tile_positions(height, size, stride)) * len(
-            tile_positions(width, size, stride))
-    areas = [np.bincount(item.inst.ravel())[1:] for item in items]
-    all_areas = np.concatenate(areas).astype(np.int64) if areas else np.zeros(0, np.int64)
-    return Inspection(folder=Path(folder), n_images=len(items), n_tiles=n_tiles,
-                      n_nuclei=len(all_areas), areas=all_areas,
-                      image_sizes=[tuple(item.inst.shape) for item in items], problems=problems,
-                      tile_size=size, stride=stride)
-
-
-# ----------------------------------------------------------------------------- subset selection
-
-
-@dataclass
-class SubsetSelection:
-    """Result of plan_subset."""
-
-    indices: list[int]  # into the tiles, in selection order (round-robin, nearest centre first)
-    feature_kind: str  # "resnet50" | "handcrafted"
-    clusters: np.ndarray  # (n_tiles,) int cluster of every tile
-    n_nuclei_selected: int
-    n_nuclei_total: int
-    fraction_requested: float = 0.0
-
-    @property
-    def fraction_reached(self) -> float:
-        """Selected share of all nuclei instances (counted per tile), in [0, 1]."""
-        return self.n_nuclei_selected / self.n_nuclei_total if self.n_nuclei_total else 1.0
-
-
-def _round_robin(order: list[list[int]], counts: np.ndarray, target: float,
-                 n_needed: int) -> list[int]:
-    """Take the next-nearest tile of each cluster in turn until ``target`` nuclei (or, with no
-    nuclei at all, ``n_needed`` tiles) are selected."""
-    chosen: list[int] = []
-    total = 0
-    queues = [list(q) for q in order]
-    while any(queues):
-        for queue in queues:
-            if not queue:
-                continue
-            index = queue.pop(0)
-            chosen.append(index)
-            total += int(counts[index])
-            if (target > 0 and total >= target - 1e-9) or (target <= 0 and len(chosen) >= n_needed):
-                return chosen
-    return chosen
-
-
-def plan_subset(tiles: Sequence[Tile], fraction: float, n_clusters: int = 6, seed: int = 0,
-                feature_kind: str | None = None) -> SubsetSelection:
-    """Select tiles as in the NuDiff paper: features -> KMeans -> tiles nearest their cluster
-    centre, taken round-robin across clusters, until ``fraction`` of all nuclei instances (summed
-    over tiles) is reached. Deterministic for a given seed.
-
-    ``feature_kind`` None uses ResNet50 when available locally, else the handcrafted descriptor.
-    """
-    from sklearn.cluster import KMeans
-
-    from engine.features import tile_features
-
-    if not 0.0 < fraction <= 1.0:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
-    if not tiles:
-        raise DataError("no tiles to select a subset from")
-    counts = np.array([int(t.inst.max()) for t in tiles], dtype=np.int64)
-    feats, kind = tile_features([t.image for t in tiles], [t.inst for t in tiles], feature_kind)
-    k = max(1, min(n_clusters, len(np.unique(feats.round(12), axis=0))))
-    km = KMeans(n_clusters=k, n_init=10, random_state=seed).fit(feats)
-    distance = km.transform(feats)[np.arange(len(tiles)), km.labels_]
-    order = [sorted(np.nonzero(km.labels_ == c)[0].tolist(), key=lambda i: (distance[i], i))
-             for c in range(k)]
-    total = int(counts.sum())
-    chosen = _round_robin(order, counts, fraction * total, math.ceil(fraction * len(tiles)))
-    return SubsetSelection(indices=chosen, feature_kind=kind, clusters=km.labels_.astype(int),
-                           n_nuclei_selected=int(counts[chosen].sum()), n_nuclei_total=total,
-                           fraction_requested=fraction)
-
-
-def select_subset(tiles: Sequence[Tile], fraction: float, n_clusters: int = 6,
-                  seed: int = 0) -> list[int]:
-    """Indices (into ``tiles``, selection order) of the paper-style subset; see plan_subset."""
-    return plan_subset(tiles, fraction, n_clusters, seed).indices

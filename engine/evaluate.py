@@ -1,7 +1,7 @@
 """Downstream benchmark: does adding synthetic pairs help a nuclei segmenter? (the paper's Table 1)
 
 For each labeled fraction (10 %, 20 %, 50 %, 100 % of nuclei by default) the paper's subset of real
-training tiles is selected (:func:`engine.data.select_subset`: tile features, KMeans, tiles nearest the
+training tiles is selected (:func:`engine.subset.select_subset`: tile features, KMeans, tiles nearest the
 cluster centres until the fraction of nuclei is reached). A segmenter (:mod:`engine.segment`) is trained
 on the subset ("labeled") and, with the same seed and number of steps, on the subset plus synthetic
 pairs ("augmented"). Both are tested on held-out real images at full size (tiled inference); Dice, AJI,
@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from engine.data import LabeledImage, SubsetSelection, Tile, load_folder, plan_subset, tile_image
+from engine.data import LabeledImage, Tile, load_folder, tile_image
+from engine.subset import SubsetSelection, plan_subset
 from engine.errors import DataError, NuDiffError
 from engine.fileio import atomic_write_bytes
 from engine.metrics import aji, aji_plus, dice, pq

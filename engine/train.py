@@ -106,7 +106,8 @@ class TrainingSet:
     def from_folder(cls, folder: str, size: int, stride: int | None = None, fraction: float = 1.0,
                     seed: int = 0) -> "TrainingSet":
         """Tiles of a labeled folder (engine.data), optionally the paper's subset of `fraction` nuclei."""
-        from engine.data import load_tiles, select_subset
+        from engine.data import load_tiles
+        from engine.subset import select_subset
 
         tiles, _problems = load_tiles(folder, size=size, stride=stride or size // 2)
         if not tiles:

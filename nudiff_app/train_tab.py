@@ -129,7 +129,8 @@ def build(ctx: AppContext, ui) -> None:
 @ui_action(3)
 def inspect_dataset(folder: str, size) -> tuple:
     """[status, inspection report, preview grid] of a labeled folder on the server."""
-    from engine.data import inspect_items, load_folder
+    from engine.data import load_folder
+    from engine.inspection import inspect_items
 
     folder = (folder or "").strip()
     if not folder:

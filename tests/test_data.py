@@ -1,4 +1,5 @@
-"""Tests for engine.data: folder reading, formats, validation messages, tiling, subset selection."""
+"""Tests for engine.data (folder reading, formats, validation messages, tiling), engine.inspection and
+engine.subset."""
 
 from __future__ import annotations
 
@@ -15,17 +16,16 @@ from engine.data import (
     DataWarning,
     LabeledImage,
     Tile,
-    inspect_folder,
     load_folder,
     load_tiles,
-    plan_subset,
     read_image,
     read_label,
-    select_subset,
     tile_image,
     tile_positions,
 )
 from engine.errors import DataError
+from engine.inspection import inspect_folder
+from engine.subset import plan_subset, select_subset
 from engine.synthetic import make_tile, write_folder
 
 REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "monuseg" / "train"

@@ -25,7 +25,8 @@ STORAGE = {"errors": set(), "fileio": {"errors"}, "config": set(),
 #: the layers of docs/architecture.md, bottom up: a module imports modules of its own layer or below
 LAYERS = (
     ("storage", set(STORAGE)),
-    ("science", {"metrics", "structure", "morphology", "features", "data", "synthetic", "render", "unet",
+    ("science", {"metrics", "structure", "morphology", "features", "geojson", "data", "inspection", "subset",
+                 "synthetic", "render", "unet",
                  "diffusion", "samplers", "tiling", "memory", "canvas", "curate", "quality", "segment", "evaluate",
                  "export", "two_sample", "copying", "conditioning"}),
     ("pipeline", {"pipeline", "guidance", "train", "worker", "demo"}),

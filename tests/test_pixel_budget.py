@@ -12,7 +12,8 @@ import pytest
 import tifffile
 
 from conftest import png_bomb
-from engine.data import DEFAULT_MAX_PIXELS, inspect_folder, raster_size, read_image, read_label
+from engine.data import DEFAULT_MAX_PIXELS, raster_size, read_image, read_label
+from engine.inspection import inspect_folder
 from engine.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,8 @@ import cv2
 import numpy as np
 import pytest
 
-from engine.data import MAX_LABEL_PIXELS, DataWarning, label_files, load_folder, read_label
+from engine.data import DataWarning, label_files, load_folder, read_label
+from engine.geojson import MAX_LABEL_PIXELS
 from engine.errors import DataError
 from engine.export import write_zip
 from engine.metrics import aji
