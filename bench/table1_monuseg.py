@@ -87,7 +87,7 @@ class Job:
             return False
         if self.run_dir is None:
             return True
-        from engine.train import budget_reached
+        from engine.run_status import budget_reached
 
         return training_change(self) is None and budget_reached(self.run_dir)
 

@@ -15,6 +15,7 @@ Modules, one concept each (layers and import graph: docs/architecture.md):
     samplers    DDPM / DDIM / DPM-Solver++ sampling loops
     checkpoint  safetensors + JSON checkpoints and their records
     train       training loops with EMA, resume, multi-process (accelerate)
+    run_status  a training run's status.json: read, written, whether it ended on its budget
     pipeline    generation API shared by the CLI and the studio
     guidance    calibrating an image model's guidance scale w against real images
     curate      layout realism filter for sampled structures

@@ -533,7 +533,7 @@ MAX_PROBLEM_LINES = 20  # problems of the training data printed before "... and 
 
 
 def _failed_status(run_dir: str, kind: str, cfg, error: BaseException) -> None:
-    from engine.train import read_status, write_status
+    from engine.run_status import read_status, write_status
 
     step = read_status(run_dir).get("step", 0)  # (a refused resume keeps the step reached)
     write_status(run_dir, {"state": "failed", "kind": kind, "step": step, "total": cfg.total_steps,

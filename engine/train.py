@@ -10,7 +10,7 @@ A run lives in one folder:
                                          structure runs: one per preview, layout statistics vs the data
     previews/step_0000500.png, latest.png   samples from the EMA model every `preview_every` steps
     status.json                          state (running/finished/stopped/failed/interrupted), step, total,
-                                         message; read_status says "interrupted" for a running state whose
+                                         message (engine.run_status); read_status says "interrupted" for a running state whose
                                          process is gone (killed)
     lock.json                            held by the training process (engine.runlock): a second trainer on
                                          the folder is refused; a killed one's lock is taken over
@@ -52,12 +52,12 @@ from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_output, atomic_write_bytes
 from engine.precision import cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
-from engine.runlock import (PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files, host_name, process_running,
-                            process_start)
+from engine.run_status import read_status, write_status
+from engine.runlock import PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
 from engine.unet import UNet
 
-__all__ = ["TrainingSet", "Trainer", "read_status", "budget_reached", "resolve_precision", "cpu_has_native_bf16",
+__all__ = ["TrainingSet", "Trainer", "resolve_precision", "cpu_has_native_bf16",
            "MAX_DEVICE_BYTES", "TRAINED_FIELDS", "RunFolderBusy"]
 
 INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
@@ -168,60 +168,6 @@ class TrainingSet:
                               k.to(home), flip.to(home))
         x = x.to(device, non_blocking=True).float() / 127.5 - 1
         return x, y.to(device, non_blocking=True).float()
-
-
-def _status_owner_gone(status: dict) -> bool:
-    """Whether the process that wrote a status is known to be gone (only judged on its own host)."""
-    if status.get("host") and status["host"] != host_name():
-        return False
-    if not status.get("pid"):
-        return False
-    return not process_running(status["pid"], status.get("pid_start"))
-
-
-def read_status(run_dir: str | os.PathLike) -> dict:
-    """The run's status.json, or {} when there is none yet.
-
-    A status that says "running" although the process that wrote it is gone (killed) reads as
-    ``state: "interrupted"``, with a message saying so.
-    """
-    p = Path(run_dir) / "status.json"
-    try:
-        status = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    if not isinstance(status, dict):
-        return {}
-    if status.get("state") == "running" and _status_owner_gone(status):
-        status = {**status, "state": "interrupted", "message": (
-            f"interrupted at step {status.get('step', 0)}: the training process {status.get('pid')} ended "
-            f"without saving (killed?); run again to resume from the last checkpoint")}
-    return status
-
-
-def budget_reached(run_dir: str | os.PathLike) -> bool:
-    """Whether the run's last training ended on its budget: all its steps ("finished") or its time limit
-    ("stopped", reason "time_limit"), rather than a stop request, SIGTERM, a crash or a kill. A run that ended
-    otherwise has exported the model it had, but resuming it trains on."""
-    status = read_status(run_dir)
-    if status.get("state") == "finished":
-        return True
-    if status.get("state") != "stopped":
-        return False
-    reason = status.get("reason")
-    if reason is None:  # statuses written before the reason was recorded
-        return "(time limit)" in str(status.get("message", ""))
-    return reason == "time_limit"
-
-
-def write_status(run_dir: str | os.PathLike, status: dict) -> None:
-    """Atomically replace the run's status.json (adds 'updated', 'pid', 'pid_start' and 'host')."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    pid = os.getpid()
-    status = {**status, "updated": time.time(), "pid": pid, "pid_start": process_start(pid),
-              "host": host_name(), "run_dir": str(run_dir)}
-    atomic_write_bytes(run_dir / "status.json", json.dumps(status).encode())
 
 
 def _same_path(a, b) -> bool:

@@ -22,7 +22,7 @@ from pathlib import Path
 from engine.errors import TrainingError
 from engine.fileio import atomic_write_bytes
 from engine.runlock import busy_message, lock_holder
-from engine.train import read_status
+from engine.run_status import read_status
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -22,7 +22,7 @@ import numpy as np
 from engine.checkpoint import load_checkpoint
 from engine.export import remove_stale_temps, write_folder, write_zip
 from engine.synthetic import make_tile
-from engine.train import read_status
+from engine.run_status import read_status
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 600  # seconds; generous for a loaded CI machine

@@ -21,7 +21,8 @@ DOC = ROOT / "docs" / "architecture.md"
 FENCE = "```mermaid\n"
 #: storage: the modules every other one may use, and which use no science module themselves
 STORAGE = {"errors": set(), "fileio": {"errors"}, "config": set(),
-           "checkpoint": {"config", "errors", "fileio"}, "runlock": {"errors", "fileio"}, "precision": set()}
+           "checkpoint": {"config", "errors", "fileio"}, "runlock": {"errors", "fileio"}, "precision": set(),
+           "run_status": {"fileio", "runlock"}}
 #: the layers of docs/architecture.md, bottom up: a module imports modules of its own layer or below
 LAYERS = (
     ("storage", set(STORAGE)),

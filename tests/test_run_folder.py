@@ -20,7 +20,8 @@ from engine.config import TrainConfig
 from engine.errors import TrainingError
 from engine.runlock import RunFolderBusy, host_name, lock_holder, process_start
 from engine.synthetic import make_tile
-from engine.train import Trainer, TrainingSet, budget_reached, read_status, write_status
+from engine.run_status import budget_reached, read_status, write_status
+from engine.train import Trainer, TrainingSet
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 600  # seconds; generous for a loaded CI machine

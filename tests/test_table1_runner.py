@@ -125,7 +125,7 @@ def test_runner_orders_skips_and_caches(tmp_path):
 def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
     """A training stopped early (STOP file, SIGTERM at a session's end) exports a model.json and exits 0, as one
     that ran its steps does; the runner must resume it, not hand the half-trained model to what depends on it."""
-    from engine.train import write_status
+    from engine.run_status import write_status
 
     runs = {name: tmp_path / name for name in ("stopped", "finished", "timed")}
     for name, run in runs.items():
@@ -138,7 +138,7 @@ def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
     log = tmp_path / "ran.txt"
 
     def train(name: str, status: dict) -> list[str]:  # a "training" that ends with the given status
-        return py(f"from engine.train import write_status; write_status({str(runs[name])!r}, {status!r}); "
+        return py(f"from engine.run_status import write_status; write_status({str(runs[name])!r}, {status!r}); "
                   f"open({str(log)!r}, 'a').write({name!r} + '\\n')")
 
     def job(name: str, status: dict) -> Job:
@@ -164,7 +164,7 @@ def test_a_training_of_other_settings_is_set_aside_and_one_of_another_budget_res
     from bench.table1_monuseg import changed_trainings, set_aside
     from engine.cli import build_parser as engine_parser
     from engine.cli import train_config
-    from engine.train import write_status
+    from engine.run_status import write_status
 
     def jobs(*extra: str) -> dict[str, Job]:
         args = build_parser().parse_args(["--work", str(tmp_path), "--augment", "10", "--diffusion-steps", "1000",

@@ -13,7 +13,8 @@ from engine.config import TrainConfig
 from engine.errors import CheckpointError, TrainingError
 from engine.synthetic import make_tile
 from engine.structure import instances_to_structure
-from engine.train import Trainer, TrainingSet, budget_reached, read_status
+from engine.run_status import budget_reached, read_status
+from engine.train import Trainer, TrainingSet
 
 
 @pytest.fixture(scope="module")
