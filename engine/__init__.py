@@ -20,7 +20,8 @@ Modules, one concept each (layers and import graph: docs/architecture.md):
     guidance    calibrating an image model's guidance scale w against real images
     curate      layout realism filter for sampled structures
     morphology  nucleus shape measures shared by curate and quality
-    export      writing curated pairs (zip / folder) and unpacking uploads safely
+    export      writing curated pairs (zip / folder) in the formats segmenters read
+    unzip       unpacking a user's zip safely (no path traversal, links or zip bombs)
     segment     lightweight HoVer-Net-style segmenter for the downstream benchmark
     evaluate    the downstream benchmark (the paper's Table 1)
     quality     alignment, morphology and appearance of a synthetic set against real data

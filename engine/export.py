@@ -1,4 +1,4 @@
-"""Writing curated synthetic pairs for downstream segmentation training, and unpacking uploads safely.
+"""Writing curated synthetic pairs for downstream segmentation training.
 
 A *pair* is ``(image, inst, meta)``: image (H, W, 3) uint8 RGB, inst (H, W) integer instance map
 (0 = background), meta a dict of provenance (seed, w, sampler, steps, checkpoint names and sha256,
@@ -26,35 +26,29 @@ written, so nucleus ``k`` is the same object in every format of a pair:
 
 All writers are atomic (engine.fileio.atomic_output): the archive (or folder) is built under a temporary
 name next to the target (``.<name>.<random>.tmp``) and renamed into place only when complete; on any
-error nothing is left behind. A writer holds a ``flock`` on its temporary while it works; one that was killed leaves its
-temporary unlocked, and the next write to the same target removes it first.
+error nothing is left behind. A writer holds a ``flock`` on its temporary while it works (engine.fileio.held_temp);
+one that was killed leaves its temporary unlocked, and the next write to the same target removes it first.
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import errno
 import io
 import json
 import os
-import stat
-import time
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, Iterable
 
 import cv2
 import numpy as np
 
 from engine.errors import DataError
-from engine.fileio import TEMP_NAME, atomic_output, discard, temp_beside
+from engine.fileio import atomic_output, held_temp
 from engine.structure import relabel
 
-__all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "safe_extract_zip", "nucleus_polygons",
-           "remove_stale_temps",
-           "MANIFEST_FIELDS", "MAX_EXTRACT_BYTES", "MAX_EXTRACT_FILES"]
+__all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "nucleus_polygons", "MANIFEST_FIELDS"]
 
 #: Columns of manifest.csv, in order.
 MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "width", "n_nuclei", "sampler",
@@ -64,12 +58,6 @@ MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "wid
 #: The columns copied from each pair's provenance (engine.conditioning.Provenance; "" where it has none).
 _FROM_META = tuple(k for k in MANIFEST_FIELDS if k not in ("id", "image", "label", "hovernet", "geojson", "height",
                                                           "width", "n_nuclei", "edited"))
-
-#: Default caps for :func:`safe_extract_zip` (total uncompressed bytes, number of entries).
-MAX_EXTRACT_BYTES = 2 * 1024 ** 3
-MAX_EXTRACT_FILES = 20000
-
-_JUNK = ("__MACOSX/",)
 
 
 @dataclass
@@ -259,82 +247,6 @@ def _manifest(pairs: list[ExportPair], *, hovernet: bool, geojson: bool) -> byte
     return buf.getvalue().encode()
 
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - not POSIX
-    fcntl = None  # type: ignore[assignment]
-
-_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
-STALE_UNLOCKABLE_S = 3600  # where there is no flock, a temporary this old is taken as a killed writer's
-
-
-def _flock(fd: int, *, wait: bool) -> bool | None:
-    """Exclusive flock on fd: True when taken, False when another holds it, None when unsupported."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        return True
-    except BlockingIOError:
-        return False
-    except OSError as e:
-        if e.errno in _NO_FLOCK:
-            return None
-        raise
-
-
-@contextlib.contextmanager
-def _held_temp(target: Path, *, folder: bool):
-    """A new temporary file (or folder) beside `target`, ``.<name>.<random>.tmp``, locked while in use so
-    that remove_stale_temps leaves it alone; stale temporaries of the same target are removed first."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    while True:
-        tmp = temp_beside(target, folder=folder)
-        fd = os.open(tmp, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
-        _flock(fd, wait=True)
-        try:  # another writer's clean-up may have taken it between creation and lock: make another
-            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)
-    try:
-        yield tmp
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries that killed writers of `target` left beside it (``.<name>.<random>.tmp``
-    files or folders nobody holds locked); returns them. Those of a live writer are left alone."""
-    target = Path(target)
-    removed = []
-    try:
-        names = [p for p in target.parent.iterdir() if (m := TEMP_NAME.match(p.name)) and m["target"] == target.name]
-    except OSError:
-        return removed
-    for p in names:
-        if p.is_symlink() or not (p.is_file() or p.is_dir()):
-            continue
-        try:
-            fd = os.open(p, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if p.is_dir() else 0))
-        except OSError:
-            continue
-        try:
-            got = _flock(fd, wait=False)
-            if got is None:  # no flock here: only what is surely abandoned
-                got = time.time() - os.fstat(fd).st_mtime > STALE_UNLOCKABLE_S
-            if got:
-                discard(p)
-                removed.append(p)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-    return removed
-
-
 def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bool = True, coco: bool = True,
               geojson: bool = True, prefix: str = "pair") -> Path:
     """Write pairs as one zip (see the module docstring for its layout); returns its path.
@@ -344,7 +256,7 @@ def write_zip(pairs: Iterable[Any], zip_path: str | os.PathLike, *, hovernet: bo
     """
     zip_path = Path(zip_path)
     items = as_pairs(pairs, prefix)
-    with _held_temp(zip_path, folder=False) as tmp:
+    with held_temp(zip_path, folder=False) as tmp:
         _write_zip(items, zip_path, tmp, hovernet=hovernet, coco=coco, geojson=geojson)
     return zip_path
 
@@ -377,7 +289,7 @@ def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str
     items = as_pairs(pairs, prefix)
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise DataError(f"output folder {folder} already exists and is not empty")
-    with _held_temp(folder, folder=True) as tmp, atomic_output(folder, temp=tmp):
+    with held_temp(folder, folder=True) as tmp, atomic_output(folder, temp=tmp):
         (tmp / "images").mkdir()
         (tmp / "labels").mkdir()
         for p in items:
@@ -388,83 +300,3 @@ def write_folder(pairs: Iterable[Any], folder: str | os.PathLike, *, prefix: str
 
 
 # ----------------------------------------------------------------------------- safe unzip
-
-
-def _check_member(info: zipfile.ZipInfo, zip_name: str) -> PurePosixPath | None:
-    """Relative path to extract a member to, None to skip it; DataError if it is unsafe."""
-    name = info.filename
-    if any(name.startswith(j) for j in _JUNK) or PurePosixPath(name).name in (".DS_Store", "Thumbs.db"):
-        return None
-    mode = (info.external_attr >> 16) & 0xFFFF
-    if stat.S_ISLNK(mode):
-        raise DataError(f"{zip_name}: refusing to extract symbolic link {name!r}")
-    if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-        raise DataError(f"{zip_name}: refusing to extract special file {name!r}")
-    norm = name.replace("\\", "/")
-    if norm.startswith("/") or (len(norm) > 1 and norm[1] == ":"):
-        raise DataError(f"{zip_name}: refusing absolute path {name!r} in the archive")
-    parts = PurePosixPath(norm).parts
-    if any(part == ".." for part in parts):
-        raise DataError(f"{zip_name}: refusing path {name!r} that leaves the extraction folder")
-    if "\x00" in norm:
-        raise DataError(f"{zip_name}: refusing member name with a NUL byte")
-    parts = tuple(p for p in parts if p not in ("", "."))
-    if not parts:
-        return None
-    return PurePosixPath(*parts)
-
-
-def safe_extract_zip(zip_path: str | os.PathLike, dest: str | os.PathLike, *,
-                     max_bytes: int = MAX_EXTRACT_BYTES, max_files: int = MAX_EXTRACT_FILES) -> Path:
-    """Extract a user-supplied zip into ``dest`` (which must not exist or be empty); returns ``dest``.
-
-    Rejects, with a DataError and nothing extracted: corrupt archives, absolute paths, ``..``
-    components, symbolic links and special files, more than ``max_files`` entries, and more than
-    ``max_bytes`` uncompressed in total (checked against the declared sizes and again while
-    decompressing, so a lying header cannot be used as a zip bomb). macOS ``__MACOSX/`` and
-    ``.DS_Store`` entries are skipped.
-    """
-    zip_path, dest = Path(zip_path), Path(dest)
-    name = zip_path.name
-    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise DataError(f"extraction folder {dest} already exists and is not empty")
-    try:
-        zf = zipfile.ZipFile(zip_path)
-    except FileNotFoundError:
-        raise DataError(f"zip file not found: {zip_path}") from None
-    except (zipfile.BadZipFile, OSError, ValueError) as e:
-        raise DataError(f"{name} is not a readable zip file ({e})") from None
-    with _held_temp(dest, folder=True) as tmp:
-        _extract(zf, name, dest, tmp, max_bytes=max_bytes, max_files=max_files)
-    return dest
-
-
-def _extract(zf: zipfile.ZipFile, name: str, dest: Path, tmp: Path, *, max_bytes: int, max_files: int) -> None:
-    try:
-        with atomic_output(dest, temp=tmp), zf:
-            infos = zf.infolist()
-            if len(infos) > max_files:
-                raise DataError(f"{name} holds {len(infos)} entries; at most {max_files} are accepted")
-            plan = [(info, rel) for info in infos if (rel := _check_member(info, name)) is not None]
-            declared = sum(info.file_size for info, _ in plan)
-            if declared > max_bytes:
-                raise DataError(f"{name} would unpack to {declared / 1e6:.0f} MB; at most "
-                                f"{max_bytes / 1e6:.0f} MB are accepted")
-            total = 0
-            for info, rel in plan:
-                target = tmp.joinpath(*rel.parts)
-                if info.is_dir():
-                    target.mkdir(parents=True, exist_ok=True)
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "wb") as out:
-                    while chunk := src.read(1 << 20):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise DataError(f"{name} unpacks to more than {max_bytes / 1e6:.0f} MB; "
-                                            "refusing (possible zip bomb)")
-                        out.write(chunk)
-    except DataError:
-        raise  # (atomic_output has removed the temporary folder)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError, RuntimeError, NotImplementedError) as e:
-        raise DataError(f"{name} could not be unpacked: {e}") from None

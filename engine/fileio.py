@@ -6,26 +6,31 @@ Atomic output: a file (or folder) is written under a temporary name in the same 
 its real name only when complete (``os.replace``; files are fsynced first), so a reader sees the old
 version or the new one, never half of one. The temporary is ``.<name>.<random>.tmp`` (:data:`TEMP_NAME`)
 unless a caller names its own; a killed writer leaves it behind, and the clean-ups that remove such
-leftovers (engine.runlock.clean_temp_files, engine.export.remove_stale_temps) recognise it by that name.
+leftovers (engine.runlock.clean_temp_files, :func:`remove_stale_temps`) recognise it by that name. A writer
+that may race others for one target (an export, an upload's unpacking) takes its temporary with
+:func:`held_temp`, which holds a ``flock`` on it while in use.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from engine.errors import CheckpointError, NuDiffError
 
-__all__ = ["TEMP_NAME", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes", "file_sha256",
-           "read_json_record", "is_whole_number", "check_format", "resolve_device", "safetensors_paths"]
+__all__ = ["TEMP_NAME", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes", "held_temp",
+           "remove_stale_temps", "file_sha256", "read_json_record", "is_whole_number", "check_format", "resolve_device",
+           "safetensors_paths"]
 
 #: Name of the temporary file a write of ``<target>`` goes through (made by :func:`temp_beside`):
 #: ``.<target>.<random>.tmp``.
@@ -91,6 +96,82 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write data to path via a temporary file in the same folder, fsync and an atomic rename."""
     with atomic_output(path) as tmp:
         tmp.write_bytes(data)
+
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX
+    fcntl = None  # type: ignore[assignment]
+
+_NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+STALE_UNLOCKABLE_S = 3600  # where there is no flock, a temporary this old is taken as a killed writer's
+
+
+def _flock(fd: int, *, wait: bool) -> bool | None:
+    """Exclusive flock on fd: True when taken, False when another holds it, None when unsupported."""
+    if fcntl is None:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        return True
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in _NO_FLOCK:
+            return None
+        raise
+
+
+@contextlib.contextmanager
+def held_temp(target: Path, *, folder: bool):
+    """A new temporary file (or folder) beside `target`, ``.<name>.<random>.tmp``, locked while in use so
+    that remove_stale_temps leaves it alone; stale temporaries of the same target are removed first."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(target)
+    while True:
+        tmp = temp_beside(target, folder=folder)
+        fd = os.open(tmp, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if folder else 0))
+        _flock(fd, wait=True)
+        try:  # another writer's clean-up may have taken it between creation and lock: make another
+            if os.path.samestat(os.fstat(fd), os.stat(tmp)):
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield tmp
+    finally:
+        os.close(fd)
+
+
+def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that killed writers of `target` left beside it (``.<name>.<random>.tmp``
+    files or folders nobody holds locked); returns them. Those of a live writer are left alone."""
+    target = Path(target)
+    removed = []
+    try:
+        names = [p for p in target.parent.iterdir() if (m := TEMP_NAME.match(p.name)) and m["target"] == target.name]
+    except OSError:
+        return removed
+    for p in names:
+        if p.is_symlink() or not (p.is_file() or p.is_dir()):
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if p.is_dir() else 0))
+        except OSError:
+            continue
+        try:
+            got = _flock(fd, wait=False)
+            if got is None:  # no flock here: only what is surely abandoned
+                got = time.time() - os.fstat(fd).st_mtime > STALE_UNLOCKABLE_S
+            if got:
+                discard(p)
+                removed.append(p)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+    return removed
 
 
 def safetensors_paths(path: str | os.PathLike) -> tuple[Path, Path]:

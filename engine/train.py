@@ -10,8 +10,8 @@ A run lives in one folder:
                                          structure runs: one per preview, layout statistics vs the data
     previews/step_0000500.png, latest.png   samples from the EMA model every `preview_every` steps
     status.json                          state (running/finished/stopped/failed/interrupted), step, total,
-                                         message (engine.run_status); read_status says "interrupted" for a running state whose
-                                         process is gone (killed)
+                                         message (engine.run_status); read_status says "interrupted" for a
+                                         running state whose process is gone (killed)
     lock.json                            held by the training process (engine.runlock): a second trainer on
                                          the folder is refused; a killed one's lock is taken over
     STOP                                 create this file to ask a running job to save and stop

@@ -174,7 +174,7 @@ class TrainHandlers:
         is no usable dataset is not kept)."""
         import shutil
 
-        from engine.export import safe_extract_zip
+        from engine.unzip import safe_extract_zip
 
         if not file:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip()

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from engine.checkpoint import load_checkpoint
-from engine.export import remove_stale_temps, write_folder, write_zip
+from engine.export import write_folder, write_zip
+from engine.fileio import remove_stale_temps
 from engine.synthetic import make_tile
 from engine.run_status import read_status
 

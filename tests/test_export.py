@@ -17,7 +17,8 @@ import tifffile
 
 from engine.data import load_folder
 from engine.errors import DataError
-from engine.export import safe_extract_zip, write_folder, write_zip
+from engine.export import write_folder, write_zip
+from engine.unzip import safe_extract_zip
 from engine.synthetic import make_tile
 
 

@@ -22,7 +22,7 @@ FENCE = "```mermaid\n"
 #: storage: the modules every other one may use, and which use no science module themselves
 STORAGE = {"errors": set(), "fileio": {"errors"}, "config": set(),
            "checkpoint": {"config", "errors", "fileio"}, "runlock": {"errors", "fileio"}, "precision": set(),
-           "run_status": {"fileio", "runlock"}}
+           "run_status": {"fileio", "runlock"}, "unzip": {"errors", "fileio"}}
 #: the layers of docs/architecture.md, bottom up: a module imports modules of its own layer or below
 LAYERS = (
     ("storage", set(STORAGE)),
