@@ -13,6 +13,7 @@ Modules, one concept each (layers and import graph: docs/architecture.md):
     unet        U-Net with timestep embedding, attention and SPADE-conditioned decoder
     diffusion   noise schedule, training loss, guided noise prediction
     samplers    DDPM / DDIM / DPM-Solver++ sampling loops
+    colour_prior  training tiles' mean colours for the first sampling steps, which the model cannot see
     checkpoint  safetensors + JSON checkpoints and their records
     train       training loops with EMA, resume, multi-process (accelerate)
     run_status  a training run's status.json: read, written, whether it ended on its budget

@@ -119,12 +119,14 @@ def pad_condition(cond: np.ndarray, padded: tuple[int, int]) -> np.ndarray:
 def sample_canvas(model: torch.nn.Module, plan: CanvasPlan, *, channels: int, seed: int, sampler: str, steps: int,
                   diffusion: DiffusionConfig, cond: np.ndarray | None = None, w: float = 0.0,
                   progress: Callable[[], None] | None = None,
-                  cancel: Callable[[], bool] | None = None, autocast: bool = True) -> np.ndarray:
+                  cancel: Callable[[], bool] | None = None, autocast: bool = True,
+                  colour_target: torch.Tensor | None = None) -> np.ndarray:
     """Sample one canvas -> (height, width, channels) float32 in [-1, 1].
 
     cond: (height, width, 3) structure for an image model (guided with scale w), None for a structure
     model. progress() is called once per unit of plan.units_per_step() per step; cancel() is polled
-    before every window batch. autocast: bf16 where it is fast (engine.samplers.sample).
+    before every window batch. autocast: bf16 where it is fast (engine.samplers.sample). colour_target: (3,)
+    mean colour for the canvas while it is unobservable (engine.colour_prior), or None.
     """
     dev = next(model.parameters()).device
     ph, pw = plan.padded
@@ -141,5 +143,6 @@ def sample_canvas(model: torch.nn.Module, plan: CanvasPlan, *, channels: int, se
         step_cb = lambda i, n: progress()  # noqa: E731
     x = sample(model, (1, channels, ph, pw), sampler=sampler, steps=steps, seeds=[int(seed)], cond=c, w=float(w),
                diffusion=diffusion, progress=step_cb, cancel=cancel, denoiser=denoiser, autocast=autocast,
-               cache_bytes=plan.memory.cache_bytes)
+               cache_bytes=plan.memory.cache_bytes,
+               colour_targets=None if colour_target is None else colour_target[None])
     return x[0, :, :plan.height, :plan.width].permute(1, 2, 0).float().cpu().numpy()

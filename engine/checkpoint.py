@@ -220,7 +220,8 @@ def load_checkpoint(path: str | os.PathLike, *, kind: str | None = None, verify:
 
 def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bool = True,
                      extra: dict[str, Any] | None = None,
-                     reference: torch.Tensor | np.ndarray | None = None) -> Path:
+                     reference: torch.Tensor | np.ndarray | None = None,
+                     colours: torch.Tensor | np.ndarray | None = None) -> Path:
     """Write the EMA weights of a training (or inference) checkpoint as a small inference checkpoint
     (fp16 if half). Tensors ``reference.*`` (a structure model's layout reference, engine.curate) are
     copied as they are.
@@ -229,10 +230,14 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bo
     reference: layout reference to store as ``reference.layout`` (structure models only), replacing any
     copied one: (N, 5) float32 layout features, e.g. engine.curate.reference_from_folder of a folder of
     real labeled images at the model's :func:`sample_size`.
+    colours: an image model's colour prior to store as ``reference.colour``: (K, 3) float32 mean colours of
+    training tiles in [-1, 1] (engine.colour_prior.tile_mean_colours).
     """
     ck = load_checkpoint(src)
     if reference is not None and ck.kind != "structure":
         raise CheckpointError("a layout reference applies to structure models only")
+    if colours is not None and ck.kind != "image":
+        raise CheckpointError("a colour prior applies to image models only")
     if isinstance(reference, (str, os.PathLike)):
         raise TypeError("reference must be an array of layout features (engine.curate.reference_from_folder "
                         "makes one of a folder)")
@@ -242,6 +247,8 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bo
     tensors.update({k: v for k, v in ck.tensors.items() if k.startswith("reference.")})
     if reference is not None:
         tensors["reference.layout"] = torch.as_tensor(reference, dtype=torch.float32)
+    if colours is not None:
+        tensors["reference.colour"] = torch.as_tensor(colours, dtype=torch.float32)
     keep = {k: v for k, v in ck.record.items()
             if k not in ("format", "kind", "contents", "engine_version", "created", "step", "model",
                          "diffusion", "weights_file", "weights_sha256")}

@@ -237,6 +237,34 @@ def _add_curation_args(p: argparse.ArgumentParser) -> None:
                         "(watershed fragments of sampled structures; 0 = off, the paper's watershed; 0.2 removes most)")
 
 
+def _folder_colours(folder: str, size: int) -> "np.ndarray":
+    """Mean colours of the size px tiles of the images in folder (or folder/images): engine.colour_prior."""
+    from engine.colour_prior import tile_mean_colours
+    from engine.data import IMAGE_EXTENSIONS, read_image
+
+    root = Path(folder)
+    if (root / "images").is_dir():
+        root = root / "images"
+    if not root.is_dir():
+        raise NuDiffError(f"colour prior: folder not found: {folder}")
+    files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
+    if not files:
+        raise NuDiffError(f"colour prior: no images in {root}")
+    return tile_mean_colours([read_image(f) for f in files], size)
+
+
+def _colour_prior(source: str | None, model) -> "np.ndarray | None":
+    """--colour-prior: None (off), 'model' (the image model's stored colours) or a folder of real images."""
+    if not source:
+        return None
+    if source == "model":
+        if model.colour_reference is None:
+            raise NuDiffError(f"{model.path.name} stores no training colours: export it with export-model "
+                              "--reference DIR, or give --colour-prior DIR")
+        return model.colour_reference
+    return _folder_colours(source, model.image_size)
+
+
 def _reference(args: argparse.Namespace, model) -> "np.ndarray | None":
     """Layout reference from --reference DIR at the sampling size, or None (use the model's)."""
     if not getattr(args, "reference", None):
@@ -288,6 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w", type=_w_arg, default=None, help=W_HELP)
     p.add_argument("--variants", type=_int_at_least(1), default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
+    p.add_argument("--colour-prior", default=None, metavar="SOURCE",
+                   help="give each image, while the model cannot see it, the mean colour of a training tile drawn "
+                        "by its seed: 'model' (the colours stored with the image model by export-model "
+                        "--reference) or a folder of real images (DIR or DIR/images); default: the model's own "
+                        "guess (engine.colour_prior)")
     _add_sampling_args(p)
     _add_canvas_args(p)
 
@@ -312,8 +345,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="extra record field, e.g. --meta license='CC BY-NC-SA 4.0' (repeatable)")
     p.add_argument("--reference", default=None, metavar="DIR",
                    help="real labeled images (the training data). Structure model: store their layout reference "
-                        "for the realism filter (generate --oversample). Image model: calibrate its guidance w "
-                        "against them (as calibrate-w with its defaults)")
+                        "for the realism filter (generate --oversample). Image model: store their tiles' mean "
+                        "colours (synthesize --colour-prior model) and calibrate its guidance w against them (as "
+                        "calibrate-w with its defaults)")
 
     p = sub.add_parser("calibrate-w", help="measure the guidance scale w at which an image model's nuclei stand out "
                                            "as much as real ones, and store it in the model's record")
@@ -759,10 +793,13 @@ def _run(args: argparse.Namespace) -> int:
 
         record = read_record(args.src)[1] if args.reference else {}
         image = args.reference and record["kind"] == "image"
-        reference = None
+        reference = colours = None
         if args.reference and not image:  # a structure model's layout reference: real tiles of its sampling size
             reference = reference_from_folder(args.reference, args.sample_size or sample_size(record))
-        path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference)
+        if image:  # an image model's colour prior: the mean colours of real tiles of its sampling size
+            colours = _folder_colours(args.reference, args.sample_size or sample_size(record))
+        path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference,
+                                colours=colours)
         print(path)
         if image:
             _calibrate(path, args.reference)
@@ -819,16 +856,17 @@ def _run(args: argparse.Namespace) -> int:
         conds = [load_condition(f, i) for f, i in zip(files, insts)]  # the sampled structure where there is one
         steps = pipeline.sampler_steps(args.sampler, args.steps)
         bar, cb = _progress_bar("images")
+        colours = _colour_prior(args.colour_prior, model)
         images = pipeline.synthesize(model, conds, w=w, sampler=args.sampler, steps=steps, seed=args.seed,
                                      variants=args.variants, batch_size=args.batch_size, progress=cb,
-                                     tiling=_tiling(args))
+                                     tiling=_tiling(args), colour_prior=colours)
         bar.close()
         pairs = []
         for k, img in enumerate(images):
             j, v = divmod(k, args.variants)
             prov = Provenance.of(conds[j], image_checkpoint=model.path.name, image_sha256=model.sha256,
                                  seed=args.seed + k, w=w, sampler=args.sampler, steps=steps, variant=v,
-                                 precision=model.precision,
+                                 precision=model.precision, colour_prior=args.colour_prior or "",
                                  **plans[j].meta())
             pairs.append(pipeline.Pair(img, conds[j].inst, prov.to_dict()))
         _save_pairs(pairs, args.out)

@@ -16,6 +16,7 @@ import torch
 
 from engine.canvas import CanvasPlan, plan_canvas, sample_canvas
 from engine.checkpoint import load_checkpoint, recommended_w
+from engine.colour_prior import COLOUR_KEY, colour_targets
 from engine.conditioning import Condition, Provenance
 from engine.config import PAPER_W, DiffusionConfig, UNetConfig
 from engine.curate import CURATE_MODES, REFERENCE_KEY, curate, layout_features
@@ -50,6 +51,7 @@ class LoadedModel:
     layout_reference: np.ndarray | None = None  # (N, 5) float32 engine.curate features of the training tiles
     recommended_w: float | None = None  # image models: calibrated guidance scale (engine.guidance), if any
     autocast: bool = True  # bf16 autocast where it is fast (engine.precision.bf16_is_fast); False: fp32
+    colour_reference: np.ndarray | None = None  # image models: (K, 3) training tiles' mean colours (colour_prior)
 
     @property
     def image_size(self) -> int:
@@ -89,10 +91,11 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
         raise CheckpointError(f"{ck.path}: weights do not fit its model config ({str(e).splitlines()[0]})") from None
     dev = resolve_device(device)
     model.to(dev).eval().requires_grad_(False)
-    ref = ck.tensors.get(REFERENCE_KEY)
+    ref, colours = ck.tensors.get(REFERENCE_KEY), ck.tensors.get(COLOUR_KEY)
     return LoadedModel(ck.kind, model, ck.model_config, ck.diffusion_config, ck.path, ck.sha256, ck.step,
                        ck.record.get("sample_size"), None if ref is None else ref.float().numpy(),
-                       recommended_w(ck.record), precision == "auto")
+                       recommended_w(ck.record), precision == "auto",
+                       None if colours is None else colours.float().numpy())
 
 
 @dataclass
@@ -312,6 +315,7 @@ def synthesize(
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     tiling: TilingOptions | None = None,
+    colour_prior: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Images for the given structures with classifier-free guidance scale w.
 
@@ -327,7 +331,10 @@ def synthesize(
     are fused at every step (engine.tiling; ``tiling`` sets tile, overlap, window batch and the memory
     budget, checked before any work: MemoryBudgetError when it cannot fit). Other shapes are padded with
     background to a size the U-Net takes and cropped back. progress counts steps (window batches x steps
-    for a tiled canvas).
+    for a tiled canvas). colour_prior: (K, 3) mean colours of training tiles in [-1, 1]
+    (engine.colour_prior.tile_mean_colours; a model's own is ``model.colour_reference``): each image's mean
+    colour, which the model cannot see at the first steps, is then that of one of them, drawn by its seed.
+    None: the model's own guess, as trained.
     """
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
@@ -348,14 +355,19 @@ def synthesize(
     def job_seed(j: int, v: int) -> int:
         return (seed + j * variants if seeds is None else int(seeds[j])) + v
 
+    def targets(job_seeds: list[int]) -> torch.Tensor | None:
+        return None if colour_prior is None else colour_targets(colour_prior, job_seeds).to(model.device)
+
     p0 = plans[0]
     if any(p.tiled or p.padded != (p.height, p.width) or p.padded != p0.padded for p in plans):
         counter = _StepCounter(progress, steps * sum(plans[j].units_per_step() for j, _ in jobs))
         images: list[np.ndarray] = []
         for j, v in jobs:
+            target = targets([job_seed(j, v)])
             x = sample_canvas(model.model, plans[j], channels=3, seed=job_seed(j, v), sampler=sampler, steps=steps,
                               diffusion=model.diffusion, cond=conds[j], w=float(w), progress=counter.tick,
-                              cancel=cancel, autocast=model.autocast)
+                              cancel=cancel, autocast=model.autocast,
+                              colour_target=None if target is None else target[0])
             images.append(((x + 1) * 127.5).round().clip(0, 255).astype(np.uint8))
         return images
     size = p0.height
@@ -370,7 +382,8 @@ def synthesize(
         chunk_seeds = [job_seed(j, v) for j, v in chunk]
         x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
-                   cancel=cancel, autocast=model.autocast, cache_bytes=mem.cache_bytes)
+                   cancel=cancel, autocast=model.autocast, cache_bytes=mem.cache_bytes,
+                   colour_targets=targets(chunk_seeds))
         arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
         images.extend(a.astype(np.uint8) for a in arr)
     return images

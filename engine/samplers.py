@@ -22,6 +22,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
+from engine.colour_prior import correct_eps
 from engine.config import DiffusionConfig
 from engine.diffusion import guided_eps, prepare_condition, scheduler_settings
 from engine.errors import NuDiffError
@@ -112,6 +113,7 @@ def sample(
     autocast: bool = True,
     denoiser: Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None, float], torch.Tensor] | None = None,
     cache_bytes: int = CONDITION_CACHE_BYTES,
+    colour_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Draw a batch from the reverse process.
 
@@ -124,6 +126,8 @@ def sample(
     sampler's own arithmetic stays fp32. False: fp32 throughout. cache_bytes: memory for the condition's
     SPADE modulation, computed at the first step and reused (engine.unet.ConditionMaps; the same samples,
     faster; 0 = recompute at every step), for the default denoiser; a TiledDenoiser has its own.
+    colour_targets: (B, 3) mean colours in [-1, 1] that each sample's x0 is given while its mean colour is
+    unobservable (engine.colour_prior; None: the model's own guess, as trained).
     Returns (B, C, H, W) float32 clipped to [-1, 1].
     """
     spec = sampler_spec(sampler)
@@ -153,6 +157,8 @@ def sample(
         tt = torch.full((b,), int(t), device=device, dtype=torch.long)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             eps = (guided_eps(model, x, tt, model_cond, w) if denoiser is None else denoiser(x, tt, cond, w)).float()
+        if colour_targets is not None:
+            eps = correct_eps(eps, x, float(sched.alphas_cumprod[int(t)]), colour_targets)
         if spec.noise == "variance_noise":  # per-sample noise, from each sample's own generator
             step_args["variance_noise"] = _batched_noise(shape, gens, device, torch.float32)
         elif spec.noise == "generators":

@@ -27,6 +27,7 @@ STORAGE = {"errors": set(), "fileio": {"errors"}, "config": set(),
 LAYERS = (
     ("storage", set(STORAGE)),
     ("science", {"metrics", "structure", "morphology", "features", "geojson", "data", "inspection", "subset",
+                 "colour_prior",
                  "synthetic", "render", "unet",
                  "diffusion", "samplers", "tiling", "memory", "canvas", "curate", "quality", "segment", "evaluate",
                  "export", "two_sample", "copying", "conditioning"}),
