@@ -20,8 +20,10 @@ only rescores. Usage (the demo models today, held-out test images)::
     python bench/realism.py --name r21 --structure S.json --image I.json --role validation --w 0.5 --w 1
     python bench/realism.py --name demo --w 2 --oversample 4      # layouts through the realism filter
     python bench/realism.py --name demo --w 0.75 --real-layouts   # images on real layouts: the image model alone
+    python bench/realism.py --name demo --w 0.75 --real-layouts --colour-prior   # mean colours of train tiles
 
-Prints one markdown table and writes WORK/NAME/realism-ROLE.json (realism-ROLE-kK.json with --oversample).
+Prints one markdown table and writes WORK/NAME/realism-ROLE.json (realism-ROLE-kK.json with --oversample,
+-cp with --colour-prior).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from engine.colour_prior import tile_mean_colours  # noqa: E402
 from engine.copying import copy_check, training_tiles  # noqa: E402
 from engine.data import read_image, read_label  # noqa: E402
 from engine.quality import quality_report, real_tiles  # noqa: E402
@@ -64,9 +67,10 @@ def load_role(data: Path, stems):
     return images, labels
 
 
-def synthetic_set(args, w: float, cache: Path, real_labels=None):
+def synthetic_set(args, w: float, cache: Path, real_labels=None, colours=None):
     """(images, insts) of n synthetic tiles at w, cached. real_labels: with --real-layouts, the real tiles'
-    instance maps to draw the n layouts from (seeded), instead of sampling them."""
+    instance maps to draw the n layouts from (seeded), instead of sampling them. colours: the
+    --colour-prior's (K, 3) training tile colours (engine.colour_prior), or None."""
     import torch
 
     from engine.pipeline import load_model, sample_structures, synthesize
@@ -90,13 +94,14 @@ def synthetic_set(args, w: float, cache: Path, real_labels=None):
         structures = [s.structure for s in samples]
         insts = [s.inst for s in samples]
         np.savez_compressed(f_struct, structures=np.stack(structures), insts=np.stack(insts))
-    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}.npz"
+    cp = "-cp" if colours is not None else ""
+    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}{cp}.npz"
     if f_img.exists():
         images = list(np.load(f_img)["images"])
     else:
         im = load_model(args.image, kind="image")
         t = time.time()
-        images = synthesize(im, structures, w=w, steps=args.steps, seed=args.seed)
+        images = synthesize(im, structures, w=w, steps=args.steps, seed=args.seed, colour_prior=colours)
         print(f"  images: {args.n} x {args.size} px at w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
         np.savez_compressed(f_img, images=np.stack(images))
     return images, insts
@@ -147,6 +152,9 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=TwoSampleConfig.epochs,
                     help="two-sample classifier epochs (its fixed recipe's; fewer only for quick checks: figures "
                          "made with other epochs are not comparable)")
+    ap.add_argument("--colour-prior", action="store_true",
+                    help="give each image the mean colour of a tile of the split's train images while the model "
+                         "cannot see it (engine.colour_prior)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
     args = ap.parse_args(argv)
@@ -180,8 +188,10 @@ def main(argv=None):
                "oversample": args.oversample, "real_layouts": args.real_layouts,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
+    colours = tile_mean_colours(t_img, args.size) if args.colour_prior else None
+    results["colour_prior"] = bool(args.colour_prior)
     for w in ws:
-        s_img, s_lab = synthetic_set(args, w, cache, real256_labels)
+        s_img, s_lab = synthetic_set(args, w, cache, real256_labels, colours)
         q_img, q_lab = grid_tiles(s_img, s_lab, args.size // 2)  # the quadrants of each tile
         t = time.time()
         row = {"two_sample_256": two_sample_test(real256, s_img, cfg).to_dict(),
@@ -201,7 +211,7 @@ def main(argv=None):
             row[f"copying_{size}"] = copy_check(tiles, tt, boxes, size=size).to_dict()
         print(f"  scored w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
         results["by_w"][f"{w:g}"] = row
-    out = cache / f"realism-{args.role}{filter_suffix(args)}.json"
+    out = cache / f"realism-{args.role}{filter_suffix(args)}{'-cp' if args.colour_prior else ''}.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
     if prev.get("by_w") and prev.get("classifier") == results["classifier"]:  # rows of one recipe only
         results["by_w"] = {**prev["by_w"], **results["by_w"]}
