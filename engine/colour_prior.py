@@ -30,7 +30,7 @@ import torch
 __all__ = ["COLOUR_KEY", "SNR_MAX", "MAX_COLOURS", "tile_mean_colours", "colour_targets", "correct_eps"]
 
 COLOUR_KEY = "reference.colour"  # checkpoint tensor: (K, 3) float32 mean RGB of training tiles in [-1, 1]
-#: t >= ~560 of the linear 1000-step schedule (DDIM 20: the first 9 steps). A 128 px tile's mean colour
+#: t >= 590 of the linear 1000-step schedule (DDIM 20: the first 9 steps). A 128 px tile's mean colour
 #: becomes observable in x_t near SNR 1.5e-3 (1 / (128 ** 2 * 0.2 ** 2), 0.2 the spread of training tiles'
 #: mean colours), but a model trained on the eps loss only follows it later: on the demo image model the
 #: images' mean brightness with SNR_MAX 3e-2 is within 0.3 L* of correcting at every step down to SNR 3,
