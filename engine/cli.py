@@ -223,6 +223,14 @@ def _model_w(args: argparse.Namespace, model) -> float:
     return w
 
 
+def _add_colour_prior_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--colour-prior", default=None, metavar="SOURCE",
+                   help="give each image, while the model cannot see it, the mean colour of a training tile drawn "
+                        "by its seed: 'model' (the colours stored with the image model by export-model "
+                        "--reference) or a folder of real images (DIR or DIR/images); default: the model's own "
+                        "guess (engine.colour_prior)")
+
+
 def _add_curation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--oversample", type=float, default=1.0,
                    help="layout realism filter: sample this many times more structures and keep those whose "
@@ -316,11 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--w", type=_w_arg, default=None, help=W_HELP)
     p.add_argument("--variants", type=_int_at_least(1), default=1, help="images per label map")
     p.add_argument("--out", required=True, help="output folder: images/ + labels/ + manifest.csv")
-    p.add_argument("--colour-prior", default=None, metavar="SOURCE",
-                   help="give each image, while the model cannot see it, the mean colour of a training tile drawn "
-                        "by its seed: 'model' (the colours stored with the image model by export-model "
-                        "--reference) or a folder of real images (DIR or DIR/images); default: the model's own "
-                        "guess (engine.colour_prior)")
+    _add_colour_prior_arg(p)
     _add_sampling_args(p)
     _add_canvas_args(p)
 
@@ -332,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=_int_at_least(8), default=None,
                    help="side in px (default: the image model's); larger than the tile: fused overlapping windows")
     p.add_argument("--out", required=True, help="output folder (images/ + labels/ + manifest.csv), or a .zip")
+    _add_colour_prior_arg(p)
     _add_sampling_args(p)
     _add_curation_args(p)
     _add_canvas_args(p)
@@ -689,7 +694,9 @@ def _generate(args: argparse.Namespace) -> int:
     settings = pipeline.PairSettings(w=_model_w(args, imodel), sampler=args.sampler, steps=args.steps, seed=args.seed,
                                      batch_size=args.batch_size, size=args.size, oversample=args.oversample,
                                      filter_mode=args.filter_mode, merge_below=args.merge_fragments)
+    colours = _colour_prior(args.colour_prior, imodel)
     pairs = pipeline.generate_pairs(smodel, imodel, args.n, settings, reference=_reference(args, imodel),
+                                    colour_prior=colours, colour_source=args.colour_prior or "",
                                     shard=(state.process_index, state.num_processes), all_gather=all_gather,
                                     progress=cb, tiling=_tiling(args))
     bar.close()

@@ -429,6 +429,8 @@ def generate_pairs(
     settings: PairSettings | None = None,
     *,
     reference: np.ndarray | None = None,
+    colour_prior: np.ndarray | None = None,
+    colour_source: str = "",
     shard: tuple[int, int] = (0, 1),
     all_gather: Callable[[object], list] | None = None,
     progress: Progress | None = None,
@@ -440,8 +442,10 @@ def generate_pairs(
     Each image is conditioned on its structure as sampled (engine.conditioning.Condition), with the
     structure's seed, so ``sample-structures`` + ``synthesize`` and the studio give the same pair.
     ``settings``: :class:`PairSettings` (default: its defaults). ``reference``: real tiles' layout features
-    for the realism filter (default: the structure model's own). ``tiling``: engine.tiling.TilingOptions
-    (windows, memory budget, checked before any work).
+    for the realism filter (default: the structure model's own). ``colour_prior``: (K, 3) training tiles'
+    mean colours for the images (:func:`synthesize`; None: off), recorded in the provenance as
+    ``colour_source``. ``tiling``: engine.tiling.TilingOptions (windows, memory budget, checked before any
+    work).
 
     ``shard=(index, count)`` with ``all_gather`` (object -> list of every shard's object, e.g.
     torch.distributed.all_gather_object) splits the work over ``count`` processes: each samples a
@@ -492,13 +496,15 @@ def generate_pairs(
     conds = [s.condition(structure_model, structure_sampler=st.sampler, structure_steps=structure_steps)
              for s in structs]
     imgs = synthesize(image_model, conds, w=st.w, sampler=st.sampler, steps=steps, seeds=[s.seed for s in structs],
-                      batch_size=st.batch_size, progress=scaled(share, 1), cancel=cancel, tiling=tiling)
+                      batch_size=st.batch_size, progress=scaled(share, 1), cancel=cancel, tiling=tiling,
+                      colour_prior=colour_prior)
     pairs = []
     for s, cond, img in zip(structs, conds, imgs):
         prov = Provenance.of(cond, image_checkpoint=image_model.path.name, image_sha256=image_model.sha256,
                              seed=s.seed, w=st.w, sampler=st.sampler, steps=steps, precision=image_model.precision,
                              few_nuclei=s.n_nuclei < st.min_nuclei, oversample=float(st.oversample),
                              filter_mode=st.filter_mode if total > n else None, merge_below=float(st.merge_below),
+                             colour_prior=colour_source if colour_prior is not None else "",
                              **_tiling_meta(splan, iplan))
         pairs.append(Pair(img, s.inst, prov.to_dict()))
     return pairs

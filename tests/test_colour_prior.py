@@ -137,3 +137,27 @@ def test_cli_colour_prior_from_a_folder_or_the_exported_model(tiny_checkpoints, 
     rows = list(csv.DictReader(open(folder / "manifest.csv")))
     assert rows[0]["colour_prior"] == str(real)
     assert list(csv.DictReader(open(plain / "manifest.csv")))[0]["colour_prior"] == ""
+
+
+def test_generate_with_a_colour_prior_records_it(tiny_checkpoints, tmp_path):
+    import csv
+
+    from engine import cli
+    from engine.synthetic import write_folder
+
+    s_ckpt, i_ckpt = tiny_checkpoints
+    real = write_folder(tmp_path / "real", n_images=2, size=64, seed=3)
+    common = ["generate", "--structure-checkpoint", str(s_ckpt), "--image-checkpoint", str(i_ckpt), "--n", "2",
+              "--steps", "3", "--w", "1", "--seed", "5"]
+    assert cli.main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert cli.main([*common, "--colour-prior", str(real), "--out", str(tmp_path / "prior")]) == 0
+    plain = list(csv.DictReader(open(tmp_path / "plain" / "manifest.csv")))
+    prior = list(csv.DictReader(open(tmp_path / "prior" / "manifest.csv")))
+    assert [r["colour_prior"] for r in plain] == ["", ""] and [r["colour_prior"] for r in prior] == [str(real)] * 2
+    assert [r["label"] for r in plain] == [r["label"] for r in prior]  # the same layouts, other images
+    from PIL import Image
+
+    img = [np.asarray(Image.open(tmp_path / d / plain[0]["image"])) for d in ("plain", "prior")]
+    assert not np.array_equal(*img)
+    labels = [np.asarray(Image.open(tmp_path / d / plain[0]["label"])) for d in ("plain", "prior")]
+    assert np.array_equal(*labels)
