@@ -258,7 +258,7 @@ def _folder_colours(folder: str, size: int) -> "np.ndarray":
     files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
     if not files:
         raise NuDiffError(f"colour prior: no images in {root}")
-    return tile_mean_colours([read_image(f) for f in files], size)
+    return tile_mean_colours((read_image(f) for f in files), size)  # one image in memory at a time
 
 
 def _colour_prior(source: str | None, model) -> "np.ndarray | None":

@@ -22,7 +22,7 @@ tensor :data:`COLOUR_KEY` (``export-model --reference DIR``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -39,11 +39,11 @@ SNR_MAX = 3e-2
 MAX_COLOURS = 512
 
 
-def tile_mean_colours(images: Sequence[np.ndarray], size: int, stride: int | None = None,
+def tile_mean_colours(images: Iterable[np.ndarray], size: int, stride: int | None = None,
                       max_colours: int = MAX_COLOURS) -> np.ndarray:
     """Mean RGB of every size x size tile (stride default size / 2) of (H, W, 3) uint8 images ->
     (K, 3) float32 in [-1, 1], K <= max_colours (an even subsample, in a fixed order). An image smaller
-    than a tile counts as one tile."""
+    than a tile counts as one tile. Each image is read once, in order (a generator keeps one in memory)."""
     stride = int(stride or max(1, size // 2))
     out = []
     for image in images:

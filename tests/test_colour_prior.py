@@ -120,6 +120,11 @@ def test_cli_colour_prior_from_a_folder_or_the_exported_model(tiny_checkpoints, 
     assert code == 0
     code, _ = run("--checkpoint", str(image_ckpt), "--colour-prior", "model")
     assert code == 2 and "stores no training colours" in capsys.readouterr().err  # refused before any work
+    code, _ = run("--checkpoint", str(image_ckpt), "--colour-prior", str(tmp_path / "nowhere"))
+    assert code == 2 and "colour prior: folder not found" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    code, _ = run("--checkpoint", str(image_ckpt), "--colour-prior", str(tmp_path / "empty"))
+    assert code == 2 and "colour prior: no images in" in capsys.readouterr().err
     code, folder = run("--checkpoint", str(image_ckpt), "--colour-prior", str(real))
     assert code == 0
     # the same prior stored with the model by export-model --reference: the same images
