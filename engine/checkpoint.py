@@ -28,12 +28,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 import engine
 from engine.config import KINDS, PAPER_W, DiffusionConfig, UNetConfig
 from engine.errors import CheckpointError
-from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, file_sha256,
+from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, file_sha256, safetensors_bytes,
                            is_whole_number, read_json_record, safetensors_paths)
 
 FORMAT = 1
@@ -125,7 +125,7 @@ def save_checkpoint(
     weights.parent.mkdir(parents=True, exist_ok=True)
     flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_output(weights) as tmp:
-        save_file(flat, tmp, metadata={"format": str(FORMAT), "kind": kind})
+        Path(tmp).write_bytes(safetensors_bytes(flat, {"format": str(FORMAT), "kind": kind}))
         sha = file_sha256(tmp)
     record = {
         "format": FORMAT,

@@ -183,6 +183,24 @@ def safetensors_paths(path: str | os.PathLike) -> tuple[Path, Path]:
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
 
 
+def safetensors_bytes(tensors: dict[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)`` with the metadata in sorted key order, so that the same
+    tensors and metadata always give the same bytes (and sha256). The library writes its metadata in hash
+    order, which differs between processes; the header is rewritten at its own length (JSON, padded with
+    spaces as the format allows), tensors and offsets untouched."""
+    from safetensors.torch import save
+
+    blob = save(tensors, metadata=metadata)
+    n = int.from_bytes(blob[:8], "little")
+    header = json.loads(blob[8:8 + n])
+    if "__metadata__" in header:
+        header = {"__metadata__": dict(sorted(header.pop("__metadata__").items())), **header}
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    if len(text) > n:  # not expected (the same JSON, compact); the library's bytes are valid as they are
+        return blob
+    return blob[:8] + text + b" " * (n - len(text)) + blob[8 + n:]
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
     h = hashlib.sha256()

@@ -37,7 +37,8 @@ from torch import nn
 
 from engine.checkpoint import load_optimizer, optimizer_tensors
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
-from engine.fileio import atomic_write_bytes, check_format, read_json_record, resolve_device, safetensors_paths
+from engine.fileio import (atomic_write_bytes, check_format, read_json_record, resolve_device, safetensors_bytes,
+                           safetensors_paths)
 from engine.structure import dihedral, instances_to_structure, structure_to_instances
 
 __all__ = ["SegmenterConfig", "SegNet", "Segmenter", "train_segmenter", "snapshot_step", "as_image_label_pairs",
@@ -370,13 +371,11 @@ class Segmenter:
 
     def save(self, path: str | Path) -> Path:
         """Write ``<stem>.safetensors`` + ``<stem>.json`` atomically (JSON last); returns the JSON path."""
-        from safetensors.torch import save as st_save
-
         import engine
 
         weights, record_path = segmenter_paths(path)
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.net.state_dict().items()}
-        blob = st_save(tensors, metadata={"format": str(FORMAT), "kind": KIND})
+        blob = safetensors_bytes(tensors, {"format": str(FORMAT), "kind": KIND})
         atomic_write_bytes(weights, blob)
         record = {"format": FORMAT, "kind": KIND, "engine_version": engine.__version__,
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -572,8 +571,6 @@ def _save_snapshot(path: Path, key: str, step: int, seconds: float, losses: list
                    rng: np.random.Generator) -> None:
     """One file (atomic): tensors = weights, optimizer moments, torch's random state; metadata "state" =
     JSON of the step, seconds so far, loss history, optimizer groups, schedule and numpy generator state."""
-    from safetensors.torch import save as st_save
-
     tensors = {f"net.{k}": v.detach().to("cpu").contiguous() for k, v in net.state_dict().items()}
     optim, groups = optimizer_tensors(opt)
     tensors.update(optim)
@@ -582,7 +579,7 @@ def _save_snapshot(path: Path, key: str, step: int, seconds: float, losses: list
     state = {"key": key, "step": step, "seconds": seconds, "loss": losses, "param_groups": groups,
              "schedule": sched_state, "numpy": rng.bit_generator.state}
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, st_save(tensors, metadata={"kind": "segmenter-training", "state": json.dumps(state)}))
+    atomic_write_bytes(path, safetensors_bytes(tensors, {"kind": "segmenter-training", "state": json.dumps(state)}))
 
 
 def _snapshot_state(f: Any) -> Any:

@@ -62,7 +62,7 @@ def test_failed_write_leaves_previous_checkpoint(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ckmod, "save_file", boom)
+    monkeypatch.setattr(ckmod, "safetensors_bytes", boom)
     with pytest.raises(OSError):
         _save(tmp_path / "c")
     assert load_checkpoint(tmp_path / "c").sha256 == before

@@ -77,3 +77,23 @@ def test_record_checks(tmp_path):
 def test_resolve_device():
     assert resolve_device("cpu").type == "cpu"
     assert resolve_device("auto").type in ("cpu", "cuda")
+
+
+def test_the_same_tensors_and_metadata_give_the_same_safetensors_bytes_in_every_process(tmp_path):
+    """safetensors writes its metadata in hash order, which differs between processes, so a model trained
+    again to the same weights used to get another sha256 (bench/run_ledger.py compares them)."""
+    import subprocess
+    import sys
+
+    code = ("import hashlib, torch; from engine.fileio import safetensors_bytes; "
+            "b = safetensors_bytes({'w': torch.arange(6.0).reshape(2, 3), 'b': torch.ones(2)}, "
+            "{'kind': 'structure', 'format': '1', 'state': '{\"step\": 3}', 'extra': 'é'}); "
+            "print(hashlib.sha256(b).hexdigest()); open(__import__('sys').argv[1], 'wb').write(b)")
+    digests = {subprocess.run([sys.executable, "-c", code, str(tmp_path / f"{i}.safetensors")], check=True,
+                              capture_output=True, text=True).stdout.strip() for i in range(4)}
+    assert len(digests) == 1  # 4 keys: 24 orders, one in each of 4 processes by chance (1 in 13,824)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
+        assert f.metadata() == {"kind": "structure", "format": "1", "state": '{"step": 3}', "extra": "é"}
+        assert f.get_tensor("w").tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and f.get_tensor("b").tolist() == [1, 1]
