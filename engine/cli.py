@@ -387,6 +387,9 @@ def _add_benchmark_commands(sub) -> None:
     p.add_argument("--batch-size", type=_int_at_least(1), default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--repeats", type=int, default=1, help="trainings per fraction and arm (seeds seed+r)")
+    p.add_argument("--only-repeat", type=_int_at_least(0), default=None, metavar="R",
+                   help="run only repeat R (0-based) of --repeats, e.g. to split an arm's repeats over processes "
+                        "into one --out")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile-size", type=_int_at_least(1), default=256, help="tile size for subset selection (paper 256)")
     p.add_argument("--stride", type=_int_at_least(1), default=128, help="tile stride for subset selection (paper 128)")
@@ -451,7 +454,8 @@ def _run_benchmark_command(args: argparse.Namespace) -> int:
             raise NuDiffError("evaluate needs --real and --test (or --collect to tabulate finished runs)")
         if args.threads:
             torch.set_num_threads(args.threads)
-        config = ExperimentConfig(fractions=args.fractions, repeats=args.repeats, seed=args.seed, steps=args.steps,
+        config = ExperimentConfig(fractions=args.fractions, repeats=args.repeats, only_repeat=args.only_repeat,
+                                  seed=args.seed, steps=args.steps,
                                   size=args.size, batch_size=args.batch_size, lr=args.lr, tile_size=args.tile_size,
                                   stride=args.stride, device=args.device, synthetic_share=args.synthetic_share,
                                   pairs_per_repeat=args.pairs_per_repeat, augment=args.augment,

@@ -201,6 +201,9 @@ class ExperimentConfig:
     fractions: tuple[float, ...] = (0.1, 0.2, 0.5, 1.0)
     #: trainings per fraction and arm, with seeds ``seed + r``; the table reports mean and std
     repeats: int = 1
+    #: run only this repeat (0-based, < repeats) of each fraction and arm, so that one arm's repeats can be
+    #: split over processes into one output folder (its runs are the same as in a call that runs them all)
+    only_repeat: int | None = None
     #: subset selection (KMeans) seed and first training seed
     seed: int = 0
     #: segmenter training steps (both arms)
@@ -245,6 +248,8 @@ class ExperimentConfig:
             raise NuDiffError(f"synthetic_share must be in (0, 1), got {self.synthetic_share}")
         if self.repeats < 1:
             raise NuDiffError(f"repeats must be >= 1, got {self.repeats}")
+        if self.only_repeat is not None and not 0 <= self.only_repeat < self.repeats:
+            raise NuDiffError(f"only_repeat must be in 0..{self.repeats - 1}, got {self.only_repeat}")
         if self.augment not in AUGMENTS:
             raise NuDiffError(f"augment must be one of {', '.join(AUGMENTS)}, got {self.augment!r}")
         if self.pairs_per_repeat is not None and self.pairs_per_repeat < 1:
@@ -338,12 +343,13 @@ def _load_inputs(real: Any, synthetic: SyntheticSpec, test: Any, config: Experim
     say(f"real: {len(real_items)} images -> {len(tiles)} tiles of {config.tile_size} px; "
         f"test: {len(test_items)} images")
     inputs = _Inputs(synth_dirs, real_items, test_items, tiles)
-    need = config.repeats * (config.pairs_per_repeat or 0)
+    last = config.repeats if config.only_repeat is None else config.only_repeat + 1
+    need = last * (config.pairs_per_repeat or 0)
     if need and "augmented" in config.arms:
         for folder in dict.fromkeys(d for d in synth_dirs.values() if d is not None):
             have = len(_load_synthetic(folder, inputs.synth_cache))
             if have < need:
-                raise NuDiffError(f"{folder} has {have} synthetic pairs; {config.repeats} repeats of "
+                raise NuDiffError(f"{folder} has {have} synthetic pairs; {last} repeats of "
                                   f"{config.pairs_per_repeat} disjoint pairs need {need}")
     return inputs
 
@@ -360,7 +366,8 @@ def _shared_settings(config: ExperimentConfig, test_items: Sequence[LabeledImage
 
 def _plan_runs(config: ExperimentConfig, synth_dirs: Mapping[float, Path | None]) -> list[tuple[float, str, int]]:
     """Step 3: (fraction, arm, repeat) of every run, in order; an augmented arm needs a synthetic folder."""
-    plan = [(f, arm, r) for f in config.fractions for arm in config.arms for r in range(config.repeats)
+    repeats = range(config.repeats) if config.only_repeat is None else [config.only_repeat]
+    plan = [(f, arm, r) for f in config.fractions for arm in config.arms for r in repeats
             if arm == "labeled" or synth_dirs[f] is not None]
     if not plan:
         raise NuDiffError("nothing to run: the augmented arm needs a synthetic folder for its fractions")

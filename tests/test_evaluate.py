@@ -178,6 +178,18 @@ def test_pairs_per_repeat_gives_each_repeat_its_own_disjoint_pairs(experiment, f
     assert json.loads((out / "results.json").read_text())["settings"]["pairs_per_repeat"] == 1
     assert collect_results(out, log=None).rows == drawn.rows
     assert json.loads((out / "results.json").read_text())["settings"]["pairs_per_repeat"] == 1
+    # one repeat alone (bench/table1_monuseg.py runs an arm's repeats as separate processes): the same run as
+    # in the call that ran both, and it needs only the pairs up to its own block
+    alone = run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "alone",
+                           fast(fractions="100", repeats=2, pairs_per_repeat=1, only_repeat=1), log=None)
+    assert sorted(r["name"] for r in alone.runs) == ["100pct_augmented_r1", "100pct_labeled_r1"]
+    one = next(r for r in alone.runs if r["arm"] == "augmented")
+    assert (one["key"], one["mean"], one["synthetic_block"]) == (aug[1]["key"], aug[1]["mean"], [1, 2])
+    run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "alone",
+                   fast(fractions="100", arms="augmented", repeats=9, pairs_per_repeat=1, only_repeat=2), log=None)
+    with pytest.raises(NuDiffError, match="3 synthetic pairs; 4 repeats of 1 disjoint pairs need 4"):
+        run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "alone",
+                       fast(fractions="100", repeats=9, pairs_per_repeat=1, only_repeat=3), log=None)
     # too few pairs for the blocks: a clear error before anything trains, from the API and the CLI
     with pytest.raises(NuDiffError, match="3 synthetic pairs; 2 repeats of 2 disjoint pairs need 4"):
         run_experiment(folders["real"], folders["synth"], folders["test"], tmp_path / "short",
@@ -386,7 +398,8 @@ def test_experiment_config_is_checked_and_round_trips_through_results_json(exper
         ExperimentConfig.from_dict({"stepz": 3})
     for bad, message in ((dict(repeats=0), "repeats"), (dict(synthetic_share=1.0), "synthetic_share"),
                          (dict(pairs_per_repeat=0), "pairs_per_repeat"), (dict(fractions="0"), "fraction"),
-                         (dict(arms=()), "arms")):
+                         (dict(arms=()), "arms"), (dict(repeats=2, only_repeat=2), "only_repeat"),
+                         (dict(only_repeat=-1), "only_repeat")):
         with pytest.raises(NuDiffError, match=message):
             ExperimentConfig(**bad)
 
