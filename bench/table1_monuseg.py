@@ -29,6 +29,13 @@ the seed and training images are the recorded ones, else retrains them; ``--no-r
 Outputs a retraining replaces (models, subset, pairs, augmented segmenters) are moved to
 WORK/replaced/<time>/, never deleted.
 
+WORK lies outside the repository and is lost when a session's machine is not kept. With ``--ledger DIR`` (a
+folder committed with the code, e.g. bench/results/table1_clean) every finished segmenter run is also kept
+in DIR with a fingerprint of the commands and images it came from, and a later call, in any work folder,
+restores the runs whose chain is unchanged and runs only what the others need (bench/run_ledger.py). Jobs
+run depth first (a fraction's trainings, pairs and segmenters before the next fraction's), each repeat of
+an arm as its own job, so that what a session finishes is whole runs.
+
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 \\
         --augment 100=checkpoints/structure-demo.json,checkpoints/image-demo.json --labeled 10,100
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 --labeled 10,100 \\
@@ -51,7 +58,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -78,6 +85,7 @@ class Job:
     seconds: float = 0.0
     run_dir: Path | None = None  # a training's run folder: done only when it ended on its budget (see finished)
     output: Path | None = None  # a job that always runs (done None): the folder it writes, for --status
+    run: str | None = None  # a segmenter job: its run's name (engine.evaluate.run_name), for the ledger
 
     def finished(self) -> bool:
         """Whether the job's output is there: its ``done`` file and, for a training, a run that ended on its
@@ -221,6 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="CPU threads per job (default: the cores / --parallel; 1 when the machine is shared: "
                          "two threads on a core another process also uses wait on each other, ~10x slower here)")
     ap.add_argument("--python", default=sys.executable, help="interpreter for the jobs")
+    ap.add_argument("--ledger", type=Path, default=None, metavar="DIR",
+                    help="keep each finished segmenter run (its metrics, with a fingerprint of every command and "
+                         "image it came from) in DIR, a folder committed with the code, and restore from it the "
+                         "runs whose chain is unchanged: the table then outlives its --work folder "
+                         "(bench/run_ledger.py)")
     ap.add_argument("--status", action="store_true",
                     help="print how far each job of this command has come (from WORK's files) and exit; runs, "
                          "moves and writes nothing")
@@ -463,20 +476,30 @@ def read_recorded_models(results: Path) -> dict[str, dict]:
         return {}
 
 
+def model_record(c: ModelChoice, work: Path, seed: int, train_sha256: str) -> dict[str, Any]:
+    """results.json's record of one fraction's diffusion models (files and sha256, seed, training images)."""
+    return {"fraction": float(c.pct) / 100, "seed": seed, "train_data_sha256": train_sha256,
+            "source": {"train": "trained", "reuse": "reused", "given": "given"}[c.action],
+            "structure": model_files(c.structure, work), "image": model_files(c.image, work)}
+
+
 def record_models(results: Path, work: Path, choices: list[ModelChoice], jobs: list[Job], recorded: dict,
-                  seed: int, train_sha256: str, roles: Roles, split_file: Path) -> dict[str, dict]:
+                  seed: int, train_sha256: str, roles: Roles, split_file: Path,
+                  ledger_models: dict[str, dict] | None = None) -> dict[str, dict]:
     """Name in results.json, per augmented fraction that finished in this call, its diffusion model files and
     their sha256, the seed, the training images' fingerprint and where the models came from; records of
     other fractions are kept (also a reused fraction's that did not finish: its models are unchanged).
-    Also the roles of the images ("split")."""
+    A fraction whose runs all came from the ledger, its models not on this machine, gets the record the
+    ledger keeps (``ledger_models``, source "ledger"). Also the roles of the images ("split")."""
     state = {j.name: j.state for j in jobs}
     out = dict(recorded)
     for c in choices:
         mine = [n for n in state if f" {c.pct}% " in f" {n} " and "labeled" not in n]
         if all(state[n] in FINISHED for n in mine):
-            out[c.pct] = {"fraction": float(c.pct) / 100, "seed": seed, "train_data_sha256": train_sha256,
-                          "source": {"train": "trained", "reuse": "reused", "given": "given"}[c.action],
-                          "structure": model_files(c.structure, work), "image": model_files(c.image, work)}
+            if c.structure.is_file() and c.image.is_file():
+                out[c.pct] = model_record(c, work, seed, train_sha256)
+            elif c.pct in (ledger_models or {}):
+                out[c.pct] = {**ledger_models[c.pct], "source": "ledger"}
         elif c.action != "reuse":
             out.pop(c.pct, None)
     from engine.fileio import atomic_write_bytes
@@ -504,7 +527,17 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
            "--size", str(args.seg_size), "--batch-size", str(args.seg_batch), "--channels", str(args.seg_channels),
            "--depth", str(args.seg_depth), "--seed", str(args.seed), "--augment", args.seg_augment,
            "--repeats", str(args.repeats)]
+    from engine.evaluate import run_name
     from engine.pipeline import candidate_count
+
+    ranks = {pct: i for i, pct in enumerate(sorted({_pct_list(a.partition("=")[0])[0] for a in args.augment}
+                                                   | set(_pct_list(args.labeled)), key=float))}
+
+    def prio(pct: str, stage: str) -> int:
+        """Depth first: a fraction's jobs go before the next fraction's, so that its whole chain (the part a
+        session can finish and the ledger can keep) is done first; within a fraction trainings, pairs, then
+        segmenters."""
+        return ranks[pct] * 10 + ("train", "pairs", "augmented", "labeled").index(stage)
 
     cap = str(args.diffusion_steps or 1000000)
     # the image model's steps are shared 3:1 by its stages, as its wall clock is
@@ -517,7 +550,8 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
         if c.action == "train":
             sub = w / f"subset_{pct}"
             jobs.append(Job(f"subset {pct}%", py + ["subset", str(real), "--fraction", pct, "--out", str(sub),
-                                                    "--seed", str(args.seed)], done=sub / "manifest.csv"))
+                                                    "--seed", str(args.seed)], done=sub / "manifest.csv",
+                            priority=prio(pct, "train")))
             common = ["--data", str(sub), "--preset", args.preset, "--image-size", str(args.diffusion_size),
                       "--tile-stride", str(args.diffusion_size // 2), "--batch-size", str(args.diffusion_batch),
                       "--sample-size", str(args.pair_size), "--save-every", "250", "--preview-every", "0",
@@ -526,20 +560,21 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
             minutes = args.diffusion_minutes
             jobs.append(Job(f"structure {pct}%", py + ["train-structure", "--run-dir", str(srun), "--steps", cap,
                                                        "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes:g}",
-                                                       *common], [f"subset {pct}%"], srun / "model.json", -2,
-                            run_dir=srun))
+                                                       *common], [f"subset {pct}%"], srun / "model.json",
+                            prio(pct, "train"), run_dir=srun))
             jobs.append(Job(f"image {pct}% stage 1", py + [
                 "train-image", "--run-dir", str(i1), "--steps", cap1, "--finetune-steps", "0",
                 "--lr", str(args.diffusion_lr), "--time-limit", f"{minutes * 0.75:g}", *common],
-                [f"subset {pct}%"], i1 / "model.json", -2, run_dir=i1))
+                [f"subset {pct}%"], i1 / "model.json", prio(pct, "train"), run_dir=i1))
             jobs.append(Job(f"image {pct}% stage 2", py + [
                 "train-image", "--run-dir", str(i2), "--init-from", str(i1 / "model.json"), "--steps", "0",
                 "--finetune-steps", cap2, "--drop-rate", "0.2", "--finetune-lr", "2e-5",
-                "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json", -2,
-                run_dir=i2))
+                "--time-limit", f"{minutes * 0.25:g}", *common], [f"image {pct}% stage 1"], i2 / "model.json",
+                prio(pct, "train"), run_dir=i2))
             gen_after = [f"structure {pct}%", f"image {pct}% stage 2"]
         # the pairs, in chunks (a stopped call loses at most one); chunk k's candidates take the seeds after
         # chunk k-1's, and a part's folder is named by a hash of its command, so other settings make new parts
+        # (paths in the work folder written relative to it: the same command in another folder, the same name)
         synth = w / f"synthetic_{pct}"
         total = n * args.repeats if args.fresh_pairs and args.repeats > 1 else n
         sizes = [min(args.generate_chunk, total - lo) for lo in range(0, total, args.generate_chunk)]
@@ -550,21 +585,82 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
                         "--n", str(size), "--size", str(args.pair_size), "--steps", str(args.sampler_steps),
                         "--batch-size", "32", "--oversample", f"{args.oversample:g}", "--w", f"{args.w:g}",
                         "--seed", str(args.seed + k * stride)]
-            tag = hashlib.sha256(json.dumps(cmd[len(py):]).encode()).hexdigest()[:8]
+            tag = hashlib.sha256(json.dumps([a.replace(str(w), "WORK") for a in cmd[len(py):]]).encode()
+                                 ).hexdigest()[:8]
             part = w / f"synthetic_{pct}_parts" / f"part{k:03d}_{tag}"
             names.append(f"generate {pct}% part {k + 1}/{len(sizes)}")
             part_dirs.append(str(part))
-            jobs.append(Job(names[-1], cmd + ["--out", str(part)], gen_after, part / "manifest.csv", -1))
+            jobs.append(Job(names[-1], cmd + ["--out", str(part)], gen_after, part / "manifest.csv",
+                            prio(pct, "pairs")))
         merge = f"from bench.table1_monuseg import merge_parts; merge_parts({part_dirs!r}, {str(synth)!r})"
-        jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, -1, output=synth))
+        jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, prio(pct, "pairs"),
+                        output=synth))
         per_repeat = ["--pairs-per-repeat", str(n)] if total > n else []
-        jobs.append(Job(f"segmenter {pct}% augmented", py + [
-            "evaluate", *seg, "--fractions", pct, "--arms", "augmented", "--synthetic", f"{pct}={synth}",
-            *per_repeat], [f"pairs {pct}%"]))
+        for r in range(args.repeats):  # one job per repeat: they run side by side and each is kept on its own
+            jobs.append(Job(f"segmenter {pct}% augmented r{r}", py + [
+                "evaluate", *seg, "--only-repeat", str(r), "--fractions", pct, "--arms", "augmented",
+                "--synthetic", f"{pct}={synth}", *per_repeat], [f"pairs {pct}%"], priority=prio(pct, "augmented"),
+                run=run_name(float(pct) / 100, "augmented", r)))
     for pct in _pct_list(args.labeled):
-        jobs.append(Job(f"segmenter {pct}% labeled", py + ["evaluate", *seg, "--fractions", pct,
-                                                          "--arms", "labeled"], priority=1))
+        for r in range(args.repeats):
+            jobs.append(Job(f"segmenter {pct}% labeled r{r}", py + [
+                "evaluate", *seg, "--only-repeat", str(r), "--fractions", pct, "--arms", "labeled"],
+                priority=prio(pct, "labeled"), run=run_name(float(pct) / 100, "labeled", r)))
     return jobs
+
+
+# ----------------------------------------------------------------------------- the ledger (bench/run_ledger.py)
+
+
+def ledger_subs(args: argparse.Namespace) -> dict[str, str]:
+    """Machine-specific paths in the commands and what a chain's fingerprint writes instead."""
+    return {str(args.work): "WORK", str(args.work.resolve()): "WORK", args.python: "PY", str(ROOT): "ROOT"}
+
+
+def apply_ledger(args: argparse.Namespace, jobs: list[Job], choices: list[ModelChoice], real: Path, test: Path,
+                 context: dict[str, Any], write: bool = True) -> tuple[list[Job], dict[str, str], dict[str, dict]]:
+    """Restore from ``args.ledger`` the segmenter runs whose chain is unchanged and drop the jobs no other
+    run needs. Returns (jobs left, chain fingerprint by segmenter job, ledger entries restored by job).
+
+    A chain is fingerprinted as if every fraction's models were trained in this call (their commands are
+    part of it), so that an entry holds whether a later call trains the models again (a new machine) or
+    reuses them (the same work folder). A restored job waits on nothing and is done (its metrics.json
+    written to WORK/evaluate/runs/, or with ``write`` False, for --status, its ledger entry)."""
+    from bench.run_ledger import chain_fingerprint, needed, restore
+
+    probe = plan(args, real, test, [c if c.action == "given" else
+                                    ModelChoice(c.pct, "train", *trained_model_paths(args.work, c.pct))
+                                    for c in choices])
+    chains = {j.name: chain_fingerprint(probe, j.name, ledger_subs(args), context) for j in probe if j.run}
+    runs = {j.name: j.run for j in jobs if j.run}
+    found = restore(args.ledger, runs, chains, args.work / "evaluate" / "runs", write=write)
+    for j in jobs:
+        if j.name in found:
+            j.after = []
+            j.done = (args.work / "evaluate" / "runs" / j.run / "metrics.json" if write
+                      else args.ledger / f"{j.run}.json")
+    return needed(jobs, set(found), set(runs)), chains, found
+
+
+def ledger_keeper(args: argparse.Namespace, chains: dict[str, str], choices: list[ModelChoice],
+                  train_sha256: str) -> Callable[[Job], None]:
+    """run_jobs' on_done: a finished segmenter job's run goes into the ledger (an augmented run with its
+    fraction's model record)."""
+    from bench.run_ledger import write_entry
+
+    by_pct = {c.pct: c for c in choices}
+
+    def keep(job: Job) -> None:
+        if job.run is None:
+            return
+        metrics = json.loads((args.work / "evaluate" / "runs" / job.run / "metrics.json").read_text())
+        pct, arm = job.run.split("pct_")[0], job.run.split("_")[1]
+        c = by_pct.get(pct) if arm == "augmented" else None
+        models = model_record(c, args.work, args.seed, train_sha256) if c is not None else None
+        path = write_entry(args.ledger, job.run, job.name, chains[job.name], metrics, models)
+        print(f"ledger: {job.run} kept in {path}", flush=True)
+
+    return keep
 
 
 def job_progress(job: Job) -> str:
@@ -593,9 +689,14 @@ def job_progress(job: Job) -> str:
 
         args = engine_args(job.cmd)
         fraction, arm = parse_fractions(args.fractions)[0], args.arms
-        runs = [Path(args.out) / "runs" / run_name(fraction, arm, r) for r in range(args.repeats)]
+        repeats = range(args.repeats) if args.only_repeat is None else [args.only_repeat]
+        runs = [Path(args.out) / "runs" / run_name(fraction, arm, r) for r in repeats]
         done = sum((r / "metrics.json").is_file() for r in runs)
-        text = f"{done} of {args.repeats} runs"
+        if args.only_repeat is not None:  # one run
+            if done or not (runs[0] / SNAPSHOT).is_file():
+                return "done" if done else "not started"
+            return f"at step {snapshot_step(runs[0] / SNAPSHOT) or '?'} of {args.steps}"
+        text = f"{done} of {len(runs)} runs"
         for r in runs:
             if not (r / "metrics.json").is_file() and (r / SNAPSHOT).is_file():
                 text += f"; {r.name} at step {snapshot_step(r / SNAPSHOT) or '?'} of {args.steps}"
@@ -688,13 +789,15 @@ def merge_parts(parts: list[str], out: str) -> Path:
     return out
 
 
-def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
+def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int,
+             on_done: Callable[[Job], None] | None = None) -> None:
     """Run the jobs, at most ``parallel`` at a time, dependencies first; prints one line per event.
 
     On Ctrl-C, SIGINT (``timeout -s INT``) or SIGTERM (``kill``, the end of a session) the running jobs get
     SIGINT, so trainings save and export their models, and are given 60 s to exit; their state becomes
     "interrupted". This holds also when the runner was started in the background (``nohup ... &``), where the
-    shell leaves SIGINT ignored, which the jobs would inherit."""
+    shell leaves SIGINT ignored, which the jobs would inherit. ``on_done(job)`` is called when a job has
+    succeeded (an exception there is printed, not raised)."""
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
@@ -703,7 +806,7 @@ def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
         previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
                     signal.SIGTERM: signal.signal(signal.SIGTERM, interrupted)}
     try:
-        _run_jobs(jobs, parallel, logs, threads)
+        _run_jobs(jobs, parallel, logs, threads, on_done)
     except KeyboardInterrupt:
         running = [j for j in jobs if j.state == "running"]
         print(f"interrupted: stopping {', '.join(j.name for j in running) or 'nothing'}", flush=True)
@@ -721,7 +824,8 @@ def run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
             signal.signal(signum, handler)
 
 
-def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
+def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int,
+              on_done: Callable[[Job], None] | None) -> None:
     logs.mkdir(parents=True, exist_ok=True)
     by_name = {j.name: j for j in jobs}
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
@@ -754,6 +858,11 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int) -> None:
                 j.state = "ok" if rc == 0 else "failed"
                 say(f"{'done ' if rc == 0 else 'FAIL '} {j.name} ({j.seconds:.0f} s)"
                     + ("" if rc == 0 else f", exit {rc}: see {logs / _slug(j.name)}.log"))
+                if rc == 0 and on_done is not None:
+                    try:
+                        on_done(j)
+                    except Exception as e:  # noqa: BLE001 - a record that failed must not stop the jobs
+                        say(f"note  {j.name}: {type(e).__name__}: {e}")
         # outputs already there first, through whole chains, so that the order of priority is kept among the
         # jobs that really run (a training whose subset is there goes before a job of lower priority)
         while new := [j for j in ready() if j.name not in looked]:
@@ -812,11 +921,16 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, json.JSONDecodeError, KeyError, TypeError):
         previous = "" if any(args.work.glob("subset_*")) else None  # outputs of unknown training images
     choices = choose_models(args, recorded, train_sha256, previous)
+    context = {"train_data_sha256": train_sha256, "test_data_sha256": train_fingerprint(roles.test)}
     if args.status:
         for c in choices:
             print(f"models {c.pct}%: {c.action} ({c.reason})"
                   + (f"; a run would set aside {len(c.set_aside)} outputs" if c.set_aside else ""))
-        print(progress_report(plan(args, folders["train"], folders["test"], choices)))
+        jobs = plan(args, folders["train"], folders["test"], choices)
+        if args.ledger:
+            jobs, _, found = apply_ledger(args, jobs, choices, folders["train"], folders["test"], context, False)
+            print(f"ledger {args.ledger}: {len(found)} runs finished by earlier calls")
+        print(progress_report(jobs))
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for c in choices:
@@ -835,10 +949,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{job.name}: trained with other {kind} ({what}); "
               + ("retrained" if kind == "settings" else "resumed to the new budget")
               + (f"; outputs made from it moved to {args.work / 'replaced' / stamp}" if moved else ""))
+    keep, ledger_models = None, {}
+    if args.ledger:
+        planned = len(jobs)
+        jobs, chains, found = apply_ledger(args, jobs, choices, folders["train"], folders["test"], context)
+        ledger_models = {e["run"].split("pct_")[0]: e["models"] for e in found.values() if e.get("models")}
+        print(f"ledger {args.ledger}: {len(found)} runs restored; {planned - len(jobs)} jobs they make unneeded")
+        keep = ledger_keeper(args, chains, choices, train_sha256)
     print(f"{len(jobs)} jobs, {parallel} at a time, {threads} CPU threads each, "
           f"{'GPU: ' + torch.cuda.get_device_name(0) if gpu else 'CPU only'}")
     t0 = time.time()
-    run_jobs(jobs, parallel, args.work / "logs", threads)
+    run_jobs(jobs, parallel, args.work / "logs", threads, keep)
     summary = {j.name: {"state": j.state, "seconds": round(j.seconds, 1)} for j in jobs}
     summary.update({f"models {c.pct}%": {"state": "reused", "seconds": 0.0} for c in choices if c.action == "reuse"})
     (args.work / "jobs.json").write_text(json.dumps(summary, indent=2))
@@ -849,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     except NuDiffError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split)
+    record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split,
+                  ledger_models)
     table = format_markdown(result.rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
     atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
     print(table)

@@ -30,9 +30,9 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     # the paper's pair counts (512, 1024 for 100 %) for each of the 3 repeats, in chunks of 64
     gen10 = [f"generate 10% part {k}/24" for k in range(1, 25)]
     gen100 = [f"generate 100% part {k}/48" for k in range(1, 49)]
+    segs = [f"segmenter {p}% {arm} r{r}" for p in (10, 100) for arm in ("augmented", "labeled") for r in range(3)]
     assert set(jobs) == {"subset 10%", "structure 10%", "image 10% stage 1", "image 10% stage 2", *gen10,
-                         "pairs 10%", "segmenter 10% augmented", *gen100, "pairs 100%", "segmenter 100% augmented",
-                         "segmenter 10% labeled", "segmenter 100% labeled"}
+                         "pairs 10%", *gen100, "pairs 100%", *segs}
     # the 10 % models learn from the 10 % subset only; their budget splits 8 min and 6 + 2 min
     for name in ("structure 10%", "image 10% stage 1"):
         cmd = jobs[name].cmd
@@ -51,10 +51,20 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     assert [int(arg(jobs[g].cmd, "--seed")) for g in gen10] == list(range(0, 3 * 512, 64))
     assert all(arg(jobs[g].cmd, "--n") == "64" for g in gen10)
     assert len({arg(jobs[g].cmd, "--out") for g in gen10}) == 24
-    assert jobs["pairs 10%"].after == gen10 and jobs["segmenter 10% augmented"].after == ["pairs 10%"]
-    seg10 = jobs["segmenter 10% augmented"].cmd
-    assert arg(seg10, "--repeats") == "3" and arg(seg10, "--pairs-per-repeat") == "512"
-    assert arg(jobs["segmenter 100% augmented"].cmd, "--pairs-per-repeat") == "1024"
+    assert jobs["pairs 10%"].after == gen10 and jobs["segmenter 10% augmented r0"].after == ["pairs 10%"]
+    # one job per repeat (they run side by side, and each run is kept on its own)
+    for r in range(3):
+        seg10 = jobs[f"segmenter 10% augmented r{r}"].cmd
+        assert arg(seg10, "--repeats") == "3" and arg(seg10, "--pairs-per-repeat") == "512"
+        assert arg(seg10, "--only-repeat") == str(r) and jobs[f"segmenter 10% augmented r{r}"].run == \
+            f"10pct_augmented_r{r}"
+        assert arg(jobs[f"segmenter 10% labeled r{r}"].cmd, "--only-repeat") == str(r)
+    assert arg(jobs["segmenter 100% augmented r2"].cmd, "--pairs-per-repeat") == "1024"
+    # depth first: every job of 10 % goes before any of 100 %; within a fraction trainings, pairs, segmenters
+    prio = {n: j.priority for n, j in jobs.items()}
+    assert max(v for n, v in prio.items() if " 10% " in f" {n} ") < min(v for n, v in prio.items() if "100%" in n)
+    assert prio["structure 10%"] == prio["image 10% stage 2"] < prio[gen10[0]] == prio["pairs 10%"] \
+        < prio["segmenter 10% augmented r0"] < prio["segmenter 10% labeled r0"]
     gen = jobs[gen10[0]].cmd
     assert gen[gen.index("--oversample") + 1] == "1"  # the paper's protocol: no realism filter by default
     assert gen[gen.index("--w") + 1] == "2"  # and its guidance scale
@@ -70,13 +80,13 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
                                       "--no-fresh-pairs"])
     jobs2 = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}
     assert [arg(jobs2[f"generate 10% part {k}/2"].cmd, "--n") for k in (1, 2)] == ["64", "36"]
-    assert "--pairs-per-repeat" not in jobs2["segmenter 10% augmented"].cmd  # every repeat: the same 100
+    assert "--pairs-per-repeat" not in jobs2["segmenter 10% augmented r0"].cmd  # every repeat: the same 100
     for bad in (["--repeats", "0"], ["--generate-chunk", "-1"], ["--pairs", "many"]):
         with pytest.raises(SystemExit):
             build_parser().parse_args(["--work", str(tmp_path), *bad])
     # every segmenter shares one setting, so the arms are comparable
-    seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--fractions")] for j in jobs.values() if "segmenter" in j.name]
-    assert len(seg) == 4 and all(s == seg[0] for s in seg)
+    seg = [j.cmd[j.cmd.index("--out"):j.cmd.index("--only-repeat")] for j in jobs.values() if "segmenter" in j.name]
+    assert len(seg) == 12 and all(s == seg[0] for s in seg)
     assert seg[0][seg[0].index("--augment") + 1] == "light"
     # a step budget (not the wall clock of a call, which a resumed training gets again): the structure model's
     # steps, and as many for the image model, shared 3:1 by its stages
@@ -88,7 +98,7 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--work", str(tmp_path), "--diffusion-steps", "0"])
     args = build_parser().parse_args(["--work", str(tmp_path), "--labeled", "10", "--seg-augment", "strong"])
-    cmd = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["segmenter 10% labeled"].cmd
+    cmd = {j.name: j for j in plan(args, tmp_path / "real", tmp_path / "test")}["segmenter 10% labeled r2"].cmd
     assert cmd[cmd.index("--augment") + 1] == "strong"
 
 
@@ -459,7 +469,7 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     out = capsys.readouterr().out
     assert not work.exists()  # nothing written, linked or moved
     assert "structure 100%: not started" in out and "generate 100% pairs: 0 of 2 chunks" in out
-    assert "segmenter 100% labeled: 0 of 2 runs" in out and out.rstrip().endswith("0 of 9 jobs done")
+    assert "segmenter 100% labeled r1: not started" in out and out.rstrip().endswith("0 of 11 jobs done")
 
     # part-way: a training at step 1 of 2, one pair chunk made, one labeled run done and the next one
     # stopped at step 2 of its 2 (its snapshot)
@@ -486,11 +496,66 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     assert "structure 100%: step 1 of 2, 30.00 s/step lately: about 0 min left" in out
     assert "image 100% stage 1: not started" in out
     assert "generate 100% pairs: 1 of 2 chunks" in out
-    assert "segmenter 100% labeled: 1 of 2 runs; 100pct_labeled_r1 at step 2 of 2" in out
-    assert "pairs 100%: not started" in out and out.rstrip().endswith("1 of 9 jobs done")
+    assert "segmenter 100% labeled r0: done" in out and "segmenter 100% labeled r1: at step 2 of 2" in out
+    assert "pairs 100%: not started" in out and out.rstrip().endswith("2 of 11 jobs done")
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
     (work / "synthetic_100").mkdir()
     (work / "synthetic_100" / "manifest.csv").write_text("id\n")  # the pairs gathered
     assert main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
-    assert "pairs 100%: done" in out and out.rstrip().endswith("2 of 9 jobs done")
+    assert "pairs 100%: done" in out and out.rstrip().endswith("3 of 11 jobs done")
+
+
+def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
+    """A session's machine may not be kept: the runs in the ledger (a folder committed with the code) are
+    restored into a new work folder and nothing they came from runs again; a run missing from the ledger is
+    made again from scratch, to the same figures; other settings restore nothing."""
+    train, split, other = _tiny_data(tmp_path)
+    ledger = tmp_path / "ledger"
+
+    def call(work: Path, *extra: str) -> tuple[dict, dict, str]:
+        rc = main(["--train", str(train), "--split", str(split), "--test", str(other), "--work", str(work),
+                   "--ledger", str(ledger), *TINY_RUN, *extra])
+        out = capsys.readouterr().out
+        assert rc == 0, out + "".join(p.read_text() for p in (work / "logs").glob("*.log"))
+        return (json.loads((work / "evaluate" / "results.json").read_text()),
+                json.loads((work / "jobs.json").read_text()), out)
+
+    first, jobs, out = call(tmp_path / "work1")
+    runs = ["100pct_augmented_r0", "100pct_augmented_r1", "100pct_labeled_r0", "100pct_labeled_r1"]
+    assert sorted(p.stem for p in ledger.glob("*.json")) == runs
+    for run in runs:
+        entry = json.loads((ledger / f"{run}.json").read_text())
+        assert entry["metrics"] == json.loads((tmp_path / "work1" / "evaluate" / "runs" / run / "metrics.json")
+                                              .read_text())
+        assert ("models" in entry) == ("augmented" in run)
+    models = json.loads((ledger / "100pct_augmented_r0.json").read_text())["models"]
+    assert models["structure"] == first["diffusion_models"]["100"]["structure"]
+    assert models["image"] == first["diffusion_models"]["100"]["image"]
+
+    # a new work folder (a new machine): every run restored, nothing trained, generated or run; the same table
+    second, jobs, out = call(tmp_path / "work2")
+    assert "4 runs restored; 7 jobs they make unneeded" in out
+    assert sorted(jobs) == sorted(f"segmenter 100% {arm} r{r}" for arm in ("augmented", "labeled") for r in (0, 1))
+    assert all(v["state"] == "cached" for v in jobs.values())
+    assert not (tmp_path / "work2" / "structure_100").exists() and not (tmp_path / "work2" / "subset_100").exists()
+    assert second["rows"] == first["rows"]
+    assert second["diffusion_models"]["100"] == {**first["diffusion_models"]["100"], "source": "ledger"}
+
+    # one run lost from the ledger: its chain (subset, models, pairs) is made again, the others restored; on
+    # this CPU the chain is deterministic, so the models have the recorded sha256 and the run its figures
+    (ledger / "100pct_augmented_r1.json").unlink()
+    third, jobs, out = call(tmp_path / "work3")
+    assert "3 runs restored; 0 jobs they make unneeded" in out
+    assert jobs["structure 100%"]["state"] == "ok" and jobs["segmenter 100% augmented r1"]["state"] == "ok"
+    assert jobs["segmenter 100% augmented r0"]["state"] == jobs["segmenter 100% labeled r1"]["state"] == "cached"
+    for kind in ("structure", "image"):  # the weights (a record holds its time and the work folder)
+        assert third["diffusion_models"]["100"][kind]["model.safetensors"] == \
+            first["diffusion_models"]["100"][kind]["model.safetensors"]
+    redone = json.loads((ledger / "100pct_augmented_r1.json").read_text())["metrics"]
+    was = next(r for r in first["runs"] if r["name"] == "100pct_augmented_r1")
+    assert redone["mean"] == was["mean"] and redone["key"] == was["key"]
+
+    # other settings (a longer segmenter training): no entry's chain matches, everything runs
+    _, jobs, out = call(tmp_path / "work4", "--seg-steps", "3")
+    assert "0 runs restored" in out and jobs["segmenter 100% labeled r0"]["state"] == "ok"
