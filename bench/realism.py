@@ -188,7 +188,7 @@ def main(argv=None):
                "oversample": args.oversample, "real_layouts": args.real_layouts,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
-    colours = tile_mean_colours(t_img, args.size) if args.colour_prior else None
+    colours = tile_mean_colours(t_img, args.size, labels=t_lab) if args.colour_prior else None
     results["colour_prior"] = bool(args.colour_prior)
     for w in ws:
         s_img, s_lab = synthetic_set(args, w, cache, real256_labels, colours)

@@ -231,7 +231,7 @@ def export_inference(src: str | os.PathLike, dst: str | os.PathLike, *, half: bo
     copied one: (N, 5) float32 layout features, e.g. engine.curate.reference_from_folder of a folder of
     real labeled images at the model's :func:`sample_size`.
     colours: an image model's colour prior to store as ``reference.colour``: (K, 3) float32 mean colours of
-    training tiles in [-1, 1] (engine.colour_prior.tile_mean_colours).
+    training tiles in [-1, 1], or (K, 4) with their foreground fractions (engine.colour_prior.tile_mean_colours).
     """
     ck = load_checkpoint(src)
     if reference is not None and ck.kind != "structure":

@@ -246,15 +246,26 @@ def _add_curation_args(p: argparse.ArgumentParser) -> None:
 
 
 def _folder_colours(folder: str, size: int) -> "np.ndarray":
-    """Mean colours of the size px tiles of the images in folder (or folder/images): engine.colour_prior."""
+    """Mean colours of the size px tiles of the images in folder (or folder/images): engine.colour_prior;
+    with each tile's foreground fraction when the folder is a labeled one (images/ and labels/), so that a
+    layout is given the colour of tiles with as many nuclei. One image (and label) in memory at a time."""
     from engine.colour_prior import tile_mean_colours
-    from engine.data import IMAGE_EXTENSIONS, read_image
+    from engine.data import IMAGE_EXTENSIONS, find_pairs, raster_size, read_image, read_label
+    from engine.errors import DataError
 
     root = Path(folder)
-    if (root / "images").is_dir():
-        root = root / "images"
     if not root.is_dir():
         raise NuDiffError(f"colour prior: folder not found: {folder}")
+    if (root / "images").is_dir() and (root / "labels").is_dir():
+        try:
+            pairs = [(image, labels[0]) for _, image, labels in find_pairs(root)[0]]
+        except DataError:
+            pairs = []  # no label pairs after all: colours alone
+        if pairs:
+            return tile_mean_colours((read_image(image) for image, _ in pairs), size,
+                                     labels=(read_label(label, raster_size(image)) for image, label in pairs))
+    if (root / "images").is_dir():
+        root = root / "images"
     files = sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS and not f.name.startswith("."))
     if not files:
         raise NuDiffError(f"colour prior: no images in {root}")

@@ -51,7 +51,7 @@ class LoadedModel:
     layout_reference: np.ndarray | None = None  # (N, 5) float32 engine.curate features of the training tiles
     recommended_w: float | None = None  # image models: calibrated guidance scale (engine.guidance), if any
     autocast: bool = True  # bf16 autocast where it is fast (engine.precision.bf16_is_fast); False: fp32
-    colour_reference: np.ndarray | None = None  # image models: (K, 3) training tiles' mean colours (colour_prior)
+    colour_reference: np.ndarray | None = None  # image models: (K, 3|4) training tiles' colours (colour_prior)
 
     @property
     def image_size(self) -> int:
@@ -331,10 +331,11 @@ def synthesize(
     are fused at every step (engine.tiling; ``tiling`` sets tile, overlap, window batch and the memory
     budget, checked before any work: MemoryBudgetError when it cannot fit). Other shapes are padded with
     background to a size the U-Net takes and cropped back. progress counts steps (window batches x steps
-    for a tiled canvas). colour_prior: (K, 3) mean colours of training tiles in [-1, 1]
-    (engine.colour_prior.tile_mean_colours; a model's own is ``model.colour_reference``): each image's mean
-    colour, which the model cannot see at the first steps, is then that of one of them, drawn by its seed.
-    None: the model's own guess, as trained.
+    for a tiled canvas). colour_prior: (K, 3) mean colours of training tiles in [-1, 1], or (K, 4) with
+    their foreground fractions (engine.colour_prior.tile_mean_colours; a model's own is
+    ``model.colour_reference``): each image's mean colour, which the model cannot see at the first steps, is
+    then that of one of them, drawn by its seed (with fractions: among those nearest its layout's nucleus
+    area). None: the model's own guess, as trained.
     """
     if model.kind != "image":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not an image model")
@@ -355,15 +356,19 @@ def synthesize(
     def job_seed(j: int, v: int) -> int:
         return (seed + j * variants if seeds is None else int(seeds[j])) + v
 
-    def targets(job_seeds: list[int]) -> torch.Tensor | None:
-        return None if colour_prior is None else colour_targets(colour_prior, job_seeds).to(model.device)
+    foreground = [float((c[..., 0] > 0).mean()) for c in conds]  # layouts' nucleus area, for colour_targets
+
+    def targets(job_seeds: list[int], structure_ids: list[int]) -> torch.Tensor | None:
+        if colour_prior is None:
+            return None
+        return colour_targets(colour_prior, job_seeds, [foreground[j] for j in structure_ids]).to(model.device)
 
     p0 = plans[0]
     if any(p.tiled or p.padded != (p.height, p.width) or p.padded != p0.padded for p in plans):
         counter = _StepCounter(progress, steps * sum(plans[j].units_per_step() for j, _ in jobs))
         images: list[np.ndarray] = []
         for j, v in jobs:
-            target = targets([job_seed(j, v)])
+            target = targets([job_seed(j, v)], [j])
             x = sample_canvas(model.model, plans[j], channels=3, seed=job_seed(j, v), sampler=sampler, steps=steps,
                               diffusion=model.diffusion, cond=conds[j], w=float(w), progress=counter.tick,
                               cancel=cancel, autocast=model.autocast,
@@ -383,7 +388,7 @@ def synthesize(
         x = sample(model.model, (len(chunk), 3, size, size), sampler=sampler, steps=steps, seeds=chunk_seeds,
                    cond=cond, w=float(w), diffusion=model.diffusion, progress=counter.batch(steps),
                    cancel=cancel, autocast=model.autocast, cache_bytes=mem.cache_bytes,
-                   colour_targets=targets(chunk_seeds))
+                   colour_targets=targets(chunk_seeds, [j for j, _ in chunk]))
         arr = ((x.permute(0, 2, 3, 1).float().cpu().numpy() + 1) * 127.5).round().clip(0, 255)
         images.extend(a.astype(np.uint8) for a in arr)
     return images
@@ -442,7 +447,7 @@ def generate_pairs(
     Each image is conditioned on its structure as sampled (engine.conditioning.Condition), with the
     structure's seed, so ``sample-structures`` + ``synthesize`` and the studio give the same pair.
     ``settings``: :class:`PairSettings` (default: its defaults). ``reference``: real tiles' layout features
-    for the realism filter (default: the structure model's own). ``colour_prior``: (K, 3) training tiles'
+    for the realism filter (default: the structure model's own). ``colour_prior``: (K, 3|4) training tiles'
     mean colours for the images (:func:`synthesize`; None: off), recorded in the provenance as
     ``colour_source``. ``tiling``: engine.tiling.TilingOptions (windows, memory budget, checked before any
     work).

@@ -27,6 +27,37 @@ def test_tile_mean_colours_are_the_tiles_means_in_model_units():
         tile_mean_colours([np.zeros((8, 8), np.uint8)], 4)
 
 
+def test_with_labels_each_tile_also_has_its_foreground_fraction():
+    img = np.zeros((64, 64, 3), np.uint8)
+    lab = np.zeros((64, 64), np.int32)
+    lab[:32, :16] = 3  # a quarter of the top-left tile is nucleus
+    lab[32:, 32:] = 1  # the whole bottom-right tile
+    got = tile_mean_colours([img], 32, stride=32, labels=[lab])
+    assert got.shape == (4, 4) and got[:, :3].tolist() == [[-1.0] * 3] * 4
+    assert got[:, 3].tolist() == [0.5, 0.0, 0.0, 1.0]  # row-major tiles
+    with pytest.raises(ValueError, match="label of shape"):
+        tile_mean_colours([img], 32, labels=[lab[:10]])
+    with pytest.raises(ValueError):  # one label per image
+        tile_mean_colours([img, img], 32, labels=[lab])
+
+
+def test_a_layout_draws_among_the_tiles_of_the_nearest_foreground_fraction():
+    fg = np.linspace(0, 1, 100, dtype=np.float32)
+    table = np.stack([1 - 2 * fg, 1 - 2 * fg, 1 - 2 * fg, fg], 1)  # denser tiles are darker
+    seeds = list(range(50))
+    sparse = colour_targets(table, seeds, foreground=[0.02] * 50)
+    dense = colour_targets(table, seeds, foreground=[0.9] * 50)
+    # each among the 10 rows (MATCH_SHARE) nearest its fraction: fg 0-0.09 and 0.85-0.94
+    assert sparse[:, 0].min() >= 1 - 2 * fg[9] - 1e-6 and len({float(v) for v in sparse[:, 0]}) > 5
+    assert dense[:, 0].max() <= 1 - 2 * fg[85] + 1e-6 and dense[:, 0].min() >= 1 - 2 * fg[94] - 1e-6
+    assert torch.equal(colour_targets(table, [7], foreground=[0.9])[0], dense[7])  # the seed alone decides
+    anywhere = colour_targets(table, seeds)  # no layout given, or a table without fractions: among all rows
+    assert anywhere[:, 0].max() - anywhere[:, 0].min() > 1.0
+    assert torch.equal(colour_targets(table[:, :3], seeds, foreground=[0.02] * 50), anywhere)
+    with pytest.raises(ValueError, match="2 foreground fractions for 1 seeds"):
+        colour_targets(table, [1], foreground=[0.1, 0.2])
+
+
 def test_targets_depend_on_the_seed_alone():
     colours = np.linspace(-1, 1, 30, dtype=np.float32)[:, None].repeat(3, 1)
     a = colour_targets(colours, [5, 6, 7])
@@ -82,7 +113,10 @@ def test_sampling_moves_each_sample_to_its_target_colour(image_model, monkeypatc
     assert torch.equal(part, again) and not torch.equal(part, plain)
 
 
-def test_synthesize_with_a_colour_prior_direct_and_tiled(tiny_checkpoints):
+def test_synthesize_with_a_colour_prior_direct_and_tiled(tiny_checkpoints, monkeypatch):
+    # corrected at every step, so that the target shows plainly whatever the tiny model draws (its first steps
+    # alone move a freshly trained stand-in's image by only a few grey levels)
+    monkeypatch.setattr(samplers, "correct_eps", functools.partial(colour_prior.correct_eps, snr_max=1e9))
     _, image_ckpt = tiny_checkpoints
     model = pipeline.load_model(image_ckpt, device="cpu", precision="fp32")
     assert model.colour_reference is None  # the test models carry none: the prior is the caller's
@@ -96,6 +130,13 @@ def test_synthesize_with_a_colour_prior_direct_and_tiled(tiny_checkpoints):
     tiled = pipeline.synthesize(model, [big], w=1.0, steps=4, seed=2, colour_prior=bright)[0]
     assert tiled.shape == (80, 80, 3)
     assert tiled.mean() > pipeline.synthesize(model, [big], w=1.0, steps=4, seed=2)[0].mean() + 5
+    # a table with foreground fractions: the layout's own fraction picks the colour (the nearest row of two)
+    fg = float((inst > 0).mean())
+    near_bright = np.array([[0.9, 0.9, 0.9, fg], [-0.9, -0.9, -0.9, fg + 0.5]], np.float32)
+    near_dark = np.array([[0.9, 0.9, 0.9, fg + 0.5], [-0.9, -0.9, -0.9, fg]], np.float32)
+    a = pipeline.synthesize(model, [inst], w=1.0, steps=4, seed=2, colour_prior=near_bright)[0]
+    b = pipeline.synthesize(model, [inst], w=1.0, steps=4, seed=2, colour_prior=near_dark)[0]
+    assert a.mean() > b.mean() + 20
 
 
 def test_cli_colour_prior_from_a_folder_or_the_exported_model(tiny_checkpoints, tmp_path, capsys):
@@ -130,7 +171,12 @@ def test_cli_colour_prior_from_a_folder_or_the_exported_model(tiny_checkpoints, 
     # the same prior stored with the model by export-model --reference: the same images
     assert cli.main(["export-model", str(image_ckpt), str(tmp_path / "img2"), "--fp32", "--reference", str(real)]) == 0
     stored = pipeline.load_model(tmp_path / "img2.json", device="cpu").colour_reference
-    assert stored is not None and stored.shape[1] == 3
+    assert stored is not None and stored.shape[1] == 4  # a labeled folder: with the tiles' foreground fractions
+    from engine.data import load_folder
+
+    items = load_folder(real)[0]
+    expect = tile_mean_colours([it.image for it in items], 32, labels=[it.inst for it in items])
+    assert np.allclose(stored, expect, atol=1e-6)
     code, model_out = run("--checkpoint", str(tmp_path / "img2.json"), "--colour-prior", "model")
     assert code == 0
 
