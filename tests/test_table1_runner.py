@@ -262,10 +262,11 @@ print("state", jobs[0].state, flush=True)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = tmp_path / "logs" / "sleeper.log"
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # generous: under a loaded machine a job's interpreter can be slow to start
     while not (log.exists() and "up" in log.read_text()) and time.time() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signum)
+    assert "up" in log.read_text(), "the runner's job did not start within 300 s"  # (a signal before it ran
+    proc.send_signal(signum)  # would test nothing: the job must be running when the runner is stopped)
     out, _ = proc.communicate(timeout=60)
     assert "interrupted: stopping sleeper" in out and "state interrupted" in out, out
     assert "KeyboardInterrupt" in log.read_text()  # the job acted on its SIGINT (not inherited as ignored)
