@@ -8,6 +8,7 @@ a cache folder (NUDIFF_CACHE, default ~/.cache/nudiff), and returns those.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -34,9 +35,21 @@ def default_checkpoints() -> tuple[Path, Path]:
     return standin_checkpoints()
 
 
+def engine_source_digest() -> str:
+    """The first 12 hex digits of a sha256 over the engine package's Python sources (names and contents):
+    it changes whenever the code that trains the stand-ins may have."""
+    h = hashlib.sha256()
+    for f in sorted(Path(engine.__file__).resolve().parent.glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:12]
+
+
 def standin_checkpoints(steps: int = 60, size: int = 32) -> tuple[Path, Path]:
-    """Tiny `test`-preset models trained on procedural tiles; built once per engine version and cached."""
-    folder = cache_dir() / f"test-models-{engine.__version__}-{size}-{steps}"
+    """Tiny `test`-preset models trained on procedural tiles; built once per engine source (a version
+    number alone let a machine's tests keep using stand-ins that older code had trained) and cached (those of
+    other sources are left alone: another checkout may be using them; each is about 1 MB)."""
+    prefix = f"test-models-{engine.__version__}-{size}-{steps}-"
+    folder = cache_dir() / f"{prefix}{engine_source_digest()}"
     s, i = folder / "structure.json", folder / "image.json"
     if s.exists() and i.exists():
         return s, i

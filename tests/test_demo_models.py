@@ -31,3 +31,26 @@ def test_demo_records_state_provenance():
         assert rec["contents"] == "inference" and rec["model"]["channels"]
         assert "CC BY-NC-SA" in rec.get("license", "")
         assert rec.get("training_data")
+
+
+def test_the_stand_in_models_are_cached_per_engine_source(tmp_path, monkeypatch):
+    """A version number alone let a machine's tests keep using stand-ins that older code had trained (a test
+    passed on such a cache and failed on a new machine): the cache folder is named by the engine's sources."""
+    import shutil
+    from pathlib import Path
+
+    import engine
+    from engine import demo
+
+    src = tmp_path / "engine"
+    shutil.copytree(Path(engine.__file__).resolve().parent, src, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(engine, "__file__", str(src / "__init__.py"))
+    before = demo.engine_source_digest()
+    assert before == demo.engine_source_digest() and len(before) == 12
+    (src / "train.py").write_text((src / "train.py").read_text() + "\n# a change\n")
+    assert demo.engine_source_digest() != before
+    monkeypatch.setattr(demo, "_build_test_models", lambda out, steps, size: [
+        (out / f"{k}.json").write_text("{}") for k in ("structure", "image")])
+    monkeypatch.setenv("NUDIFF_CACHE", str(tmp_path / "cache"))
+    s, _ = demo.standin_checkpoints()
+    assert s.parent.name == f"test-models-{engine.__version__}-32-60-{demo.engine_source_digest()}"
