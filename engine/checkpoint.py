@@ -107,6 +107,19 @@ class Checkpoint:
         return self.state_dict("model.")
 
 
+def stored_tensor_names(path: str | os.PathLike) -> set[str]:
+    """Names of the tensors in a checkpoint's weights file, read from its header alone (no weights loaded);
+    e.g. whether an image model carries a colour prior ("reference.colour")."""
+    from safetensors import safe_open
+
+    weights, _ = checkpoint_paths(path)
+    try:
+        with safe_open(str(weights), "pt") as f:
+            return set(f.keys())
+    except Exception as e:  # noqa: BLE001 - any unreadable file is one error
+        raise CheckpointError(f"cannot read {weights.name}: {e}") from e
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     tensors: dict[str, torch.Tensor],

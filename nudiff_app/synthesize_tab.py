@@ -74,6 +74,29 @@ def w_advice(ckpt: str | None, ctx: AppContext) -> tuple:
             f"click away.", gr.update(interactive=True), w)
 
 
+COLOUR_INFO = ("give each image the mean colour of a training tile with as many nuclei, while the model cannot "
+               "see it yet (its first steps); off: the model's own guess, the paper's sampling, often too dark "
+               "for a briefly trained model")
+
+
+def colour_option(ckpt: str | None, ctx: AppContext):
+    """The 'Colour from training tiles' checkbox for an image model: on, and changeable, when the model
+    stores its training tiles' colours (engine.colour_prior, ``export-model --reference DIR``); off and
+    locked, saying why, when it stores none."""
+    from engine.checkpoint import stored_tensor_names
+    from engine.colour_prior import COLOUR_KEY
+
+    try:
+        has = COLOUR_KEY in stored_tensor_names(ckpt or ctx.default_checkpoint("image"))
+    except NuDiffError:
+        has = False
+    if has:
+        return gr.update(value=True, interactive=True, info=COLOUR_INFO)
+    return gr.update(value=False, interactive=False,
+                     info="this model stores no training colours (add them with `python -m engine export-model "
+                          "MODEL OUT --reference DIR`, DIR its labeled training images)")
+
+
 def build(ctx: AppContext, ui) -> None:
     gr.Markdown("Synthesize H&E images whose nuclei follow the current structure. Higher guidance *w* follows "
                 "the structure more strictly and makes nuclei starker; the paper uses w = 2. A model trained for "
@@ -108,6 +131,8 @@ def build(ctx: AppContext, ui) -> None:
                     ui.sy_cal_n = gr.Number(value=8, precision=0, minimum=1, maximum=64, label="Real tiles",
                                             scale=1, elem_id="sy-cal-n")
                     ui.sy_cal_run = gr.Button("Calibrate", scale=1, elem_id="sy-cal-run")
+            ui.sy_colour = gr.Checkbox(value=False, label="Colour from training tiles", info=COLOUR_INFO,
+                                       interactive=False, elem_id="sy-colour")
             with gr.Row():
                 ui.sy_sampler = gr.Dropdown(list(SAMPLERS), value="ddim", label="Sampler", info=SAMPLER_INFO)
                 ui.sy_steps = gr.Number(value=20, precision=0, minimum=1, maximum=1000, label="Steps",
@@ -162,6 +187,9 @@ class SynthesizeHandlers:
     def advice(self, ckpt):
         return w_advice(ckpt, self.ctx)
 
+    def colour(self, ckpt):
+        return colour_option(ckpt, self.ctx)
+
     @ui_action(2)
     def use_w(self, ckpt):
         from engine.guidance import recommended_w
@@ -200,8 +228,10 @@ class SynthesizeHandlers:
                 f"{cal.real_contrast:.0f}; synthetic at w {grid}). The slider is set to it."), cal.w, advice, button
 
     @ui_action(2)
-    def synthesize(self, sid, ckpt, w, sampler, steps, seed, variants, request: gr.Request, progress=gr.Progress()):
-        """Images for the session's current condition (its sampled structure, or one rebuilt after an edit)."""
+    def synthesize(self, sid, ckpt, w, sampler, steps, seed, variants, colour=False, request: gr.Request = None,
+                   progress=gr.Progress()):
+        """Images for the session's current condition (its sampled structure, or one rebuilt after an edit);
+        ``colour``: with the model's stored training colours (engine.colour_prior)."""
         from engine.pipeline import plan_image_canvas
 
         ctx = self.ctx
@@ -210,6 +240,9 @@ class SynthesizeHandlers:
         if sess.current is None:
             raise NuDiffError("no structure to synthesize from: sample one in Structures or make one in Edit")
         model = ctx.model(ckpt, "image")
+        if colour and model.colour_reference is None:
+            raise NuDiffError(f"{ctx.checkpoint_name(model)} stores no training colours: untick 'Colour from "
+                              "training tiles', or export the model with --reference DIR")
         with sess.lock:
             cond = sess.current.condition()
         inst = cond.inst
@@ -218,13 +251,14 @@ class SynthesizeHandlers:
         progress(0, desc="Synthesizing")
         imgs = ctx.worker.run("synthesize", dict(checkpoint=str(model.path), structures=[cond], w=float(w),
                                                  sampler=sampler, steps=int(steps), seed=int(seed),
-                                                 variants=int(variants), tiling=ctx.tiling),
+                                                 variants=int(variants), tiling=ctx.tiling,
+                                                 colour_prior="model" if colour else None),
                               progress=lambda i, t: progress((i, t), desc=desc), cancel=sess.cancel.is_set)
         results = []
         for v, img in enumerate(imgs):
             prov = Provenance.of(cond, image_checkpoint=ctx.checkpoint_name(model), image_sha256=model.sha256,
                                  seed=int(seed) + v, w=float(w), sampler=sampler, steps=int(steps), variant=v,
-                                 precision=model.precision,
+                                 precision=model.precision, colour_prior="model" if colour else "",
                                  **plan.meta())
             results.append(Result(img, inst, prov.to_dict()))
         with sess.lock:
@@ -232,8 +266,9 @@ class SynthesizeHandlers:
             sess.selected_result = 0
         tiled = (f", {inst.shape[0]}×{inst.shape[1]} px as {plan.windows} windows of {plan.grid.tile} px"
                  if plan.tiled else "")
+        colours = ", colours of its training tiles" if colour else ""
         return (f"Synthesized {len(imgs)} image(s) from `{ctx.checkpoint_name(model)}` (w = {float(w):g}, {sampler}, "
-                f"{int(steps)} steps{tiled})."), result_gallery(sess)
+                f"{int(steps)} steps{tiled}{colours})."), result_gallery(sess)
 
     def cancel(self, sid, request: gr.Request):
         self.ctx.session(sid, request).cancel.set()
@@ -247,6 +282,8 @@ def wire(ctx: AppContext, ui) -> None:
     ui.w_advice = h.advice
     ui.sy_refresh.click(h.refresh, ui.sy_ckpt, ui.sy_ckpt, api_visibility="private")
     ui.sy_ckpt.change(h.advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w], api_visibility="private")
+    ui.sy_ckpt.change(h.colour, ui.sy_ckpt, ui.sy_colour, api_visibility="private")
+    ui.colour_option = h.colour
     ui.sy_use_w.click(h.use_w, ui.sy_ckpt, [ui.sy_status, ui.sy_w], api_name="use_calibrated_w")
     ui.sy_paper_w.click(h.paper_w, None, [ui.sy_status, ui.sy_w], api_name="use_paper_w")
     ui.sy_cal_run.click(h.calibrate, [ui.sid, ui.sy_ckpt, ui.sy_cal_real, ui.sy_cal_n, ui.train_folder],
@@ -254,7 +291,7 @@ def wire(ctx: AppContext, ui) -> None:
                         concurrency_id="compute", concurrency_limit=1)
     ui.sy_sampler.change(sampler_steps, ui.sy_sampler, ui.sy_steps, api_visibility="private")
     ui.sy_run.click(h.synthesize, [ui.sid, ui.sy_ckpt, ui.sy_w, ui.sy_sampler, ui.sy_steps, ui.sy_seed,
-                                   ui.sy_variants],
+                                   ui.sy_variants, ui.sy_colour],
                     [ui.sy_status, ui.sy_gallery], api_name="synthesize", concurrency_id="compute",
                     concurrency_limit=1)
     ui.sy_cancel.click(h.cancel, ui.sid, ui.sy_status, api_name="cancel_synthesis", queue=False)

@@ -146,6 +146,7 @@ def _wire_cross_tab(ctx: AppContext, ui, demo: gr.Blocks) -> None:
 
     demo.load(refresh_models, [ui.st_ckpt, ui.sy_ckpt], [ui.st_ckpt, ui.sy_ckpt], api_visibility="private")
     demo.load(ui.w_advice, ui.sy_ckpt, [ui.sy_wrec, ui.sy_use_w, ui.sy_w], api_visibility="private")
+    demo.load(ui.colour_option, ui.sy_ckpt, ui.sy_colour, api_visibility="private")
 
 
 # the queue looks for new events this often when idle (Gradio's default: every 1 ms), and for progress to send

@@ -272,6 +272,38 @@ def test_calibrate_w_stores_it_and_sets_the_slider(client, tiny_checkpoints, lab
     assert "on 2 tiles" in status and json.loads(Path(ckpt).read_text())["guidance"]["n_tiles"] == 2
 
 
+def test_colour_from_training_tiles_for_a_model_that_stores_them(client, tiny_checkpoints, labeled_folder, tmp_path):
+    """The Synthesize tab's 'Colour from training tiles': on (and changeable) for a model exported with its
+    training tiles' colours, locked off for one without; through the API the synthesis uses the stored
+    colours, says so, and a model without them is refused in one line."""
+    from engine import cli
+    from nudiff_app.synthesize_tab import colour_option
+
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    assert cli.main(["export-model", i_ckpt, str(tmp_path / "coloured"), "--fp32", "--reference",
+                     str(labeled_folder)]) == 0
+    coloured = str(tmp_path / "coloured.json")
+    on, off = colour_option(coloured, None), colour_option(i_ckpt, None)
+    assert on["value"] is True and on["interactive"] is True
+    assert off["value"] is False and off["interactive"] is False and "stores no training colours" in off["info"]
+    client.predict(s_ckpt, 1, "ddim", 3, 7, api_name="/sample_structures")
+    client.predict(0, api_name="/send_to_synthesize")
+
+    def pixels(results) -> np.ndarray:
+        item = results[0]["image"]
+        return cv2.imread(item["path"] if isinstance(item, dict) else item)
+
+    status, plain = client.predict(coloured, 1.0, "ddim", 4, 5, 1, False, api_name="/synthesize")
+    assert status.startswith("Synthesized 1 image(s)") and "colours" not in status, status
+    status, lit = client.predict(coloured, 1.0, "ddim", 4, 5, 1, True, api_name="/synthesize")
+    assert status.startswith("Synthesized 1 image(s)") and "colours of its training tiles" in status, status
+    assert not np.array_equal(pixels(plain), pixels(lit))
+    status, _ = client.predict(i_ckpt, 1.0, "ddim", 4, 5, 1, True, api_name="/synthesize")
+    assert status.startswith("**Error:**") and "stores no training colours" in status and "\n" not in status
+    status, _ = client.predict(i_ckpt, 1.0, "ddim", 4, 5, 1, api_name="/synthesize")  # off by default
+    assert status.startswith("Synthesized 1 image(s)"), status
+
+
 def test_realism_filter_through_the_api(studio, tiny_checkpoints, tmp_path):
     from engine.checkpoint import load_checkpoint, save_checkpoint
 
