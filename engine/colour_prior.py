@@ -44,8 +44,8 @@ COLOUR_KEY = "reference.colour"
 SNR_MAX = 3e-2
 MAX_COLOURS = 512
 #: a sample's layout is matched with this share of the stored tiles, those of the nearest foreground
-#: fraction (on MoNuSeg validation layouts, 128 px, demo models: each image's L* 9.1 from its real tile's
-#: against 13.6 for a draw among all tiles; docs/benchmarks.md §13)
+#: fraction (on MoNuSeg validation layouts, 128 px, demo image model: each image's L* 8.1 from its real
+#: tile's against 12.2 for a draw among all tiles; bench/colour_match.py, docs/benchmarks.md §13)
 MATCH_SHARE = 0.1
 
 
