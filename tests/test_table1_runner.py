@@ -262,11 +262,13 @@ print("state", jobs[0].state, flush=True)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     log = tmp_path / "logs" / "sleeper.log"
-    deadline = time.time() + 300  # generous: under a loaded machine a job's interpreter can be slow to start
-    while not (log.exists() and "up" in log.read_text()) and time.time() < deadline:
+    # the job's own "up" line (its command line, which the runner writes first, contains the word too: a
+    # signal sent then reached a job whose interpreter had not started, on a loaded machine)
+    deadline = time.time() + 300
+    while not (log.exists() and "up" in log.read_text().splitlines()) and time.time() < deadline:
         time.sleep(0.1)
-    assert "up" in log.read_text(), "the runner's job did not start within 300 s"  # (a signal before it ran
-    proc.send_signal(signum)  # would test nothing: the job must be running when the runner is stopped)
+    assert "up" in log.read_text().splitlines(), "the runner's job did not start within 300 s"
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=60)
     assert "interrupted: stopping sleeper" in out and "state interrupted" in out, out
     assert "KeyboardInterrupt" in log.read_text()  # the job acted on its SIGINT (not inherited as ignored)
