@@ -219,12 +219,14 @@ def test_a_training_of_other_settings_is_set_aside_and_one_of_another_budget_res
 
 
 def test_ctrl_c_stops_running_jobs_and_marks_them_interrupted(tmp_path):
-    jobs = [Job("sleeper", py("import time; time.sleep(60)")), Job("next", py("pass"), after=["sleeper"])]
+    jobs = [Job("sleeper", py("print('up', flush=True); import time; time.sleep(60)")),
+            Job("next", py("pass"), after=["sleeper"])]
+    log = tmp_path / "logs" / "sleeper.log"
 
-    def interrupt() -> None:
-        while jobs[0].state != "running":
+    def interrupt() -> None:  # once the job runs (its own "up" line: a fixed delay raced a slow start)
+        deadline = time.time() + 300
+        while not (log.exists() and "up" in log.read_text().splitlines()) and time.time() < deadline:
             time.sleep(0.05)
-        time.sleep(0.5)
         signal.raise_signal(signal.SIGINT)  # as `timeout -s INT` or Ctrl-C would
 
     if threading.current_thread() is not threading.main_thread():
