@@ -86,6 +86,8 @@ class Job:
     run_dir: Path | None = None  # a training's run folder: done only when it ended on its budget (see finished)
     output: Path | None = None  # a job that always runs (done None): the folder it writes, for --status
     run: str | None = None  # a segmenter job: its run's name (engine.evaluate.run_name), for the ledger
+    pct: str | None = None  # a segmenter job: its fraction ("10") ...
+    arm: str | None = None  # ... and its arm ("labeled" | "augmented")
 
     def finished(self) -> bool:
         """Whether the job's output is there: its ``done`` file and, for a training, a run that ended on its
@@ -600,12 +602,12 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
             jobs.append(Job(f"segmenter {pct}% augmented r{r}", py + [
                 "evaluate", *seg, "--only-repeat", str(r), "--fractions", pct, "--arms", "augmented",
                 "--synthetic", f"{pct}={synth}", *per_repeat], [f"pairs {pct}%"], priority=prio(pct, "augmented"),
-                run=run_name(float(pct) / 100, "augmented", r)))
+                run=run_name(float(pct) / 100, "augmented", r), pct=pct, arm="augmented"))
     for pct in _pct_list(args.labeled):
         for r in range(args.repeats):
             jobs.append(Job(f"segmenter {pct}% labeled r{r}", py + [
                 "evaluate", *seg, "--only-repeat", str(r), "--fractions", pct, "--arms", "labeled"],
-                priority=prio(pct, "labeled"), run=run_name(float(pct) / 100, "labeled", r)))
+                priority=prio(pct, "labeled"), run=run_name(float(pct) / 100, "labeled", r), pct=pct, arm="labeled"))
     return jobs
 
 
@@ -654,8 +656,7 @@ def ledger_keeper(args: argparse.Namespace, chains: dict[str, str], choices: lis
         if job.run is None:
             return
         metrics = json.loads((args.work / "evaluate" / "runs" / job.run / "metrics.json").read_text())
-        pct, arm = job.run.split("pct_")[0], job.run.split("_")[1]
-        c = by_pct.get(pct) if arm == "augmented" else None
+        c = by_pct.get(job.pct) if job.arm == "augmented" else None
         models = model_record(c, args.work, args.seed, train_sha256) if c is not None else None
         path = write_entry(args.ledger, job.run, job.name, chains[job.name], metrics, models)
         print(f"ledger: {job.run} kept in {path}", flush=True)

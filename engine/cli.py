@@ -277,10 +277,7 @@ def _colour_prior(source: str | None, model) -> "np.ndarray | None":
     if not source:
         return None
     if source == "model":
-        if model.colour_reference is None:
-            raise NuDiffError(f"{model.path.name} stores no training colours: export it with export-model "
-                              "--reference DIR, or give --colour-prior DIR")
-        return model.colour_reference
+        return model.stored_colours()
     return _folder_colours(source, model.image_size)
 
 

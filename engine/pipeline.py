@@ -67,6 +67,14 @@ class LoadedModel:
         """Where the model's weights (and its sampling's tensors) are."""
         return next(self.model.parameters()).device
 
+    def stored_colours(self) -> np.ndarray:
+        """The training tiles' colours stored with this image model (engine.colour_prior): (K, 3|4) float32;
+        CheckpointError if it stores none. The one check behind every "colour prior: model" request."""
+        if self.colour_reference is None:
+            raise CheckpointError(f"{self.path.name} stores no training colours: add them with `python -m engine "
+                                  "export-model --reference DIR`, or synthesize without the model's colours")
+        return self.colour_reference
+
     @property
     def precision(self) -> str:
         """What sampling with this model computes in here: "bf16" (autocast) or "fp32"; recorded with every

@@ -78,9 +78,7 @@ def _task_synthesize(models, device, kw, progress, cancel):
 
     model = _load(models, kw.pop("checkpoint"), "image", device)
     if kw.get("colour_prior") == "model":  # the colours stored with the model (engine.colour_prior)
-        if model.colour_reference is None:
-            raise CheckpointError(f"{model.path.name} stores no training colours")
-        kw["colour_prior"] = model.colour_reference
+        kw["colour_prior"] = model.stored_colours()
     return synthesize(model, progress=progress, cancel=cancel, **kw)
 
 

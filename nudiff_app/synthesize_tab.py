@@ -240,9 +240,8 @@ class SynthesizeHandlers:
         if sess.current is None:
             raise NuDiffError("no structure to synthesize from: sample one in Structures or make one in Edit")
         model = ctx.model(ckpt, "image")
-        if colour and model.colour_reference is None:
-            raise NuDiffError(f"{ctx.checkpoint_name(model)} stores no training colours: untick 'Colour from "
-                              "training tiles', or export the model with --reference DIR")
+        if colour:
+            model.stored_colours()  # refused here, before any work, if the model stores none
         with sess.lock:
             cond = sess.current.condition()
         inst = cond.inst
