@@ -61,6 +61,11 @@ def filter_suffix(args) -> str:
     return f"-k{args.oversample:g}" if args.oversample > 1 else ""
 
 
+def colour_suffix(args) -> str:
+    """File-name suffix of the colour prior: "" (off), "-cp" (the split's train images), "-cpm" (the model's)."""
+    return {None: "", "train": "-cp", "model": "-cpm"}[args.colour_prior]
+
+
 def load_role(data: Path, stems):
     images = [read_image(data / "images" / f"{s}.png") for s in stems]
     labels = [read_label(data / "labels" / f"{s}.png") for s in stems]
@@ -70,7 +75,7 @@ def load_role(data: Path, stems):
 def synthetic_set(args, w: float, cache: Path, real_labels=None, colours=None):
     """(images, insts) of n synthetic tiles at w, cached. real_labels: with --real-layouts, the real tiles'
     instance maps to draw the n layouts from (seeded), instead of sampling them. colours: the
-    --colour-prior's (K, 3) training tile colours (engine.colour_prior), or None."""
+    --colour-prior's (K, 3|4) training tile colours (engine.colour_prior), or None."""
     import torch
 
     from engine.pipeline import load_model, sample_structures, synthesize
@@ -94,8 +99,7 @@ def synthetic_set(args, w: float, cache: Path, real_labels=None, colours=None):
         structures = [s.structure for s in samples]
         insts = [s.inst for s in samples]
         np.savez_compressed(f_struct, structures=np.stack(structures), insts=np.stack(insts))
-    cp = "-cp" if colours is not None else ""
-    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}{cp}.npz"
+    f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}{colour_suffix(args)}.npz"
     if f_img.exists():
         images = list(np.load(f_img)["images"])
     else:
@@ -152,9 +156,11 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=TwoSampleConfig.epochs,
                     help="two-sample classifier epochs (its fixed recipe's; fewer only for quick checks: figures "
                          "made with other epochs are not comparable)")
-    ap.add_argument("--colour-prior", action="store_true",
-                    help="give each image the mean colour of a tile of the split's train images while the model "
-                         "cannot see it (engine.colour_prior)")
+    ap.add_argument("--colour-prior", nargs="?", const="train", choices=("train", "model"), default=None,
+                    help="give each image, while the model cannot see it, the mean colour of a training tile "
+                         "(engine.colour_prior): of the split's train images ('train', the default), or the "
+                         "colours stored with the image model ('model': what the studio and synthesize "
+                         "--colour-prior model use)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path.home() / ".cache" / "nudiff" / "realism")
     args = ap.parse_args(argv)
@@ -188,8 +194,14 @@ def main(argv=None):
                "oversample": args.oversample, "real_layouts": args.real_layouts,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
-    colours = tile_mean_colours(t_img, args.size, labels=t_lab) if args.colour_prior else None
-    results["colour_prior"] = bool(args.colour_prior)
+    colours = None
+    if args.colour_prior == "train":
+        colours = tile_mean_colours(t_img, args.size, labels=t_lab)
+    elif args.colour_prior == "model":
+        from engine.pipeline import load_model
+
+        colours = load_model(args.image, kind="image").stored_colours()
+    results["colour_prior"] = args.colour_prior or ""
     for w in ws:
         s_img, s_lab = synthetic_set(args, w, cache, real256_labels, colours)
         q_img, q_lab = grid_tiles(s_img, s_lab, args.size // 2)  # the quadrants of each tile
@@ -211,7 +223,7 @@ def main(argv=None):
             row[f"copying_{size}"] = copy_check(tiles, tt, boxes, size=size).to_dict()
         print(f"  scored w={w:g} in {time.time() - t:.0f} s", file=sys.stderr)
         results["by_w"][f"{w:g}"] = row
-    out = cache / f"realism-{args.role}{filter_suffix(args)}{'-cp' if args.colour_prior else ''}.json"
+    out = cache / f"realism-{args.role}{filter_suffix(args)}{colour_suffix(args)}.json"
     prev = json.loads(out.read_text()) if out.exists() else {}
     if prev.get("by_w") and prev.get("classifier") == results["classifier"]:  # rows of one recipe only
         results["by_w"] = {**prev["by_w"], **results["by_w"]}

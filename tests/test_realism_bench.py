@@ -85,3 +85,39 @@ def test_real_layouts_judge_the_image_model_on_the_roles_own_labels(setup, capsy
     assert not list((root / "work" / "images").glob("structures-*"))  # no layout was sampled
     with pytest.raises(SystemExit):
         realism.main(["--name", "x", "--real-layouts", "--size", "128", *args])
+
+
+def test_colour_prior_from_the_split_or_from_the_model(setup, capsys, tmp_path):
+    import numpy as np
+
+    from engine.checkpoint import export_inference
+    from engine.colour_prior import tile_mean_colours
+    from engine.errors import CheckpointError
+
+    root, args = setup
+    at = args.index("--image") + 1
+    plain = args[at]
+    with pytest.raises(CheckpointError, match="stores no training colours"):  # a model without colours
+        realism.main(["--name", "cpm", "--real-layouts", "--colour-prior", "model", *args])
+    _run(["--name", "cpm", "--real-layouts", "--colour-prior", *args], capsys)  # the split's train images
+    cache = root / "work" / "cpm"
+    assert json.loads((cache / "realism-validation-real-layouts-cp.json").read_text())["colour_prior"] == "train"
+    split = np.load(cache / "images-256-n4-s0-2-real-layouts-w2-cp.npz")["images"]
+
+    def with_table(name, table):
+        model = export_inference(plain, tmp_path / name, half=False, colours=table)
+        _run(["--name", name, "--real-layouts", "--colour-prior", "model",
+              *args[:at], str(model), *args[at + 1:]], capsys)
+        res = json.loads((root / "work" / name / "realism-validation-real-layouts-cpm.json").read_text())
+        assert res["colour_prior"] == "model"
+        return np.load(root / "work" / name / "images-256-n4-s0-2-real-layouts-w2-cpm.npz")["images"]
+
+    # the model's stored table is the one used: the split's own table stored with the model gives the same
+    # images bit for bit, another table other images
+    data = Path(args[args.index("--data") + 1])
+    stems = json.loads(Path(args[args.index("--split") + 1]).read_text())["train"]
+    t_img, t_lab = realism.load_role(data, stems)
+    same = with_table("cpm-same", tile_mean_colours(t_img, 256, labels=t_lab))
+    blue = with_table("cpm-blue", np.tile(np.array([[-0.8, -0.6, 0.9, 0.2]], np.float32), (6, 1)))
+    assert same.shape == split.shape == blue.shape == (4, 256, 256, 3)
+    assert np.array_equal(same, split) and not np.array_equal(blue, split)
