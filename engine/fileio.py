@@ -28,23 +28,43 @@ from typing import Any
 
 from engine.errors import CheckpointError, NuDiffError
 
-__all__ = ["TEMP_NAME", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes", "held_temp",
-           "remove_stale_temps", "file_sha256", "read_json_record", "is_whole_number", "check_format", "resolve_device",
-           "safetensors_paths"]
+__all__ = ["TEMP_NAME", "process_umask", "temp_beside", "commit", "discard", "atomic_output", "atomic_write_bytes",
+           "held_temp", "remove_stale_temps", "file_sha256", "read_json_record", "is_whole_number", "check_format",
+           "resolve_device", "safetensors_paths"]
 
 #: Name of the temporary file a write of ``<target>`` goes through (made by :func:`temp_beside`):
 #: ``.<target>.<random>.tmp``.
 TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.(?P<random>[A-Za-z0-9_]+)\.tmp$")
 
 
+def process_umask() -> int:
+    """This process's umask (from /proc on Linux, without changing it; elsewhere set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def temp_beside(target: str | os.PathLike, *, folder: bool = False) -> Path:
-    """A new, empty temporary file (or folder) in target's folder, named ``.<target name>.<random>.tmp``."""
+    """A new, empty temporary file (or folder) in target's folder, named ``.<target name>.<random>.tmp``,
+    with the permissions a plain ``open`` (``mkdir``) would give it: 0o666 (0o777) less the umask. tempfile
+    makes them private (0o600, 0o700), and the rename would carry that onto the finished file, so that a
+    checkpoint or an export shared in a lab's folder could be read by its writer alone."""
     target = Path(target)
     if folder:
-        return Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    return Path(name)
+        path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        os.close(fd)
+        path = Path(name)
+    os.chmod(path, (0o777 if folder else 0o666) & ~process_umask())
+    return path
 
 
 def commit(tmp: str | os.PathLike, target: str | os.PathLike, *, fsync: bool = True) -> None:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import pytest
 
 from engine.errors import CheckpointError, DataError
 from engine.fileio import (TEMP_NAME, atomic_output, atomic_write_bytes, check_format, commit, file_sha256,
-                           is_whole_number, read_json_record, resolve_device, temp_beside)
+                           is_whole_number, process_umask, read_json_record, resolve_device, temp_beside)
 
 
 def test_atomic_write_replaces_whole_and_leaves_no_temporary(tmp_path):
@@ -97,3 +100,23 @@ def test_the_same_tensors_and_metadata_give_the_same_safetensors_bytes_in_every_
     with safe_open(str(tmp_path / "0.safetensors"), "pt") as f:
         assert f.metadata() == {"kind": "structure", "format": "1", "state": '{"step": 3}', "extra": "é"}
         assert f.get_tensor("w").tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]] and f.get_tensor("b").tolist() == [1, 1]
+
+
+def test_finished_files_and_folders_get_the_umask_permissions_not_private_ones(tmp_path):
+    """A checkpoint or export written through a temporary is readable as any file the user makes: tempfile's
+    private 0o600 / 0o700 would otherwise be renamed onto it."""
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o027)
+    try:
+        assert process_umask() == 0o027
+        atomic_write_bytes(tmp_path / "a.bin", b"x")
+        with atomic_output(tmp_path / "d", folder=True) as d:
+            (d / "f").write_bytes(b"y")
+        assert (mode(tmp_path / "a.bin"), mode(tmp_path / "d")) == (0o640, 0o750)
+        os.umask(0o002)
+        atomic_write_bytes(tmp_path / "b.bin", b"x")
+        assert mode(tmp_path / "b.bin") == 0o664
+    finally:
+        os.umask(old)
