@@ -361,6 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "for the realism filter (generate --oversample). Image model: store their tiles' mean "
                         "colours (synthesize --colour-prior model) and calibrate its guidance w against them (as "
                         "calibrate-w with its defaults)")
+    p.add_argument("--keep-w", action="store_true",
+                   help="image model with --reference: keep the calibrated w the source's record holds (re-exporting "
+                        "a calibrated model to add its colours) instead of calibrating again")
 
     p = sub.add_parser("calibrate-w", help="measure the guidance scale w at which an image model's nuclei stand out "
                                            "as much as real ones, and store it in the model's record")
@@ -820,7 +823,7 @@ def _run(args: argparse.Namespace) -> int:
         path = export_inference(args.src, args.dst, half=not args.fp32, extra=extra, reference=reference,
                                 colours=colours)
         print(path)
-        if image:
+        if image and not args.keep_w:
             _calibrate(path, args.reference)
         return 0
     if cmd == "calibrate-w":

@@ -131,3 +131,22 @@ def test_cli_export_model_with_reference_calibrates_an_image_model(tmp_path, tin
     rec = json.loads((tmp_path / "exported.json").read_text())
     assert rec["guidance"]["reference"] == labeled_folder.name and rec["guidance"]["n_tiles"] >= 1
     assert "recommended w" in r.stdout
+
+
+def test_cli_export_model_keep_w_adds_colours_to_a_calibrated_model(tmp_path, tiny_checkpoints, labeled_folder):
+    """--keep-w: the colours are added, the source's calibration and weights are kept, nothing is sampled."""
+    import torch
+
+    src = export_inference(tiny_checkpoints[1], tmp_path / "calibrated", half=False)
+    cal = {"w": 3.25, "real_contrast": 60.0, "contrast_by_w": {"0": 20.0, "4": 70.0}, "reference": "elsewhere"}
+    src.write_text(json.dumps({**json.loads(src.read_text()), "guidance": cal}))
+    assert "reference.colour" not in load_checkpoint(src).tensors
+    r = _cli("export-model", str(src), str(tmp_path / "kept"), "--fp32", "--reference", str(labeled_folder),
+             "--keep-w")
+    assert r.returncode == 0, r.stderr
+    assert "recommended w" not in r.stdout
+    assert json.loads((tmp_path / "kept.json").read_text())["guidance"] == cal
+    a, b = load_checkpoint(src), load_checkpoint(tmp_path / "kept.json")
+    assert b.tensors["reference.colour"].shape[1] == 4  # colours with the tiles' foreground fractions
+    assert set(a.tensors) | {"reference.colour"} == set(b.tensors)
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in a.tensors)
