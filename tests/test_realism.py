@@ -83,6 +83,39 @@ def test_copy_check_reference_ignores_overlapping_tiles():
     assert with_boxes.real_nn["min"] > 0
 
 
+def _brute_force(synthetic, tiles, boxes, size, queries):
+    """The copy check's figures from whole distance matrices (what copy_check computes in blocks)."""
+    from engine.copying import _dihedral
+
+    ref = thumbnails(tiles).reshape(len(tiles), -1).astype(np.float64)
+    rms = lambda q: np.sqrt(((q[:, None, :] - ref[None]) ** 2).mean(-1))  # noqa: E731
+    d_rr = rms(ref[queries])
+    b = np.asarray(boxes)
+    same = (b[queries, None, 0] == b[None, :, 0]) & (np.abs(b[queries, None, 1] - b[None, :, 1]) < size) & \
+        (np.abs(b[queries, None, 2] - b[None, :, 2]) < size)
+    d_rr[same | (queries[:, None] == np.arange(len(ref))[None])] = np.inf
+    syn = thumbnails(synthetic)
+    d = np.min(np.stack([rms(v.reshape(len(v), -1).astype(np.float64)) for v in _dihedral(syn)]), axis=0)
+    return float(np.quantile(d_rr.min(1), 0.01)), d.min(1), d.argmin(1)
+
+
+def test_copy_check_in_blocks_gives_the_whole_matrix_figures():
+    """Distances come a block of rows at a time (memory O(chunk * N), not N^2), and beyond max_queries the
+    threshold comes from evenly spaced training tiles: the same figures as whole matrices of those rows."""
+    train = [make_tile(192, seed=s)[0] for s in range(2)]
+    tiles, boxes = training_tiles(train, 48)  # 2 x 49 tiles, overlapping at stride 24
+    synthetic = [np.rot90(tiles[30]).copy(), *_tiles(4, size=48, seed=500)]
+    n = len(tiles)
+    for max_queries, queries in ((n, np.arange(n)), (10, np.unique(np.linspace(0, n - 1, 10).round().astype(int)))):
+        threshold, dist, nearest = _brute_force(synthetic, tiles, boxes, 48, queries)
+        res = copy_check(synthetic, tiles, boxes, size=48, max_queries=max_queries, chunk=7)
+        assert res.threshold == pytest.approx(threshold, abs=1e-6)
+        assert np.allclose(res.distance, dist, atol=1e-6) and list(res.nearest) == list(nearest)
+        assert res.flagged == [0] and res.n_training_tiles == n
+    assert copy_check(synthetic, tiles, boxes, size=48).threshold != \
+        copy_check(synthetic, tiles, boxes, size=48, max_queries=10).threshold  # the subsample is used
+
+
 def test_thumbnails_and_bad_input():
     th = thumbnails([np.full((100, 80, 3), 255, np.uint8)])
     assert th.shape == (1, 32, 32, 3) and th.dtype == np.float32 and np.allclose(th, 1.0)
