@@ -207,7 +207,10 @@ def test_build_zip_exports_the_accepted_pairs_in_the_asked_formats(ctx):
     assert Path(button["value"]).parent == ctx.exports_dir / sid
 
 
-def test_assess_refuses_missing_folders(ctx, labeled_folder):
+def test_assess_refuses_missing_folders(tmp_path, tiny_checkpoints, labeled_folder):
+    # the tiny models: the copy check's default training folder is their own small one, wherever the demo
+    # models' training data may lie on this machine
+    ctx = AppContext(tmp_path / "work", *tiny_checkpoints)
     h = ExportHandlers(ctx)
     sid = "handlers-test"
     _basket(ctx, 2, sid)
@@ -216,7 +219,10 @@ def test_assess_refuses_missing_folders(ctx, labeled_folder):
     assert h.assess(sid, True, "", "", True, "", None).startswith("**Error:** the two-sample test needs")
     assert h.assess(sid, True, "", "", False, "/nonexistent/train", None) == \
         "**Error:** training folder not found: /nonexistent/train"
-    report = h.assess(sid, True, str(labeled_folder), "", False, "", None)
+    try:
+        report = h.assess(sid, True, str(labeled_folder), "", False, "", None)
+    finally:
+        ctx.close()
     assert not report.startswith("**Error:**") and "2" in report
 
 
