@@ -167,10 +167,9 @@ def copy_check(synthetic: Sequence[np.ndarray], train_tiles: Sequence[np.ndarray
         raise DataError("copy check: the training tiles all overlap each other; give more training images")
     threshold = float(np.quantile(real_nn, quantile))
     syn = thumbnails(synthetic)
-    views = [_rows_nearest(v, ref, None, chunk) for v in _dihedral(syn)]  # (distance, index) per flip / turn
-    best = np.argmin(np.stack([d for d, _ in views]), axis=0)  # the view nearest to any training tile
-    dist = np.array([views[v][0][i] for i, v in enumerate(best)])
-    nearest = np.array([views[v][1][i] for i, v in enumerate(best)])
+    dists, indices = map(np.stack, zip(*(_rows_nearest(v, ref, None, chunk) for v in _dihedral(syn))))  # (8, Ns)
+    best, rows = dists.argmin(axis=0), np.arange(len(syn))  # per synthetic tile: its flip / turn nearest to any
+    dist, nearest = dists[best, rows], indices[best, rows]
     flagged = [int(i) for i in np.flatnonzero(dist < threshold)]
     return CopyCheck(nearest=[int(i) for i in nearest], distance=[float(x) for x in dist], threshold=threshold,
                      real_nn=_summary(real_nn), flagged=flagged, n_training_tiles=n, quantile=quantile)
