@@ -237,8 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "runs whose chain is unchanged: the table then outlives its --work folder "
                          "(bench/run_ledger.py)")
     ap.add_argument("--status", action="store_true",
-                    help="print how far each job of this command has come (from WORK's files) and exit; runs, "
-                         "moves and writes nothing")
+                    help="print how far each job of this command has come (from WORK's files), and the table of "
+                         "the fractions whose runs are all in, and exit; runs, moves and writes nothing")
     return ap
 
 
@@ -744,6 +744,29 @@ def progress_report(jobs: list[Job]) -> str:
     return "\n".join(lines + [f"{done} of {len(jobs)} jobs done"])
 
 
+def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[str, dict]) -> str:
+    """The table (paper beside it) of the fractions whose every segmenter run, both arms and all repeats, has
+    finished: from the ledger entries ``found`` or WORK's metrics.json. A fraction part-way through is left
+    out, so that no row is read before all its runs are in. "" when none is complete."""
+    from engine.evaluate import table_rows, format_markdown
+
+    by_pct: dict[str, list[Job]] = {}
+    for j in jobs:
+        if j.run:
+            by_pct.setdefault(j.pct, []).append(j)
+    runs = []
+    for pct, group in by_pct.items():
+        if {j.arm for j in group} != {"labeled", "augmented"} or not all(j.finished() for j in group):
+            continue
+        for j in group:
+            runs.append(found[j.name]["metrics"] if j.name in found else
+                        json.loads((args.work / "evaluate" / "runs" / j.run / "metrics.json").read_text()))
+    if not runs:
+        return ""
+    rows = table_rows(runs, sorted({float(r["fraction"]) for r in runs}))
+    return format_markdown(rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+
+
 def image_stage_steps(total: int) -> tuple[str, str]:
     """(conditional, classifier-free) steps of an image model given ``total``: 3:1, each at least 1."""
     first = min(max(1, round(total * 0.75)), max(1, total - 1))
@@ -927,11 +950,14 @@ def main(argv: list[str] | None = None) -> int:
         for c in choices:
             print(f"models {c.pct}%: {c.action} ({c.reason})"
                   + (f"; a run would set aside {len(c.set_aside)} outputs" if c.set_aside else ""))
-        jobs = plan(args, folders["train"], folders["test"], choices)
+        jobs, found = plan(args, folders["train"], folders["test"], choices), {}
         if args.ledger:
             jobs, _, found = apply_ledger(args, jobs, choices, folders["train"], folders["test"], context, False)
             print(f"ledger {args.ledger}: {len(found)} runs finished by earlier calls")
         print(progress_report(jobs))
+        table = completed_fractions(args, jobs, found)
+        print(f"\nfractions whose runs are all in (test images):\n\n{table}" if table else
+              "\nno fraction has all its runs in yet: no figure to read")
         return 0
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for c in choices:

@@ -45,7 +45,7 @@ from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_
 
 __all__ = ["METRICS", "ARMS", "ExperimentConfig", "ExperimentResult", "parse_fractions", "resolve_synthetic",
            "evaluate_segmenter", "image_metrics", "run_experiment", "collect_results", "labeled_subset",
-           "format_markdown", "format_gain", "write_table", "plot_results", "CSV_FIELDS"]
+           "table_rows", "format_markdown", "format_gain", "write_table", "plot_results", "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
@@ -327,7 +327,7 @@ def run_experiment(real: str | Path | Sequence[Any], synthetic: SyntheticSpec, t
                                  save_model=config.save_models, resume=config.resume, say=say))
             if progress is not None:
                 progress(len(runs), len(plan))
-    rows = _table_rows(runs, list(config.fractions))
+    rows = table_rows(runs, list(config.fractions))
     files = _write_results(out, config, settings, inputs, rows, runs)
     say(f"results: {files['md']}")
     return ExperimentResult(rows, runs, out, files)
@@ -449,7 +449,7 @@ def collect_results(out_dir: str | Path, log: Log | None = print) -> ExperimentR
         raise DataError("runs in " + str(out) + " were made with different settings: "
                         + ", ".join(sorted(keys)) + " (use one output folder per experiment)")
     fracs = sorted({float(r["fraction"]) for r in runs})
-    rows = _table_rows(runs, fracs)
+    rows = table_rows(runs, fracs)
     files = write_table(rows, out)
     files["png"] = plot_results(rows, out / "results.png")
     shown = next((r for r in runs if r["arm"] == "augmented"), runs[0])  # holds the augmented-only settings
@@ -545,7 +545,7 @@ def _pair_weights(real: Sequence[Tile], synthetic: Sequence[LabeledImage],
     return [(1.0 - share) / real_area] * len(real) + [share / synth_area] * len(synthetic)
 
 
-def _table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[dict[str, Any]]:
+def table_rows(runs: list[dict[str, Any]], fractions: Sequence[float]) -> list[dict[str, Any]]:
     """One row per fraction x arm: metric = mean over repeats of the per-run mean over test images,
     metric_std = their standard deviation, metric_se = the standard error of that mean (sample standard
     deviation / sqrt(repeats); both 0 with one repeat)."""

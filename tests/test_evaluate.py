@@ -274,14 +274,14 @@ def test_synthetic_share_weights():
 
 
 def test_repeats_give_a_spread_and_the_gain_a_standard_error():
-    from engine.evaluate import _table_rows, format_markdown
+    from engine.evaluate import table_rows, format_markdown
 
     def run(arm: str, aji: float) -> dict:
         return {"fraction": 0.1, "arm": arm, "n_real_tiles": 5, "n_synthetic": 0 if arm == "labeled" else 8,
                 "nuclei_fraction": 0.1, "mean": {"dice": 0.8, "aji": aji, "aji_plus": 0.6, "pq": 0.5}}
 
     runs = [run("labeled", v) for v in (0.60, 0.62, 0.64)] + [run("augmented", v) for v in (0.63, 0.66, 0.66)]
-    rows = {r["arm"]: r for r in _table_rows(runs, [0.1])}
+    rows = {r["arm"]: r for r in table_rows(runs, [0.1])}
     lab, aug = rows["labeled"], rows["augmented"]
     assert lab["repeats"] == 3 and lab["aji"] == pytest.approx(0.62)
     assert lab["aji_std"] == pytest.approx(np.sqrt(0.0008 / 3))  # population std, as the table shows it
@@ -300,7 +300,7 @@ def test_repeats_give_a_spread_and_the_gain_a_standard_error():
     assert next(line for line in md.splitlines() if line.startswith("| 10% labeled |")).endswith("| 0.6000 |")
     gain_line = next(line for line in md.splitlines() if line.startswith("| 10% |"))
     assert gain_line.endswith(f"| +0.0300 ± {se:.4f} | +0.0000 ± 0.0000 | +0.0000 ± 0.0000 | +0.0500 |")
-    one = _table_rows([runs[0], runs[3]], [0.1])
+    one = table_rows([runs[0], runs[3]], [0.1])
     assert one[0]["aji_se"] == 0.0 and "±" not in format_markdown(one)
 
 

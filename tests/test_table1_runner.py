@@ -15,8 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.monuseg import PAPER_TABLE1  # noqa: E402
 from bench.table1_monuseg import (Job, build_parser, choose_models, main, plan, read_recorded_models,  # noqa: E402
                                   run_jobs)
+from engine.evaluate import format_markdown  # noqa: E402
 
 
 def py(code: str) -> list[str]:
@@ -474,7 +476,7 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     out = capsys.readouterr().out
     assert not work.exists()  # nothing written, linked or moved
     assert "structure 100%: not started" in out and "generate 100% pairs: 0 of 2 chunks" in out
-    assert "segmenter 100% labeled r1: not started" in out and out.rstrip().endswith("0 of 11 jobs done")
+    assert "segmenter 100% labeled r1: not started" in out and "\n0 of 11 jobs done\n" in out
 
     # part-way: a training at step 1 of 2, one pair chunk made, one labeled run done and the next one
     # stopped at step 2 of its 2 (its snapshot)
@@ -502,13 +504,14 @@ def test_status_reports_how_far_each_job_has_come_and_changes_nothing(tmp_path, 
     assert "image 100% stage 1: not started" in out
     assert "generate 100% pairs: 1 of 2 chunks" in out
     assert "segmenter 100% labeled r0: done" in out and "segmenter 100% labeled r1: at step 2 of 2" in out
-    assert "pairs 100%: not started" in out and out.rstrip().endswith("2 of 11 jobs done")
+    assert "pairs 100%: not started" in out and "\n2 of 11 jobs done\n" in out
+    assert out.rstrip().endswith("no fraction has all its runs in yet: no figure to read")  # one run of four
     assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
     (work / "synthetic_100").mkdir()
     (work / "synthetic_100" / "manifest.csv").write_text("id\n")  # the pairs gathered
     assert main([*argv, "--status"]) == 0
     out = capsys.readouterr().out
-    assert "pairs 100%: done" in out and out.rstrip().endswith("3 of 11 jobs done")
+    assert "pairs 100%: done" in out and "\n3 of 11 jobs done\n" in out
 
 
 def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
@@ -537,6 +540,22 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
     models = json.loads((ledger / "100pct_augmented_r0.json").read_text())["models"]
     assert models["structure"] == first["diffusion_models"]["100"]["structure"]
     assert models["image"] == first["diffusion_models"]["100"]["image"]
+
+    # --status reads the table of complete fractions from the ledger alone (an empty work folder), the paper
+    # beside it; with one run missing, no figure
+    def status(work: Path) -> str:
+        assert main(["--train", str(train), "--split", str(split), "--test", str(other), "--work", str(work),
+                     "--ledger", str(ledger), *TINY_RUN, "--status"]) == 0
+        return capsys.readouterr().out
+
+    table = format_markdown(first["rows"], reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+    assert "| 100% labeled |" in table and "Gain of augmentation" in table
+    assert status(tmp_path / "work0").rstrip().endswith(table.rstrip())
+    kept = (ledger / "100pct_labeled_r1.json").read_bytes()
+    (ledger / "100pct_labeled_r1.json").unlink()
+    assert status(tmp_path / "work0").rstrip().endswith("no fraction has all its runs in yet: no figure to read")
+    (ledger / "100pct_labeled_r1.json").write_bytes(kept)
+    assert not (tmp_path / "work0").exists()
 
     # a new work folder (a new machine): every run restored, nothing trained, generated or run; the same table
     second, jobs, out = call(tmp_path / "work2")
