@@ -119,7 +119,7 @@ def main(argv=None) -> None:
         if "error" in r:
             print(f"| {name} | {size} | – | failed: {r['error']} | | | |")
         else:
-            print(f"| {name} | {size} | {r['n']:,} | {r['seconds']:.1f} | {r['peak_mb']:,.0f} | {r['threshold']:.4f} | "
+            print(f"| {name} | {size} | {r['n']:,} | {r['seconds']:.2f} | {r['peak_mb']:,.0f} | {r['threshold']:.4f} | "
                   f"{r['median']:.4f} |")
     if "error" not in base and "error" not in new:
         print(f"\nblocked / whole matrix at {args.small} px: time x{new['seconds'] / base['seconds']:.2f}, "
