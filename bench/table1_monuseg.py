@@ -748,7 +748,7 @@ def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[s
     """The table (paper beside it) of the fractions whose every segmenter run, both arms and all repeats, has
     finished: from the ledger entries ``found`` or WORK's metrics.json. A fraction part-way through is left
     out, so that no row is read before all its runs are in. "" when none is complete."""
-    from engine.evaluate import table_rows, format_markdown
+    from engine.evaluate import format_markdown, table_rows
 
     by_pct: dict[str, list[Job]] = {}
     for j in jobs:
