@@ -61,14 +61,13 @@ def thumbnails(tiles: Sequence[np.ndarray]) -> np.ndarray:
     """(N, 32, 32, 3) float32 in [0, 1]: area-averaged thumbnails of uint8 RGB tiles of any size."""
     import cv2
 
-    out = []
-    for t in tiles:
+    th = np.empty((len(tiles), THUMB, THUMB, 3), np.float32)  # filled in place: no list, stack or second copy
+    for k, t in enumerate(tiles):
         t = np.asarray(t)
         if t.ndim != 3 or t.shape[2] != 3 or min(t.shape[:2]) < 1:
             raise DataError(f"copy check: tiles must be RGB images, got shape {t.shape}")
-        out.append(cv2.resize(np.ascontiguousarray(t), (THUMB, THUMB), interpolation=cv2.INTER_AREA))
-    th = np.stack(out).astype(np.float32)
-    th /= 255.0  # in place: a second float copy of many thumbnails would double the check's peak memory
+        th[k] = cv2.resize(np.ascontiguousarray(t), (THUMB, THUMB), interpolation=cv2.INTER_AREA)
+    th /= 255.0
     return th
 
 
