@@ -748,7 +748,7 @@ def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[s
     """The table (paper beside it) of the fractions whose every segmenter run, both arms and all repeats, has
     finished: from the ledger entries ``found`` or WORK's metrics.json. A fraction part-way through is left
     out, so that no row is read before all its runs are in. "" when none is complete."""
-    from engine.evaluate import format_markdown, table_rows
+    from engine.evaluate import format_image_gains, format_markdown, table_rows
 
     by_pct: dict[str, list[Job]] = {}
     for j in jobs:
@@ -764,7 +764,8 @@ def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[s
     if not runs:
         return ""
     rows = table_rows(runs, sorted({float(r["fraction"]) for r in runs}))
-    return format_markdown(rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+    return format_markdown(rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)") + "\n" + \
+        format_image_gains(runs)
 
 
 def image_stage_steps(total: int) -> tuple[str, str]:
@@ -920,7 +921,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.errors import NuDiffError
-    from engine.evaluate import collect_results, format_markdown
+    from engine.evaluate import collect_results, format_image_gains, format_markdown
     from engine.fileio import atomic_write_bytes
 
     gpu = torch.cuda.is_available()
@@ -1000,6 +1001,8 @@ def main(argv: list[str] | None = None) -> int:
     record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split,
                   ledger_models)
     table = format_markdown(result.rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+    gains = format_image_gains(result.runs)
+    table += ("\n" + gains) if gains else ""
     atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
     print(table)
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))

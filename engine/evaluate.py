@@ -45,7 +45,8 @@ from engine.segment import AUGMENTS, Segmenter, SegmenterConfig, as_image_label_
 
 __all__ = ["METRICS", "ARMS", "ExperimentConfig", "ExperimentResult", "parse_fractions", "resolve_synthetic",
            "evaluate_segmenter", "image_metrics", "run_experiment", "collect_results", "labeled_subset",
-           "table_rows", "format_markdown", "format_gain", "write_table", "plot_results", "CSV_FIELDS"]
+           "table_rows", "format_markdown", "format_gain", "format_image_gains", "write_table", "plot_results",
+           "CSV_FIELDS"]
 
 METRICS = ("dice", "aji", "aji_plus", "pq")
 ARMS = ("labeled", "augmented")
@@ -614,6 +615,30 @@ def format_markdown(rows: Sequence[Mapping[str, Any]],
                   + (", ± its standard error over the repeats" if spread else "") + "):", "",
                   "| " + " | ".join(gain_head) + " |", "|" + "|".join("---" for _ in gain_head) + "|", *gains]
     return "\n".join(lines) + "\n"
+
+
+def format_image_gains(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown table of the gain of augmentation on each test image: per fraction with both arms, each
+    image's metric averaged over each arm's repeats, augmented − labeled. The table's standard error is over
+    repeats; this shows whether the gain holds across the test images or rests on a few. "" when no fraction
+    has both arms with per-image figures."""
+    lines = []
+    for f in sorted({float(r["fraction"]) for r in runs}):
+        arms = {a: [r for r in runs if float(r["fraction"]) == f and r["arm"] == a and r.get("per_image")]
+                for a in ARMS}
+        if not all(arms.values()):
+            continue
+        images = sorted(set.intersection(*(set(r["per_image"]) for g in arms.values() for r in g)))
+        for im in images:
+            mean = {a: {m: float(np.mean([r["per_image"][im][m] for r in g])) for m in METRICS}
+                    for a, g in arms.items()}
+            lines.append(f"| {_pct(f)}% | {im} | " + " | ".join(
+                f"{mean['augmented'][m] - mean['labeled'][m]:+.4f}" for m in METRICS) + " |")
+    if not lines:
+        return ""
+    head = ["Fraction", "Test image", *[_HEADERS[m] for m in METRICS]]
+    return "\n".join(["Gain per test image (augmented − labeled, each image's mean over the repeats):", "",
+                      "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|", *lines]) + "\n"
 
 
 def format_gain(aug: Mapping[str, Any], lab: Mapping[str, Any], m: str, spread: bool) -> str:

@@ -304,6 +304,24 @@ def test_repeats_give_a_spread_and_the_gain_a_standard_error():
     assert one[0]["aji_se"] == 0.0 and "±" not in format_markdown(one)
 
 
+def test_gain_per_test_image_is_the_difference_of_each_images_means_over_the_repeats():
+    from engine.evaluate import format_image_gains
+
+    def run(fraction: float, arm: str, ajis: tuple[float, float]) -> dict:
+        per = {name: {"dice": 0.8, "aji": a, "aji_plus": 0.6, "pq": 0.5} for name, a in zip(("img_a", "img_b"), ajis)}
+        return {"fraction": fraction, "arm": arm, "per_image": per}
+
+    runs = [run(0.1, "labeled", (0.50, 0.70)), run(0.1, "labeled", (0.52, 0.72)),
+            run(0.1, "augmented", (0.58, 0.70)), run(0.1, "augmented", (0.56, 0.70)),
+            run(1.0, "labeled", (0.60, 0.80))]  # 100 %: one arm only, no gain
+    md = format_image_gains(runs)
+    lines = [line for line in md.splitlines() if line.startswith("| 10% |")]
+    assert lines == ["| 10% | img_a | +0.0000 | +0.0600 | +0.0000 | +0.0000 |",   # 0.57 - 0.51
+                     "| 10% | img_b | +0.0000 | -0.0100 | +0.0000 | +0.0000 |"]   # 0.70 - 0.71
+    assert "| Fraction | Test image | Dice | AJI | AJI+ | PQ |" in md and "100%" not in md
+    assert format_image_gains(runs[:2] + runs[4:]) == ""  # no fraction with both arms
+
+
 def test_arms_split_over_calls_are_collected_into_one_table(experiment, folders, tmp_path):
     """Arms run separately (as by parallel processes) into one folder give the table of one run."""
     import shutil

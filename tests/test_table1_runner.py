@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.monuseg import PAPER_TABLE1  # noqa: E402
 from bench.table1_monuseg import (Job, build_parser, choose_models, main, plan, read_recorded_models,  # noqa: E402
                                   run_jobs)
-from engine.evaluate import format_markdown  # noqa: E402
+from engine.evaluate import format_image_gains, format_markdown  # noqa: E402
 
 
 def py(code: str) -> list[str]:
@@ -548,8 +548,10 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
                      "--ledger", str(ledger), *TINY_RUN, "--status"]) == 0
         return capsys.readouterr().out
 
-    table = format_markdown(first["rows"], reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+    table = format_markdown(first["rows"], reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)") + "\n" + \
+        format_image_gains(first["runs"])
     assert "| 100% labeled |" in table and "Gain of augmentation" in table
+    assert "| 100% | other_000 |" in table and "| 100% | other_001 |" in table  # the gain on each test image
     assert status(tmp_path / "work0").rstrip().endswith(table.rstrip())
     kept = (ledger / "100pct_labeled_r1.json").read_bytes()
     (ledger / "100pct_labeled_r1.json").unlink()
