@@ -744,11 +744,20 @@ def progress_report(jobs: list[Job]) -> str:
     return "\n".join(lines + [f"{done} of {len(jobs)} jobs done"])
 
 
+def table_markdown(rows: list, runs: list[dict]) -> str:
+    """Markdown of the table (the paper's figures beside it) and of the gain on each test image."""
+    from engine.evaluate import format_image_gains, format_markdown
+
+    table = format_markdown(rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
+    gains = format_image_gains(runs)
+    return table + ("\n" + gains if gains else "")
+
+
 def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[str, dict]) -> str:
     """The table (paper beside it) of the fractions whose every segmenter run, both arms and all repeats, has
     finished: from the ledger entries ``found`` or WORK's metrics.json. A fraction part-way through is left
     out, so that no row is read before all its runs are in. "" when none is complete."""
-    from engine.evaluate import format_image_gains, format_markdown, table_rows
+    from engine.evaluate import table_rows
 
     by_pct: dict[str, list[Job]] = {}
     for j in jobs:
@@ -763,9 +772,7 @@ def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[s
                         json.loads((args.work / "evaluate" / "runs" / j.run / "metrics.json").read_text()))
     if not runs:
         return ""
-    rows = table_rows(runs, sorted({float(r["fraction"]) for r in runs}))
-    return format_markdown(rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)") + "\n" + \
-        format_image_gains(runs)
+    return table_markdown(table_rows(runs, sorted({float(r["fraction"]) for r in runs})), runs)
 
 
 def image_stage_steps(total: int) -> tuple[str, str]:
@@ -921,7 +928,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from engine.errors import NuDiffError
-    from engine.evaluate import collect_results, format_image_gains, format_markdown
+    from engine.evaluate import collect_results
     from engine.fileio import atomic_write_bytes
 
     gpu = torch.cuda.is_available()
@@ -1000,9 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split,
                   ledger_models)
-    table = format_markdown(result.rows, reference=PAPER_TABLE1, reference_name="paper (HoVer-Net)")
-    gains = format_image_gains(result.runs)
-    table += ("\n" + gains) if gains else ""
+    table = table_markdown(result.rows, result.runs)
     atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
     print(table)
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))

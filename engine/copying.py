@@ -109,7 +109,7 @@ def _rows_nearest(queries: np.ndarray, ref: np.ndarray, exclude=None,
     (or None)."""
     dist = np.empty(len(queries))
     index = np.empty(len(queries), np.int64)
-    # squared distances as |q|^2 + |r|^2 - 2 q.r in float32, with r's terms made once (torch.cdist would copy
+    # squared distances as |q|^2 + |r|^2 - 2 q.r in float32, with r's terms made once a call (torch.cdist would copy
     # all of ref into a wider matrix for every block): within ~2e-4 of the exact RMS distance, enough to find
     # the nearest tile, whose distance is then computed exactly
     r = torch.from_numpy(np.ascontiguousarray(ref, np.float32).reshape(len(ref), -1))
@@ -178,7 +178,8 @@ def copy_check(synthetic: Sequence[np.ndarray], train_tiles: Sequence[np.ndarray
         raise DataError("copy check: the training tiles all overlap each other; give more training images")
     threshold = float(np.quantile(real_nn, quantile))
     syn = thumbnails(synthetic)
-    dists, indices = map(np.stack, zip(*(_rows_nearest(v, ref, None, chunk) for v in _dihedral(syn))))  # (8, Ns)
+    views = np.concatenate(_dihedral(syn))  # the 8 flips / turns of every tile, in one call: ref's norms once
+    dists, indices = (a.reshape(8, len(syn)) for a in _rows_nearest(views, ref, None, chunk))  # (8, Ns)
     best, rows = dists.argmin(axis=0), np.arange(len(syn))  # per synthetic tile: its flip / turn nearest to any
     dist, nearest = dists[best, rows], indices[best, rows]
     flagged = [int(i) for i in np.flatnonzero(dist < threshold)]
