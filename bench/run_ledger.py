@@ -107,6 +107,27 @@ def restore(ledger: Path, runs: dict[str, str], chains: dict[str, str], runs_dir
     return found
 
 
+def weights(models: dict[str, Any] | None) -> tuple[str, str] | None:
+    """(structure, image) sha256 of the diffusion models' weights (model.safetensors) that an augmented run's
+    ``models`` record names; None without a record. The model.json files are left out: they hold a time."""
+    try:
+        return models["structure"]["model.safetensors"]["sha256"], models["image"]["model.safetensors"]["sha256"]
+    except (KeyError, TypeError):
+        return None
+
+
+def trainings(entries: Sequence[dict[str, Any]]) -> dict[tuple[str, str], list[str]]:
+    """The runs of ``entries`` grouped by the model weights they came from (:func:`weights`), in order of first
+    appearance; entries without a models record are left out. More than one group for a fraction means its
+    models were trained again between its runs (a new machine) and came out with other bits."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for e in entries:
+        key = weights(e.get("models"))
+        if key is not None:
+            groups.setdefault(key, []).append(str(e.get("run")))
+    return groups
+
+
 def needed(jobs: Sequence[_Job], done: set[str], targets: set[str]) -> list[_Job]:
     """The jobs still worth running: the ``targets`` not in ``done`` and every job they wait on; plus the
     ``done`` targets themselves (so that they are reported), in plan order."""

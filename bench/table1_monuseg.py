@@ -34,7 +34,9 @@ folder committed with the code, e.g. bench/results/table1_clean) every finished 
 in DIR with a fingerprint of the commands and images it came from, and a later call, in any work folder,
 restores the runs whose chain is unchanged and runs only what the others need (bench/run_ledger.py). Jobs
 run depth first (a fraction's trainings, pairs and segmenters before the next fraction's), each repeat of
-an arm as its own job, so that what a session finishes is whole runs.
+an arm as its own job, so that what a session finishes is whole runs. A fraction's models are then trained
+again by the same commands on the new machine; ``--status`` and table1.md name, per fraction, the weights
+(sha256) each augmented run's pairs came from, so that two trainings with other bits would show.
 
     python bench/table1_monuseg.py --work ~/.cache/nudiff/table1 --augment 10 \\
         --augment 100=checkpoints/structure-demo.json,checkpoints/image-demo.json --labeled 10,100
@@ -753,6 +755,28 @@ def table_markdown(rows: list, runs: list[dict]) -> str:
     return table + ("\n" + gains if gains else "")
 
 
+def format_trainings(ledger: Path, jobs: list[Job], pcts: list[str]) -> str:
+    """Markdown lines, one per fraction in ``pcts`` with augmented runs in ``ledger``: which training of its
+    diffusion models (sha256 of the weights, first 8 digits) each run's pairs came from. When a machine is lost
+    part-way through a fraction, its models are trained again by the same commands; CPU training need not give
+    the same bits on another machine, and then the fraction's runs come from two trainings. "" when none."""
+    from bench.run_ledger import read_entry, trainings
+
+    lines = []
+    for pct in pcts:
+        entries = [e for j in jobs if j.pct == pct and j.arm == "augmented" and j.run
+                   for e in [read_entry(ledger, j.run)] if e is not None]
+        groups = trainings(entries)
+        if not groups:
+            continue
+        parts = [f"{', '.join(r.rsplit('_', 1)[-1] for r in runs)}: {s[:8]} / {i[:8]}"
+                 for (s, i), runs in groups.items()]
+        lines.append(f"- {pct}%: " + ("one training; " if len(groups) == 1 else
+                                      f"{len(groups)} trainings by the same commands; ") + "; ".join(parts))
+    return ("Diffusion models of each fraction's augmented runs (sha256 of the structure / image weights):\n\n"
+            + "\n".join(lines) + "\n") if lines else ""
+
+
 def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[str, dict]) -> str:
     """The table (paper beside it) of the fractions whose every segmenter run, both arms and all repeats, has
     finished: from the ledger entries ``found`` or WORK's metrics.json. A fraction part-way through is left
@@ -763,16 +787,19 @@ def completed_fractions(args: argparse.Namespace, jobs: list[Job], found: dict[s
     for j in jobs:
         if j.run:
             by_pct.setdefault(j.pct, []).append(j)
-    runs = []
+    runs, complete = [], []
     for pct, group in by_pct.items():
         if {j.arm for j in group} != {"labeled", "augmented"} or not all(j.finished() for j in group):
             continue
+        complete.append(pct)
         for j in group:
             runs.append(found[j.name]["metrics"] if j.name in found else
                         json.loads((args.work / "evaluate" / "runs" / j.run / "metrics.json").read_text()))
     if not runs:
         return ""
-    return table_markdown(table_rows(runs, sorted({float(r["fraction"]) for r in runs})), runs)
+    table = table_markdown(table_rows(runs, sorted({float(r["fraction"]) for r in runs})), runs)
+    models = format_trainings(args.ledger, jobs, sorted(complete, key=float)) if args.ledger else ""
+    return table + ("\n" + models if models else "")
 
 
 def image_stage_steps(total: int) -> tuple[str, str]:
@@ -1008,6 +1035,9 @@ def main(argv: list[str] | None = None) -> int:
     record_models(results, args.work, choices, jobs, recorded, args.seed, train_sha256, roles, args.split,
                   ledger_models)
     table = table_markdown(result.rows, result.runs)
+    if args.ledger:
+        models = format_trainings(args.ledger, jobs, sorted({j.pct for j in jobs if j.run}, key=float))
+        table += ("\n" + models) if models else ""
     atomic_write_bytes(args.work / "evaluate" / "table1.md", table.encode())
     print(table)
     print(f"done in {time.time() - t0:.0f} s" + (f"; not finished: {', '.join(failed)}" if failed else ""))

@@ -552,7 +552,14 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
         format_image_gains(first["runs"])
     assert "| 100% labeled |" in table and "Gain of augmentation" in table
     assert "| 100% | other_000 |" in table and "| 100% | other_001 |" in table  # the gain on each test image
-    assert status(tmp_path / "work0").rstrip().endswith(table.rstrip())
+    # and which training of the fraction's diffusion models each augmented run's pairs came from
+    weights = {k: first["diffusion_models"]["100"][k]["model.safetensors"]["sha256"][:8] for k in ("structure",
+                                                                                                  "image")}
+    one = f"- 100%: one training; r0, r1: {weights['structure']} / {weights['image']}"
+    assert status(tmp_path / "work0").rstrip().endswith(table.rstrip() + "\n\n" + "Diffusion models of each "
+                                                        "fraction's augmented runs (sha256 of the structure / "
+                                                        "image weights):\n\n" + one)
+    assert (tmp_path / "work1" / "evaluate" / "table1.md").read_text().rstrip().endswith(one)
     kept = (ledger / "100pct_labeled_r1.json").read_bytes()
     (ledger / "100pct_labeled_r1.json").unlink()
     assert status(tmp_path / "work0").rstrip().endswith("no fraction has all its runs in yet: no figure to read")
@@ -581,6 +588,16 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
     redone = json.loads((ledger / "100pct_augmented_r1.json").read_text())["metrics"]
     was = next(r for r in first["runs"] if r["name"] == "100pct_augmented_r1")
     assert redone["mean"] == was["mean"] and redone["key"] == was["key"]
+    assert status(tmp_path / "work0").rstrip().endswith(one)
+    # on another machine the retrained models could have come out with other bits: the runs are still
+    # restored (same commands), and the status says that the fraction's runs come from two trainings
+    entry = json.loads((ledger / "100pct_augmented_r1.json").read_text())
+    entry["models"]["image"]["model.safetensors"]["sha256"] = "0123456789" + "0" * 54
+    (ledger / "100pct_augmented_r1.json").write_text(json.dumps(entry))
+    out = status(tmp_path / "work0")
+    assert "| 100% labeled |" in out
+    assert out.rstrip().endswith(f"- 100%: 2 trainings by the same commands; r0: {weights['structure']} / "
+                                 f"{weights['image']}; r1: {weights['structure']} / 01234567")
 
     # other settings (a longer segmenter training): no entry's chain matches, everything runs
     _, jobs, out = call(tmp_path / "work4", "--seg-steps", "3")
