@@ -25,8 +25,18 @@ def models():
     return pipeline.load_model(s, kind="structure"), pipeline.load_model(i, kind="image")
 
 
-def test_sample_structures_shapes_and_seeds(models):
-    smodel, _ = models
+@pytest.fixture(scope="module")
+def exact_models():
+    """The same models sampled in fp32 on every CPU. Claims about float sums (a batch of 2 against a batch of
+    1) hold only here: under bf16 autocast (a CPU with native bf16) oneDNN picks kernels by batch size and
+    thread count, and after a few steps the same seed differs by a few 1e-2 (seen on a CI machine)."""
+    s, i = standin_checkpoints()
+    return (pipeline.load_model(s, kind="structure", precision="fp32"),
+            pipeline.load_model(i, kind="image", precision="fp32"))
+
+
+def test_sample_structures_shapes_and_seeds(exact_models):
+    smodel, _ = exact_models
     out = pipeline.sample_structures(smodel, 3, steps=4, seed=10, batch_size=2)
     assert [s.seed for s in out] == [10, 11, 12]
     for s in out:
@@ -54,8 +64,8 @@ def test_sampled_layouts_merge_watershed_fragments(models):
         pipeline.sample_structures(smodel, 1, steps=2, merge_below=1.5)
 
 
-def test_synthesize_variants_and_reproducible(models):
-    _, imodel = models
+def test_synthesize_variants_and_reproducible(exact_models):
+    _, imodel = exact_models
     inst = np.zeros((32, 32), np.int32)
     inst[5:15, 5:15] = 1
     inst[18:28, 10:25] = 2

@@ -59,11 +59,13 @@ def test_ddim_eta1_full_steps_equals_ddpm(model):
 @pytest.mark.parametrize("sampler", ["dpm++", "dpm++sde", "ddim", "ddpm"])
 def test_seed_reproducible_and_batch_independent(model, sampler):
     c = torch.rand(3, 3, 32, 32) * 2 - 1
-    a = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0)
-    b = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[6], cond=c[1:2], w=2.0)
-    assert torch.allclose(a[1:2], b, atol=1e-4)  # float sums differ slightly with batch size
+    # fp32: float sums differ slightly with batch size; under bf16 autocast (a CPU with native bf16) oneDNN's
+    # kernels differ by batch size and thread count, far past this tolerance
+    a = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0, autocast=False)
+    b = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[6], cond=c[1:2], w=2.0, autocast=False)
+    assert torch.allclose(a[1:2], b, atol=1e-4)
     again = sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0)
-    assert torch.equal(a, again)
+    assert torch.equal(sample(model, (3, 3, 32, 32), sampler=sampler, steps=8, seeds=[5, 6, 7], cond=c, w=2.0), again)
     other = sample(model, (1, 3, 32, 32), sampler=sampler, steps=8, seeds=[99], cond=c[1:2], w=2.0)
     assert not torch.allclose(other, b)
     assert a.min() >= -1 and a.max() <= 1

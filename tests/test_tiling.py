@@ -104,8 +104,9 @@ def test_three_by_three_window_canvas_is_seamless_and_aligned(models):
     assert tiled["darker_fraction"] >= single["darker_fraction"] - 0.05
 
 
-def test_large_structure_is_sampled_in_windows_with_one_watershed(models):
-    smodel, _ = models
+def test_large_structure_is_sampled_in_windows_with_one_watershed(tiny_checkpoints):
+    # fp32: the window batch changes float sums only slightly there; under bf16 autocast it changes kernels
+    smodel = pipeline.load_model(tiny_checkpoints[0], device="cpu", precision="fp32")
     ticks = []
     s = pipeline.sample_structures(smodel, 1, size=80, steps=4, seed=3,
                                    tiling=TilingOptions(overlap=8, max_window_batch=4),
