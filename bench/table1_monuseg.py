@@ -480,11 +480,22 @@ def read_recorded_models(results: Path) -> dict[str, dict]:
         return {}
 
 
+def trained_on(model: Path) -> list[str]:
+    """The machines a model's record says its weights were trained on (engine.train), [] if it does not."""
+    try:
+        machines = json.loads(model.read_text()).get("trained_on", [])
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(m) for m in machines] if isinstance(machines, list) else []
+
+
 def model_record(c: ModelChoice, work: Path, seed: int, train_sha256: str) -> dict[str, Any]:
-    """results.json's record of one fraction's diffusion models (files and sha256, seed, training images)."""
+    """results.json's record of one fraction's diffusion models (files and sha256, seed, training images, the
+    machines they were trained on)."""
     return {"fraction": float(c.pct) / 100, "seed": seed, "train_data_sha256": train_sha256,
             "source": {"train": "trained", "reuse": "reused", "given": "given"}[c.action],
-            "structure": model_files(c.structure, work), "image": model_files(c.image, work)}
+            "structure": model_files(c.structure, work), "image": model_files(c.image, work),
+            "trained_on": sorted(set(trained_on(c.structure)) | set(trained_on(c.image)))}
 
 
 def record_models(results: Path, work: Path, choices: list[ModelChoice], jobs: list[Job], recorded: dict,
@@ -760,7 +771,7 @@ def format_trainings(ledger: Path, jobs: list[Job], pcts: list[str]) -> str:
     diffusion models (sha256 of the weights, first 8 digits) each run's pairs came from. When a machine is lost
     part-way through a fraction, its models are trained again by the same commands; CPU training need not give
     the same bits on another machine, and then the fraction's runs come from two trainings. "" when none."""
-    from bench.run_ledger import read_entry, trainings
+    from bench.run_ledger import read_entry, trainings, weights
 
     lines = []
     for pct in pcts:
@@ -769,7 +780,10 @@ def format_trainings(ledger: Path, jobs: list[Job], pcts: list[str]) -> str:
         groups = trainings(entries)
         if not groups:
             continue
+        machines = {weights(e.get("models")): e["models"].get("trained_on") for e in entries
+                    if weights(e.get("models"))}
         parts = [f"{', '.join(r.rsplit('_', 1)[-1] for r in runs)}: {s[:8]} / {i[:8]}"
+                 + (f" (trained on {'; '.join(machines[s, i])})" if machines.get((s, i)) else "")
                  for (s, i), runs in groups.items()]
         lines.append(f"- {pct}%: " + ("one training; " if len(groups) == 1 else
                                       f"{len(groups)} trainings by the same commands; ") + "; ".join(parts))

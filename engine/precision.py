@@ -7,9 +7,12 @@ sampling forward about 1.9x as fast as fp32 on an AVX512-BF16 CPU (docs/benchmar
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
-__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "bf16_is_fast"]
+__all__ = ["PRECISIONS", "cpu_has_native_bf16", "resolve_precision", "bf16_is_fast", "machine_description"]
 
 PRECISIONS = ("auto", "fp32")  # sampling precision: bf16 autocast where it is fast, or always fp32
 
@@ -34,3 +37,27 @@ def resolve_precision(mixed_precision: str) -> str:
     if mixed_precision != "auto":
         return mixed_precision
     return "bf16" if bf16_is_fast("cuda" if torch.cuda.is_available() else "cpu") else "no"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else platform's guess, else "unknown CPU"."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_description(device: torch.device | str) -> str:
+    """One line naming what computes on ``device``, for a checkpoint's record: the same commands give other
+    bits on another CPU or GPU (bf16 kernels differ by instruction set), so a record says where it was made.
+    E.g. "cpu: AMD EPYC (AVX512, native bf16), torch 2.13.0" or "cuda: NVIDIA H200, torch 2.13.0, CUDA 12.8"."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return (f"cuda: {torch.cuda.get_device_name(dev)}, torch {torch.__version__}, "
+                f"CUDA {torch.version.cuda}")
+    isa = torch.backends.cpu.get_cpu_capability()
+    bf16 = ", native bf16" if cpu_has_native_bf16() else ""
+    return f"{dev.type}: {_cpu_name()} ({isa}{bf16}), torch {torch.__version__}"

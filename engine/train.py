@@ -51,7 +51,7 @@ from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_output, atomic_write_bytes
-from engine.precision import cpu_has_native_bf16, resolve_precision  # noqa: F401 (re-exported)
+from engine.precision import cpu_has_native_bf16, machine_description, resolve_precision  # noqa: F401
 from engine.run_status import read_status, write_status
 from engine.runlock import PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
@@ -60,7 +60,8 @@ from engine.unet import UNet
 __all__ = ["TrainingSet", "Trainer", "resolve_precision", "cpu_has_native_bf16",
            "MAX_DEVICE_BYTES", "TRAINED_FIELDS", "RunFolderBusy"]
 
-INHERITED = ("license", "sample_size", "init_from_sha256")  # record fields a fine-tuned model keeps
+# record fields a resumed or fine-tuned model keeps ("trained_on": every machine its weights were trained on)
+INHERITED = ("license", "sample_size", "init_from_sha256", "trained_on")
 STOP_POLL_STEPS = 10  # with many processes, a stop request is looked at every this many steps
 MAX_DEVICE_BYTES = 4 << 30  # a training set up to this size is kept on the GPU (TrainingSet.tensors)
 # TrainConfig fields that change what a run trains: resuming with other values is refused unless allowed.
@@ -408,6 +409,12 @@ class Trainer:
             self._reference = reference_from_insts(list(self.data.insts), seed=self.cfg.seed)
         return self._reference
 
+    def trained_on(self) -> list[str]:
+        """Every machine this run's weights were trained on (engine.precision.machine_description): those the
+        checkpoint it resumed or started from names, then this one."""
+        here = machine_description(self.acc.device)
+        return [m for m in self._inherited.get("trained_on", []) if m != here] + [here]
+
     def save(self) -> Path | None:
         """Write latest (atomic) and a snapshot hard link; prune old snapshots. Main process only."""
         tensors, optim = self._training_tensors()
@@ -415,7 +422,7 @@ class Trainer:
             return None
         extra = {**self._inherited, "train": self.cfg.to_dict(), "optimizer": optim,
                  "data_fingerprint": self.data.fingerprint, "num_processes": self.acc.num_processes,
-                 "precision": self.precision}
+                 "precision": self.precision, "trained_on": self.trained_on()}
         path = save_checkpoint(self.run_dir / "latest", tensors, kind=self.cfg.kind, model=self.model_cfg,
                                diffusion=self.diffusion, contents="training", step=self.step, extra=extra)
         snap = self.run_dir / f"step_{self.step:07d}"

@@ -555,7 +555,11 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
     # and which training of the fraction's diffusion models each augmented run's pairs came from
     weights = {k: first["diffusion_models"]["100"][k]["model.safetensors"]["sha256"][:8] for k in ("structure",
                                                                                                   "image")}
-    one = f"- 100%: one training; r0, r1: {weights['structure']} / {weights['image']}"
+    from engine.precision import machine_description
+
+    here = machine_description("cpu")  # each record names the machine its weights were trained on
+    assert models["trained_on"] == [here]
+    one = f"- 100%: one training; r0, r1: {weights['structure']} / {weights['image']} (trained on {here})"
     assert status(tmp_path / "work0").rstrip().endswith(table.rstrip() + "\n\n" + "Diffusion models of each "
                                                         "fraction's augmented runs (sha256 of the structure / "
                                                         "image weights):\n\n" + one)
@@ -593,11 +597,16 @@ def test_the_ledger_keeps_finished_runs_for_a_new_work_folder(tmp_path, capsys):
     # restored (same commands), and the status says that the fraction's runs come from two trainings
     entry = json.loads((ledger / "100pct_augmented_r1.json").read_text())
     entry["models"]["image"]["model.safetensors"]["sha256"] = "0123456789" + "0" * 54
+    entry["models"]["trained_on"] = ["cpu: another CPU (AVX2), torch 2.13.0"]
     (ledger / "100pct_augmented_r1.json").write_text(json.dumps(entry))
     out = status(tmp_path / "work0")
     assert "| 100% labeled |" in out
     assert out.rstrip().endswith(f"- 100%: 2 trainings by the same commands; r0: {weights['structure']} / "
-                                 f"{weights['image']}; r1: {weights['structure']} / 01234567")
+                                 f"{weights['image']} (trained on {here}); r1: {weights['structure']} / 01234567 "
+                                 "(trained on cpu: another CPU (AVX2), torch 2.13.0)")
+    del entry["models"]["trained_on"]  # an entry written before records named their machine
+    (ledger / "100pct_augmented_r1.json").write_text(json.dumps(entry))
+    assert status(tmp_path / "work0").rstrip().endswith(f"r1: {weights['structure']} / 01234567")
 
     # other settings (a longer segmenter training): no entry's chain matches, everything runs
     _, jobs, out = call(tmp_path / "work4", "--seg-steps", "3")

@@ -226,6 +226,28 @@ def test_resume_refuses_another_kind(data, tmp_path):
         Trainer(cfg("image", steps=2), tmp_path, data, show_progress=False)
 
 
+def test_records_name_every_machine_the_weights_were_trained_on(data, tmp_path):
+    from engine.precision import machine_description
+
+    here, other = machine_description("cpu"), "cpu: another CPU (AVX2), torch 2.0.0"
+    assert here.startswith("cpu: ") and torch.__version__ in here
+    exported = Trainer(cfg(steps=2, save_every=2), tmp_path / "a", data, show_progress=False).run()
+    assert load_checkpoint(tmp_path / "a" / "latest").record["trained_on"] == [here]
+    assert json.loads(exported.read_text())["trained_on"] == [here]  # the export keeps it
+    # resumed on this machine after steps made on another: both, the earlier one first
+    latest = tmp_path / "a" / "latest.json"
+    latest.write_text(json.dumps({**json.loads(latest.read_text()), "trained_on": [other]}))
+    Trainer(cfg(steps=4, save_every=2), tmp_path / "a", data, show_progress=False).run()
+    assert load_checkpoint(tmp_path / "a" / "latest").record["trained_on"] == [other, here]
+    # a model fine-tuned from another keeps its machines: its bits depend on where its start was trained
+    start = Trainer(cfg("image", steps=2, finetune_steps=0, save_every=2), tmp_path / "s1", data,
+                    show_progress=False).run()
+    start.write_text(json.dumps({**json.loads(start.read_text()), "trained_on": [other]}))
+    tuned = Trainer(cfg("image", steps=0, finetune_steps=2, save_every=2, init_from=str(start)), tmp_path / "s2",
+                    data, show_progress=False).run()
+    assert json.loads(tuned.read_text())["trained_on"] == [other, here]
+
+
 def test_init_from_loads_weights(data, tmp_path):
     first = Trainer(cfg("image", steps=4, finetune_steps=0), tmp_path / "s1", data, show_progress=False).run()
     t = Trainer(cfg("image", steps=0, finetune_steps=2, init_from=str(first)), tmp_path / "s2", data,
