@@ -482,11 +482,9 @@ def read_recorded_models(results: Path) -> dict[str, dict]:
 
 def trained_on(model: Path) -> list[str]:
     """The machines a model's record says its weights were trained on (engine.train), [] if it does not."""
-    try:
-        machines = json.loads(model.read_text()).get("trained_on", [])
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [str(m) for m in machines] if isinstance(machines, list) else []
+    from engine.checkpoint import read_record
+
+    return [str(m) for m in read_record(model)[1].get("trained_on", [])]
 
 
 def model_record(c: ModelChoice, work: Path, seed: int, train_sha256: str) -> dict[str, Any]:
@@ -780,8 +778,7 @@ def format_trainings(ledger: Path, jobs: list[Job], pcts: list[str]) -> str:
         groups = trainings(entries)
         if not groups:
             continue
-        machines = {weights(e.get("models")): e["models"].get("trained_on") for e in entries
-                    if weights(e.get("models"))}
+        machines = {key: e["models"].get("trained_on") for e in entries if (key := weights(e.get("models")))}
         parts = [f"{', '.join(r.rsplit('_', 1)[-1] for r in runs)}: {s[:8]} / {i[:8]}"
                  + (f" (trained on {'; '.join(machines[s, i])})" if machines.get((s, i)) else "")
                  for (s, i), runs in groups.items()]

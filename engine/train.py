@@ -51,7 +51,7 @@ from engine.curate import REFERENCE_KEY, layout_features, reference_from_insts
 from engine.diffusion import NoiseSchedule
 from engine.errors import CheckpointError, DataError, NuDiffError, TrainingError
 from engine.fileio import atomic_output, atomic_write_bytes
-from engine.precision import cpu_has_native_bf16, machine_description, resolve_precision  # noqa: F401
+from engine.precision import cpu_has_native_bf16, machine_description, resolve_precision  # noqa: F401 (2 re-exported)
 from engine.run_status import read_status, write_status
 from engine.runlock import PREVIEW_TEMP, RunFolderBusy, RunLock, clean_temp_files
 from engine.structure import dihedral_batch, instances_to_structure, structure_to_instances
