@@ -1,5 +1,5 @@
 """NuDiff Studio: `python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth user:pass] [--work-dir DIR]
-[--max-memory-gb N]`."""
+[--max-memory-gb N] [--precision auto|fp32]`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 
+from engine.precision import PRECISIONS
 from nudiff_app import build_app, launch
 from nudiff_app.ui import default_work_dir
 
@@ -25,6 +26,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="memory budget of one sampling job in GiB: larger requests are refused before they start, "
                          "and a job that grows past it is stopped without taking the studio down "
                          "(default: 40%% of this machine's RAM, or NUDIFF_MAX_MEMORY_GB)")
+    ap.add_argument("--precision", default="auto", choices=PRECISIONS,
+                    help="what sampling computes in: auto, bf16 autocast where it is fast (a GPU, a CPU with native "
+                         "bf16), else fp32; fp32: always fp32, the same bits as the CLI's --precision fp32 on this "
+                         "machine (default: %(default)s)")
     return ap.parse_args(argv)
 
 
@@ -45,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --max-memory-gb must be a positive number", file=sys.stderr)
         return 2
     demo = build_app(args.work_dir, structure_checkpoint=args.structure_checkpoint,
-                     image_checkpoint=args.image_checkpoint, max_memory_gb=args.max_memory_gb)
+                     image_checkpoint=args.image_checkpoint, max_memory_gb=args.max_memory_gb,
+                     precision=args.precision)
     launch(demo, host=args.host, port=args.port, share=args.share, auth=auth)
     return 0
 

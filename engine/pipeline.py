@@ -29,7 +29,7 @@ from engine.structure import instances_to_structure, structure_to_instances
 from engine.tiling import TilingOptions
 from engine.unet import UNet
 
-__all__ = ["LoadedModel", "load_model", "StructureSample", "Pair", "sample_structures", "synthesize",
+__all__ = ["LoadedModel", "load_model", "check_precision", "StructureSample", "Pair", "sample_structures", "synthesize",
            "generate_pairs", "PairSettings", "sampler_steps", "resolve_device", "Progress", "curate_structures",
            "candidate_count", "shard_range", "TilingOptions", "plan_structure_canvas", "plan_image_canvas"]
 
@@ -82,6 +82,13 @@ class LoadedModel:
         return "bf16" if self.autocast and bf16_is_fast(self.device) else "fp32"
 
 
+def check_precision(precision: str) -> str:
+    """``precision`` if it is one of PRECISIONS ("auto", "fp32"), else a NuDiffError naming them."""
+    if precision not in PRECISIONS:
+        raise NuDiffError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    return precision
+
+
 def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "auto",
                precision: str = "auto") -> LoadedModel:
     """Load a checkpoint (inference or training) as a sampling-ready model; CheckpointError if unfit.
@@ -89,8 +96,7 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
     precision: "auto" samples with bf16 autocast where that is fast (a GPU, a CPU with native bf16: about
     twice as fast, layouts and images as real as in fp32, docs/benchmarks.md §3), else in fp32; "fp32"
     always in fp32 (bit-for-bit the same samples on every CPU of the same kind)."""
-    if precision not in PRECISIONS:
-        raise NuDiffError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    check_precision(precision)
     ck = load_checkpoint(path, kind=kind)
     model = UNet(ck.model_config)
     try:

@@ -48,7 +48,7 @@ def rss_bytes(pid: int | str = "self") -> int:
 # ----------------------------------------------------------------------------- child side
 
 
-def _load(models: dict, path: str, kind: str, device: str):
+def _load(models: dict, path: str, kind: str, device: str, precision: str):
     from engine.checkpoint import checkpoint_paths
     from engine.pipeline import load_model
 
@@ -59,30 +59,30 @@ def _load(models: dict, path: str, kind: str, device: str):
         key = None
     m = models.get(key) if key else None
     if m is None:
-        m = load_model(record, kind=kind, device=device)
+        m = load_model(record, kind=kind, device=device, precision=precision)
         models.clear()  # keep one model per kind at most: memory stays bounded across jobs
         if key:
             models[key] = m
     return m
 
 
-def _task_sample_structures(models, device, kw, progress, cancel):
+def _task_sample_structures(models, device, precision, kw, progress, cancel):
     from engine.pipeline import sample_structures
 
-    model = _load(models, kw.pop("checkpoint"), "structure", device)
+    model = _load(models, kw.pop("checkpoint"), "structure", device, precision)
     return sample_structures(model, progress=progress, cancel=cancel, **kw)
 
 
-def _task_synthesize(models, device, kw, progress, cancel):
+def _task_synthesize(models, device, precision, kw, progress, cancel):
     from engine.pipeline import synthesize
 
-    model = _load(models, kw.pop("checkpoint"), "image", device)
+    model = _load(models, kw.pop("checkpoint"), "image", device, precision)
     if kw.get("colour_prior") == "model":  # the colours stored with the model (engine.colour_prior)
         kw["colour_prior"] = model.stored_colours()
     return synthesize(model, progress=progress, cancel=cancel, **kw)
 
 
-def _task_rss(models, device, kw, progress, cancel):
+def _task_rss(models, device, precision, kw, progress, cancel):
     """Test hook: allocate `mb` MiB and hold it for `seconds` (checks the memory watchdog); or ask torch's
     allocator for `torch_bytes` at once (checks that a failed allocation is reported as the size's fault)."""
     import numpy as np
@@ -111,7 +111,7 @@ def _watchdog(cap: int, interval: float = 0.2) -> None:
         time.sleep(interval)
 
 
-def _child(requests, responses, cancel_event, cap: int, device: str) -> None:
+def _child(requests, responses, cancel_event, cap: int, device: str, precision: str) -> None:
     try:
         Path("/proc/self/oom_score_adj").write_text("1000")  # the OOM killer takes this process first
     except OSError:
@@ -137,7 +137,7 @@ def _child(requests, responses, cancel_event, cap: int, device: str) -> None:
                 responses.put(("progress", job, int(i), int(n)))
 
         try:
-            result = TASKS[task](models, device, dict(kwargs), progress, cancel_event.is_set)
+            result = TASKS[task](models, device, precision, dict(kwargs), progress, cancel_event.is_set)
             responses.put(("done", job, result))
         except Cancelled:
             responses.put(("cancelled", job))
@@ -156,13 +156,17 @@ def _child(requests, responses, cancel_event, cap: int, device: str) -> None:
 class ComputeWorker:
     """Runs :data:`TASKS` in one child process (started on first use, restarted after a death).
 
-    max_memory_gb: the child's resident-memory cap in GiB (default engine.memory.default_budget_gb()).
+    max_memory_gb: the child's resident-memory cap in GiB (default engine.memory.default_budget_gb());
+    device, precision: where and in what the child samples (engine.pipeline.load_model's arguments).
     One job at a time; callers from several threads queue on a lock.
     """
 
-    def __init__(self, max_memory_gb: float | None = None, device: str = "auto"):
+    def __init__(self, max_memory_gb: float | None = None, device: str = "auto", precision: str = "auto"):
+        from engine.pipeline import check_precision
+
         self.budget_gb = check_budget_gb(max_memory_gb)
         self.device = device
+        self.precision = check_precision(precision)
         self._ctx = mp.get_context("spawn")
         self._proc = None
         self._lock = threading.Lock()
@@ -179,7 +183,8 @@ class ComputeWorker:
         self._cancel = self._ctx.Event()
         cap = int(self.budget_gb * GiB)
         self._proc = self._ctx.Process(target=_child, args=(self._requests, self._responses, self._cancel, cap,
-                                                            self.device), daemon=True, name="nudiff-worker")
+                                                            self.device, self.precision),
+                                      daemon=True, name="nudiff-worker")
         self._proc.start()
 
     def start(self) -> "ComputeWorker":

@@ -222,12 +222,15 @@ class AppContext:
     """Paths, default checkpoints, a model cache and the session registry."""
 
     def __init__(self, work_dir: str | os.PathLike, structure_checkpoint: str | os.PathLike | None = None,
-                 image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None):
+                 image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None,
+                 precision: str = "auto"):
         from engine.memory import check_budget_gb
+        from engine.pipeline import check_precision
         from engine.tiling import TilingOptions
 
         self.work_dir = Path(work_dir).expanduser().resolve()
         self.max_memory_gb = check_budget_gb(max_memory_gb)
+        self.precision = check_precision(precision)  # what every sampling job computes in (load_model's)
         self.tiling = TilingOptions(max_memory_gb=self.max_memory_gb)
         self._worker = None
         self._worker_lock = threading.Lock()
@@ -249,7 +252,7 @@ class AppContext:
 
         with self._worker_lock:
             if self._worker is None:
-                self._worker = ComputeWorker(self.max_memory_gb)
+                self._worker = ComputeWorker(self.max_memory_gb, precision=self.precision)
             return self._worker
 
     def close(self) -> None:
@@ -327,7 +330,7 @@ class AppContext:
         with self._model_lock:
             m = self._models.get(key) if key else None
             if m is None:
-                m = load_model(record, device="auto")
+                m = load_model(record, device="auto", precision=self.precision)
                 if key:
                     self._models = {k: v for k, v in self._models.items() if k[0] != key[0]}
                     self._models[key] = m

@@ -29,10 +29,12 @@ def default_work_dir() -> Path:
 
 
 def build_app(work_dir: str | os.PathLike | None = None, *, structure_checkpoint: str | os.PathLike | None = None,
-              image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None) -> gr.Blocks:
+              image_checkpoint: str | os.PathLike | None = None, max_memory_gb: float | None = None,
+              precision: str = "auto") -> gr.Blocks:
     """The NuDiff Studio UI. Checkpoints default to engine.demo.default_checkpoints(); max_memory_gb: the memory
-    budget of one sampling job (default engine.memory.default_budget_gb())."""
-    ctx = AppContext(work_dir or default_work_dir(), structure_checkpoint, image_checkpoint, max_memory_gb)
+    budget of one sampling job (default engine.memory.default_budget_gb()); precision: "auto" (bf16 autocast
+    where it is fast) or "fp32", as the CLI's --precision."""
+    ctx = AppContext(work_dir or default_work_dir(), structure_checkpoint, image_checkpoint, max_memory_gb, precision)
     ui = SimpleNamespace()
     with gr.Blocks(title="NuDiff Studio", analytics_enabled=False) as demo:
         demo.nudiff = ctx  # for launch() and tests

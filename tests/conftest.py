@@ -36,9 +36,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def studio(tmp_path_factory, tiny_checkpoints):
+def studio(request, tmp_path_factory, tiny_checkpoints):
     """A studio launched on a free local port with the tiny models and a fixed 4 GiB memory budget
-    (whatever this machine's RAM), one per test module: (demo, url, work folder)."""
+    (whatever this machine's RAM), one per test module: (demo, url, work folder). It samples in the precision
+    a module names in STUDIO_PRECISION (default "auto"): "fp32" where a test compares its samples bit for bit
+    with another route's (bf16 kernels may round differently across processes and batch shapes)."""
     from nudiff_app import build_app, launch
 
     with socket.socket() as s:
@@ -46,7 +48,7 @@ def studio(tmp_path_factory, tiny_checkpoints):
         port = s.getsockname()[1]
     work = tmp_path_factory.mktemp("studio")
     demo = build_app(work, structure_checkpoint=tiny_checkpoints[0], image_checkpoint=tiny_checkpoints[1],
-                     max_memory_gb=4)
+                     max_memory_gb=4, precision=getattr(request.module, "STUDIO_PRECISION", "auto"))
     launch(demo, port=port, prevent_thread_lock=True, quiet=True)
     try:
         yield demo, f"http://127.0.0.1:{port}/", work

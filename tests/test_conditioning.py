@@ -21,7 +21,9 @@ from engine.structure import instances_to_structure
 from engine.synthetic import make_tile
 
 SEED, STEPS, W = 5, 3, "2"
-_PRECISION = "bf16" if bf16_is_fast("cpu") else "fp32"  # sampling's default, "auto", on this machine
+# the routes below are compared bit for bit, the studio's with the CLI's: in fp32 on both sides (bf16 kernels
+# may round differently in another process); tests/conftest.py's studio fixture reads STUDIO_PRECISION
+STUDIO_PRECISION = PRECISION = "fp32"
 
 
 def _manifest(folder: Path) -> list[dict]:
@@ -42,7 +44,7 @@ def cli_routes(tiny_checkpoints, tmp_path_factory):
     """generate, and sample-structures then synthesize, for one structure with seed SEED."""
     s_ckpt, i_ckpt = map(str, tiny_checkpoints)
     root = tmp_path_factory.mktemp("routes")
-    common = ["--sampler", "ddim", "--steps", str(STEPS), "--seed", str(SEED)]
+    common = ["--sampler", "ddim", "--steps", str(STEPS), "--seed", str(SEED), "--precision", PRECISION]
     assert cli.main(["generate", "--structure-checkpoint", s_ckpt, "--image-checkpoint", i_ckpt, "--n", "1",
                      "--w", W, "--out", str(root / "generate"), *common]) == 0
     assert cli.main(["sample-structures", "--checkpoint", s_ckpt, "--n", "1", "--out", str(root / "structures"),
@@ -64,7 +66,15 @@ def test_generate_and_synthesize_condition_on_the_same_sampled_structure(cli_rou
     same = ("n_nuclei", "structure_checkpoint", "structure_sha256", "image_checkpoint", "image_sha256", "w", "steps",
             "precision")
     assert {k: gen[0][k] for k in same} == {k: syn[0][k] for k in same}
-    assert gen[0]["precision"] == _PRECISION  # what the images were computed in, for reproducing them elsewhere
+    assert gen[0]["precision"] == PRECISION  # what the images were computed in, for reproducing them elsewhere
+
+
+def test_the_manifest_records_the_default_precision(cli_routes, tiny_checkpoints, tmp_path):
+    """Without --precision, sampling runs in "auto": bf16 autocast where it is fast, and the manifest says so."""
+    assert cli.main(["synthesize", "--checkpoint", str(tiny_checkpoints[1]), "--labels",
+                     str(cli_routes / "structures" / "labels"), "--w", W, "--out", str(tmp_path / "auto"),
+                     "--sampler", "ddim", "--steps", str(STEPS), "--seed", str(SEED)]) == 0
+    assert _manifest(tmp_path / "auto")[0]["precision"] == ("bf16" if bf16_is_fast("cpu") else "fp32")
 
 
 def test_a_rebuilt_structure_gives_another_image(cli_routes, tiny_checkpoints, tmp_path):
@@ -76,7 +86,7 @@ def test_a_rebuilt_structure_gives_another_image(cli_routes, tiny_checkpoints, t
     (plain / "x.tif").write_bytes(next(labels.iterdir()).read_bytes())  # no structures/ beside it
     assert cli.main(["synthesize", "--checkpoint", str(tiny_checkpoints[1]), "--labels", str(plain), "--w", W,
                      "--out", str(tmp_path / "out"), "--sampler", "ddim", "--steps", str(STEPS),
-                     "--seed", str(SEED)]) == 0
+                     "--seed", str(SEED), "--precision", PRECISION]) == 0
     row = _manifest(tmp_path / "out")[0]
     assert row["structure_rebuilt"] == "true" and row["source"] == "label" and row["edited"] == "false"
     ref = _manifest(cli_routes / "generate")[0]
@@ -119,7 +129,7 @@ def test_studio_gives_the_cli_image(studio, tiny_checkpoints, cli_routes):
     ref = _manifest(cli_routes / "generate")[0]
     assert np.array_equal(img, _image(cli_routes / "generate", ref))
     assert row["structure_sha256"] == ref["structure_sha256"] and row["n_nuclei"] == ref["n_nuclei"]
-    assert row["precision"] == ref["precision"] == _PRECISION
+    assert row["precision"] == ref["precision"] == PRECISION  # the studio's --precision reaches its worker
 
     # after a hand edit the structure is rebuilt, and the provenance says so
     c.predict(0, api_name="/send_to_edit")

@@ -118,8 +118,10 @@ def test_structure_checkpoints_store_a_reference(tmp_path):
 
 def test_oversampled_generation(tmp_path):
     s, i = standin_checkpoints()
-    smodel = pipeline.load_model(s, kind="structure", device="cpu")
-    imodel = pipeline.load_model(i, kind="image", device="cpu")
+    # fp32: a kept pair is compared below with the same seed sampled alone, in batches of another size, which
+    # bf16 kernels may round differently on some CPUs
+    smodel = pipeline.load_model(s, kind="structure", device="cpu", precision="fp32")
+    imodel = pipeline.load_model(i, kind="image", device="cpu", precision="fp32")
     pairs = pipeline.generate_pairs(smodel, imodel, 3, pipeline.PairSettings(steps=2, seed=5, oversample=2.5))
     seeds = [p.meta["seed"] for p in pairs]
     assert len(pairs) == 3 and seeds == sorted(seeds) and set(seeds) <= set(range(5, 13))

@@ -256,3 +256,22 @@ def test_picking_a_sample_keeps_its_structure_until_an_edit(ctx):
     assert not sess.current.condition().rebuilt and not sess.current.meta["edited"]
     with pytest.raises(Exception, match="nothing to add"):
         add_results(sess, [0])
+
+
+def test_the_studio_takes_a_sampling_precision(tmp_path, tiny_checkpoints, capsys):
+    """`python app.py --precision fp32` samples in fp32 in the studio and its worker; an unknown precision is
+    refused by the command line and by the engine, with the choices named."""
+    import app
+    from engine.errors import NuDiffError
+
+    assert app.parse_args([]).precision == "auto" and app.parse_args(["--precision", "fp32"]).precision == "fp32"
+    with pytest.raises(SystemExit):
+        app.parse_args(["--precision", "fp16"])
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+    with pytest.raises(NuDiffError, match="precision must be one of auto, fp32, got 'fp16'"):
+        AppContext(tmp_path / "bad", precision="fp16")
+    ctx = AppContext(tmp_path / "work", *tiny_checkpoints, precision="fp32")
+    try:
+        assert ctx.model(None, "structure").precision == "fp32" and ctx.worker.precision == "fp32"
+    finally:
+        ctx.close()
