@@ -26,8 +26,8 @@ from skimage.segmentation import watershed
 from engine.metrics import relabel  # (one relabelling for the engine: ids 1..N consecutive, order kept)
 from engine.morphology import remove_small
 
-__all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "relabel", "dihedral",
-           "dihedral_batch"]
+__all__ = ["instances_to_structure", "structure_to_instances", "merge_fragments", "smooth_outlines", "relabel",
+           "dihedral", "dihedral_batch"]
 
 
 def instances_to_structure(inst: np.ndarray) -> np.ndarray:
@@ -250,3 +250,40 @@ def merge_fragments(inst: np.ndarray, below: float = 0.2) -> np.ndarray:
         a = boxes[into]
         boxes[into] = (min(a[0], y0), max(a[1], y1), min(a[2], x0), max(a[3], x1))
     return relabel(inst)
+
+
+def smooth_outlines(inst: np.ndarray, sigma: float = 2.0) -> np.ndarray:
+    """Round the outlines of an instance map's nuclei, which sampled structures draw ragged.
+
+    Each nucleus's mask is blurred with a Gaussian of ``sigma`` px and kept where the blur exceeds 1/2 (its
+    largest connected piece); a pixel that several blurs claim goes to the highest, and a nucleus that the
+    blur would erase keeps its own pixels, so no nucleus is lost. The image border is mirrored, so a nucleus
+    cut by it stays cut straight. Layouts of the demo structure model against the validation images' tiles:
+    morphology distance 0.586 -> 0.483 at sigma 3, its solidity term 0.733 -> 0.088 (docs/benchmarks.md §13).
+
+    inst: (H, W) integer map, 0 = background. Returns (H, W) int32, ids 1..N consecutive (order kept).
+    """
+    inst = np.asarray(inst).astype(np.int32, copy=False)
+    if sigma <= 0 or not inst.any():
+        return relabel(inst)
+    h, w = inst.shape
+    pad = int(np.ceil(3 * sigma)) + 1
+    best = np.zeros((h, w), np.float32)
+    out = np.zeros((h, w), np.int32)
+    for sl, k in _object_slices(inst):
+        y0, y1 = max(0, sl[0].start - pad), min(h, sl[0].stop + pad)
+        x0, x1 = max(0, sl[1].start - pad), min(w, sl[1].stop + pad)
+        mine = inst[y0:y1, x0:x1] == k
+        # (the mask stays `pad` px off the window's sides inside the image, so OpenCV's mirroring of the
+        # window's border only acts where the window meets the image's border)
+        blur = cv2.GaussianBlur(mine.astype(np.float32), (0, 0), sigma)
+        win = (blur > 0.5) & (blur > best[y0:y1, x0:x1])
+        n, parts, stats, _ = cv2.connectedComponentsWithStats(win.astype(np.uint8), connectivity=8)
+        if n > 2:
+            win = parts == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))
+        if not win.any():
+            win, blur = mine, np.ones_like(blur)
+        out[y0:y1, x0:x1][win] = k
+        best[y0:y1, x0:x1][win] = blur[win]
+    return relabel(out)
+

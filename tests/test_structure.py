@@ -10,7 +10,7 @@ import torch
 
 from engine.metrics import aji
 from engine.structure import (dihedral, dihedral_batch, instances_to_structure, merge_fragments, relabel,
-                              structure_to_instances)
+                              smooth_outlines, structure_to_instances)
 from engine.synthetic import make_tile
 
 REAL_LABELS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "monuseg" / "train" / "labels"
@@ -207,3 +207,37 @@ def test_dihedral_batch_equals_dihedral_for_every_transform():
                                    instances_to_structure(np.ascontiguousarray(moved)), atol=1e-3)
     with pytest.raises(ValueError, match="square"):
         dihedral_batch(torch.zeros(1, 3, 8, 6), torch.zeros(1, 3, 8, 6), k[:1], flip[:1])
+
+
+def _disc(shape, cy, cx, r):
+    yy, xx = np.mgrid[:shape[0], :shape[1]]
+    return (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+
+
+def test_smooth_outlines_rounds_ragged_nuclei_and_loses_none():
+    from scipy import ndimage
+    from skimage.measure import regionprops
+
+    rng = np.random.default_rng(0)
+    inst = np.zeros((96, 96), np.int32)
+    inst[_disc(inst.shape, 24, 24, 12)] = 3                 # ragged below: spurs and notches on the rim
+    inst[_disc(inst.shape, 24, 47, 10)] = 7                 # touches nucleus 3
+    rim = _disc(inst.shape, 24, 24, 14) & ~_disc(inst.shape, 24, 24, 10) & (inst != 7)
+    inst[rim & (rng.random(inst.shape) < 0.35)] = 3
+    inst[rim & (rng.random(inst.shape) < 0.25) & (inst == 3)] = 0
+    inst[70:72, 70:72] = 9                                  # 4 px: a blur of sigma 2 would erase it
+    inst[60:96, 0:6] = 12                                   # cut by the image border (left and bottom)
+    out = smooth_outlines(inst, 2.0)
+    assert out.dtype == np.int32 and out.max() == 4         # ids 1..4, consecutive, in the input's order
+    before, after = regionprops(relabel(inst)), regionprops(out)
+    assert after[0].solidity > 0.95 and before[0].solidity < 0.8   # the ragged nucleus is round now
+    assert abs(after[0].area - before[0].area) < 0.1 * before[0].area
+    assert after[1].solidity > 0.95 and not np.any((out == 1) & (out == 2))
+    # each nucleus is one piece; the tiny one keeps its pixels; the border nucleus still meets the border
+    assert [ndimage.label(out == k)[1] for k in range(1, 5)] == [1, 1, 1, 1]
+    np.testing.assert_array_equal(out[70:72, 70:72], 3)
+    assert (out[60:96, 0] == 4).all() and (out[95, 0:6] == 4).all()
+    # background further than 3 sigma from every nucleus stays background; sigma 0 only renumbers
+    assert not out[ndimage.distance_transform_edt(inst == 0) > 6].any()
+    np.testing.assert_array_equal(smooth_outlines(inst, 0), relabel(inst))
+    assert smooth_outlines(np.zeros((8, 8), np.int32), 2.0).max() == 0
