@@ -4,7 +4,8 @@ One :class:`Condition` travels from the structure sampler to the image model, wh
 takes (``generate``, ``sample-structures`` then ``synthesize``, the studio's Structures -> Synthesize):
 the sampled 3-channel structure together with the instance map that watershed made of it. The
 structure is rebuilt from the instance map (engine.structure.instances_to_structure) only where no
-sampled one exists or it no longer fits the map: a label file, a blank or drawn map, a hand edit. The
+sampled one exists or it no longer fits the map: a label file, a blank or drawn map, a hand edit, a sampled
+map whose outlines were smoothed. The
 provenance says so (``structure_rebuilt``), so the same models, structure and seed give the same image
 on every route, and a rebuilt one is never passed off as sampled.
 
@@ -31,7 +32,7 @@ from engine.structure import instances_to_structure
 __all__ = ["Condition", "Provenance", "inst_sha256", "load_condition", "save_condition", "ORIGIN_KEYS"]
 
 ORIGIN_KEYS = ("source", "structure_seed", "structure_checkpoint", "structure_sha256", "structure_sampler",
-               "structure_steps", "label_file")
+               "structure_steps", "label_file", "outline_sigma")
 
 
 def inst_sha256(inst: np.ndarray) -> str:
@@ -47,7 +48,8 @@ class Condition:
     """An image model's condition: ``structure`` (H, W, 3) float32 in [-1, 1] and ``inst`` (H, W) int32.
 
     ``origin``: where the map came from (keys of ORIGIN_KEYS: source "sampled" / "label" / "uploaded" /
-    "blank", the structure model's seed, name and sha256, the label file). ``rebuilt``: the structure was
+    "blank", the structure model's seed, name and sha256, the label file, the sigma of the outline smoothing
+    a sampled map got, engine.structure.smooth_outlines). ``rebuilt``: the structure was
     computed from ``inst`` rather than sampled. ``edited``: the map was changed by hand.
     """
 
@@ -113,6 +115,7 @@ class Provenance:
     structure_sampler: str | None = None
     structure_steps: int | None = None
     label_file: str | None = None
+    outline_sigma: float | None = None
     edited: bool = False
     structure_rebuilt: bool = False
     extra: dict = field(default_factory=dict)

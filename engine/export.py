@@ -54,7 +54,7 @@ __all__ = ["ExportPair", "as_pairs", "write_zip", "write_folder", "nucleus_polyg
 MANIFEST_FIELDS = ("id", "image", "label", "hovernet", "geojson", "height", "width", "n_nuclei", "sampler",
                    "steps", "w", "seed", "structure_checkpoint", "structure_sha256", "image_checkpoint",
                    "image_sha256", "edited", "source", "tile", "overlap", "windows", "structure_seed",
-                   "structure_rebuilt", "label_file", "precision", "colour_prior")
+                   "structure_rebuilt", "label_file", "precision", "colour_prior", "outline_sigma")
 #: The columns copied from each pair's provenance (engine.conditioning.Provenance; "" where it has none).
 _FROM_META = tuple(k for k in MANIFEST_FIELDS if k not in ("id", "image", "label", "hovernet", "geojson", "height",
                                                           "width", "n_nuclei", "edited"))

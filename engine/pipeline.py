@@ -25,7 +25,7 @@ from engine.fileio import resolve_device
 from engine.memory import Plan, plan_windows
 from engine.precision import PRECISIONS, bf16_is_fast
 from engine.samplers import SAMPLERS, sample
-from engine.structure import instances_to_structure, structure_to_instances
+from engine.structure import instances_to_structure, smooth_outlines, structure_to_instances
 from engine.tiling import TilingOptions
 from engine.unet import UNet
 
@@ -114,20 +114,28 @@ def load_model(path: str | os.PathLike, kind: str | None = None, device: str = "
 
 @dataclass
 class StructureSample:
-    """A sampled nuclei structure (H, W, 3) float32 in [-1, 1] and its instance map (H, W) int32."""
+    """A sampled nuclei structure (H, W, 3) float32 in [-1, 1] and its instance map (H, W) int32;
+    ``outline_sigma`` > 0: the map's outlines were smoothed (engine.structure.smooth_outlines) after the
+    watershed, so the structure images are conditioned on is rebuilt from the map."""
 
     structure: np.ndarray
     inst: np.ndarray
     seed: int
+    outline_sigma: float = 0.0
 
     @property
     def n_nuclei(self) -> int:
         return int(self.inst.max())
 
     def condition(self, model: "LoadedModel", **origin) -> Condition:
-        """This sample as the image model's condition (the structure as sampled), with its provenance."""
-        return Condition.sampled(self.structure, self.inst, structure_seed=self.seed,
-                                 structure_checkpoint=model.path.name, structure_sha256=model.sha256, **origin)
+        """This sample as the image model's condition, with its provenance: the structure as sampled, or,
+        where the outlines were smoothed, rebuilt from the smoothed map (so image and label stay aligned)."""
+        origin = dict(structure_seed=self.seed, structure_checkpoint=model.path.name, structure_sha256=model.sha256,
+                      **origin)
+        if self.outline_sigma > 0:
+            return Condition.from_instances(self.inst, source="sampled", outline_sigma=float(self.outline_sigma),
+                                            **origin)
+        return Condition.sampled(self.structure, self.inst, **origin)
 
 
 @dataclass
@@ -216,6 +224,7 @@ def sample_structures(
     reference: np.ndarray | None = None,
     filter_mode: str = "sample",
     merge_below: float = 0.0,
+    outline_sigma: float = 0.0,
     progress: Progress | None = None,
     cancel: Callable[[], bool] | None = None,
     tiling: TilingOptions | None = None,
@@ -230,6 +239,9 @@ def sample_structures(
     fragments under this fraction of the median nucleus area that touch another nucleus join it in the
     instance map (0 = off, the paper's watershed; 0.2 removes most watershed fragments,
     docs/benchmarks.md §6d). The structure itself, on which images are conditioned, is left as sampled.
+    ``outline_sigma`` > 0 rounds each nucleus's outline (engine.structure.smooth_outlines, Gaussian sigma in
+    px; 0 = off, the paper's maps; 3 brings the demo model's nucleus solidity to real tiles', docs/benchmarks.md
+    §13); such a sample's condition is then rebuilt from its map (:meth:`StructureSample.condition`).
 
     ``size`` larger than the model's tile: each structure is sampled as overlapping windows fused at every
     step (engine.tiling; ``tiling`` sets tile, overlap, window batch and memory budget, checked before any
@@ -237,7 +249,7 @@ def sample_structures(
     are not a multiple of the U-Net's downsampling factor are padded and cropped back. progress counts
     steps (window batches x steps for a tiled canvas).
     """
-    _check_structure_args(model, n, oversample, merge_below, filter_mode)
+    _check_structure_args(model, n, oversample, merge_below, filter_mode, outline_sigma)
     total = candidate_count(n, oversample)
     ref = reference if reference is not None else model.layout_reference
     _require_reference(model, ref, total > n)
@@ -250,7 +262,7 @@ def sample_structures(
             arr = sample_canvas(model.model, plan, channels=3, seed=seed + i, sampler=sampler, steps=steps,
                                 diffusion=model.diffusion, progress=counter.tick, cancel=cancel,
                                 autocast=model.autocast)
-            out.append(StructureSample(arr, structure_to_instances(arr, merge_below=merge_below), seed + i))
+            out.append(_structure_sample(arr, seed + i, merge_below, outline_sigma))
         return curate_structures(out, n, ref, seed=seed, mode=filter_mode) if total > n else out
     size = plan.height
     batch_size = _direct_batch(model, plan, batch_size, False, tiling).window_batch
@@ -260,15 +272,22 @@ def sample_structures(
         x = sample(model.model, (len(seeds), 3, size, size), sampler=sampler, steps=steps, seeds=seeds,
                    diffusion=model.diffusion, progress=counter.batch(steps), cancel=cancel, autocast=model.autocast)
         for s, arr in zip(seeds, x.permute(0, 2, 3, 1).float().cpu().numpy()):
-            inst = structure_to_instances(arr, merge_below=merge_below)
-            out.append(StructureSample(arr.astype(np.float32), inst, s))
+            out.append(_structure_sample(arr.astype(np.float32), s, merge_below, outline_sigma))
     if total > n:
         out = curate_structures(out, n, ref, seed=seed, mode=filter_mode)
     return out
 
 
+def _structure_sample(structure: np.ndarray, seed: int, merge_below: float, outline_sigma: float) -> StructureSample:
+    """A sampled structure with its instance map: watershed, fragment merge, outline smoothing."""
+    inst = structure_to_instances(structure, merge_below=merge_below)
+    if outline_sigma > 0:
+        inst = smooth_outlines(inst, outline_sigma)
+    return StructureSample(structure, inst, seed, float(outline_sigma))
+
+
 def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_below: float,
-                          filter_mode: str) -> None:
+                          filter_mode: str, outline_sigma: float = 0.0) -> None:
     if model.kind != "structure":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
     if n < 1:
@@ -279,6 +298,8 @@ def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_b
         raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
     if filter_mode not in CURATE_MODES:
         raise NuDiffError(f"unknown realism filter mode {filter_mode!r}; choose one of {', '.join(CURATE_MODES)}")
+    if not 0.0 <= outline_sigma <= 10.0:
+        raise NuDiffError(f"outline smoothing must be a sigma in px between 0 (off) and 10, got {outline_sigma}")
 
 
 def _require_reference(model: LoadedModel, ref: np.ndarray | None, filtering: bool) -> None:
@@ -425,7 +446,7 @@ class PairSettings:
     min_nuclei: structures with fewer are kept but flagged (meta few_nuclei). size: side in px (None = the
     image model's sampling size; larger than the models' tile: fused overlapping windows).
     oversample / filter_mode: the layout realism filter of :func:`sample_structures` (1 = off).
-    merge_below: its watershed fragment merge (0 = off).
+    merge_below: its watershed fragment merge (0 = off). outline_sigma: its outline smoothing (0 = off).
     """
 
     w: float = PAPER_W
@@ -439,6 +460,7 @@ class PairSettings:
     oversample: float = 1.0
     filter_mode: str = "sample"
     merge_below: float = 0.0
+    outline_sigma: float = 0.0
 
 
 def generate_pairs(
@@ -458,8 +480,9 @@ def generate_pairs(
 ) -> list[Pair]:
     """n synthetic pairs: sample structures, then synthesize an image for each (paper's two steps).
 
-    Each image is conditioned on its structure as sampled (engine.conditioning.Condition), with the
-    structure's seed, so ``sample-structures`` + ``synthesize`` and the studio give the same pair.
+    Each image is conditioned on its structure as sampled (engine.conditioning.Condition; rebuilt from the map
+    where ``settings.outline_sigma`` smoothed its outlines), with the structure's seed, so ``sample-structures``
+    + ``synthesize`` and the studio give the same pair.
     ``settings``: :class:`PairSettings` (default: its defaults). ``reference``: real tiles' layout features
     for the realism filter (default: the structure model's own). ``colour_prior``: (K, 3|4) training tiles'
     mean colours for the images (:func:`synthesize`; None: off), recorded in the provenance as
@@ -482,7 +505,7 @@ def generate_pairs(
     steps = sampler_steps(st.sampler, st.steps)
     structure_steps = sampler_steps(st.sampler, st.structure_steps or steps)
     size = int(st.size or image_model.image_size)
-    _check_structure_args(structure_model, n, st.oversample, st.merge_below, st.filter_mode)
+    _check_structure_args(structure_model, n, st.oversample, st.merge_below, st.filter_mode, st.outline_sigma)
     splan = plan_structure_canvas(structure_model, size, tiling)  # refused here, before any work, if too big
     iplan = plan_image_canvas(image_model, (size, size), st.w, tiling)
     total = candidate_count(n, st.oversample)
@@ -500,7 +523,8 @@ def generate_pairs(
     lo, hi = shard_range(total, index, count)
     structs = sample_structures(structure_model, hi - lo, sampler=st.sampler, steps=structure_steps,
                                 seed=st.seed + lo, size=size, batch_size=st.batch_size, merge_below=st.merge_below,
-                                progress=scaled(0, share), cancel=cancel, tiling=tiling) if hi > lo else []
+                                outline_sigma=st.outline_sigma, progress=scaled(0, share), cancel=cancel,
+                                tiling=tiling) if hi > lo else []
     if total > n:  # filter on every shard's layout features (5 numbers each), never moving the structures
         feats = layout_features([s.inst for s in structs])
         if count > 1:

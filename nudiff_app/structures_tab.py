@@ -49,6 +49,9 @@ def build(ctx: AppContext, ui) -> None:
         ui.st_size = gr.Number(value=0, precision=0, minimum=0, maximum=16384, label="Size (px; 0 = the model's)",
                                elem_id="st-size", info="larger than the model's tile: sampled as overlapping "
                                                         "windows, one watershed over the whole map")
+        ui.st_outline = gr.Slider(0, 4, value=0, step=0.5, elem_id="st-outline", label="Smooth outlines (σ px)",
+                                  info="round each nucleus's ragged outline after the watershed (0 = off, the "
+                                       "paper's maps; 3 gives the demo model's nuclei the solidity of real ones)")
     with gr.Row():
         ui.st_sample = gr.Button("Sample structures", variant="primary", elem_id="st-sample")
         ui.st_cancel = gr.Button("Cancel", variant="stop", elem_id="st-cancel")
@@ -63,7 +66,8 @@ def build(ctx: AppContext, ui) -> None:
 
 
 def pick(sess: Session, index) -> int:
-    """Make sampled structure #index the session's current one (its structure kept, as sampled)."""
+    """Make sampled structure #index the session's current one (its structure kept, as sampled; rebuilt from
+    the map where its outlines were smoothed, as engine.pipeline.StructureSample.condition does)."""
     with sess.lock:
         if not sess.samples:
             raise NuDiffError("sample some structures first")
@@ -72,7 +76,10 @@ def pick(sess: Session, index) -> int:
             raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
         s = sess.samples[i]
         meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}
-        sess.set_current(s.inst, meta, structure=s.structure)  # images are conditioned on it as sampled
+        if s.outline_sigma > 0:  # smoothed outlines: images are conditioned on the structure rebuilt from the map
+            sess.set_current(s.inst, {**meta, "outline_sigma": s.outline_sigma})
+        else:
+            sess.set_current(s.inst, meta, structure=s.structure)  # images are conditioned on it as sampled
         sess.selected_sample = i
     return i
 
@@ -94,8 +101,8 @@ class StructuresHandlers:
                          (values[0] if values else None))
 
     @ui_action(2)
-    def sample(self, sid, ckpt, n, sampler, steps, seed, oversample=1.0, size=0, request: gr.Request = None,
-               progress=gr.Progress()):
+    def sample(self, sid, ckpt, n, sampler, steps, seed, oversample=1.0, size=0, outline=0.0,
+               request: gr.Request = None, progress=gr.Progress()):
         from engine.pipeline import candidate_count, plan_structure_canvas
 
         ctx = self.ctx
@@ -106,10 +113,10 @@ class StructuresHandlers:
         plan = plan_structure_canvas(model, size, ctx.tiling)  # refused here if over the budget
         desc = (f"Denoising {plan.windows} windows × {int(steps)} steps" if plan.tiled else "Denoising")
         progress(0, desc="Sampling structures")
-        oversample = float(oversample or 1.0)
+        oversample, outline = float(oversample or 1.0), float(outline or 0.0)
         samples = ctx.worker.run("sample_structures", dict(
             checkpoint=str(model.path), n=int(n), sampler=sampler, steps=int(steps), seed=int(seed), size=size,
-            batch_size=8, oversample=oversample, filter_mode="top", tiling=ctx.tiling),
+            batch_size=8, oversample=oversample, filter_mode="top", outline_sigma=outline, tiling=ctx.tiling),
             progress=lambda i, t: progress((i, t), desc=desc), cancel=sess.cancel.is_set)
         with sess.lock:
             sess.samples = samples
@@ -122,6 +129,8 @@ class StructuresHandlers:
         if oversample > 1:
             kept = (f" Realism filter: kept the {len(samples)} of {candidate_count(int(n), oversample)} sampled "
                     f"layouts most like the training data's.")
+        if outline > 0:
+            kept += f" Outlines smoothed (σ {outline:g} px); images will be conditioned on the smoothed maps."
         return (f"Sampled {len(samples)} structures from `{ctx.checkpoint_name(model)}` "
                 f"({sampler}, {int(steps)} steps, {size} px"
                 + (f" as {plan.windows} windows" if plan.tiled else "") + f").{kept}"), gallery
@@ -136,7 +145,8 @@ def wire(ctx: AppContext, ui) -> None:
     ui.st_refresh.click(h.refresh, ui.st_ckpt, ui.st_ckpt, api_visibility="private")
     ui.st_sampler.change(sampler_steps, ui.st_sampler, ui.st_steps, api_visibility="private")
     ui.st_sample_event = ui.st_sample.click(
-        h.sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed, ui.st_oversample, ui.st_size],
+        h.sample, [ui.sid, ui.st_ckpt, ui.st_n, ui.st_sampler, ui.st_steps, ui.st_seed, ui.st_oversample, ui.st_size,
+                   ui.st_outline],
         [ui.st_status, ui.st_gallery], api_name="sample_structures", concurrency_id="compute", concurrency_limit=1)
     ui.st_cancel.click(h.cancel, ui.sid, ui.st_status, api_name="cancel_structures", queue=False)
     ui.st_gallery.select(gallery_index, None, ui.st_index, api_visibility="private")

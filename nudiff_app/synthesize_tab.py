@@ -26,6 +26,8 @@ def current_view(sess: Session) -> tuple:
     h, w = cur.inst.shape
     pic = zoom_to(label_view(cur.inst), 384) if max(h, w) <= 512 else overview(cur.inst)  # large: downscaled
     how = ("structure as sampled" if cur.structure is not None else "structure rebuilt from the map")
+    if m.get("outline_sigma"):
+        how += f" (outlines smoothed, σ {m['outline_sigma']:g} px)"
     return (pic, f"Conditioning on **{int(cur.inst.max())} nuclei**, {size_text((h, w))} · {src}"
             + (" · **edited by hand**" if m.get("edited") else "") + f" · {how}")
 

@@ -30,6 +30,7 @@ CASES = [
     ("sample-structures", ["--size", "abc"]), ("sample-structures", ["--tile", "4"]),
     ("sample-structures", ["--overlap", "-1"]), ("sample-structures", ["--window-batch", "0"]),
     ("sample-structures", ["--max-memory-gb", "0"]), ("sample-structures", ["--max-memory-gb", "nan"]),
+    ("sample-structures", ["--smooth-outlines", "-1"]), ("generate", ["--smooth-outlines", "abc"]),
     ("generate", ["--n", "0"]), ("generate", ["--steps", "0"]), ("generate", ["--size", "0"]),
     ("generate", ["--batch-size", "0"]), ("generate", ["--w", "-1"]), ("generate", ["--w", "abc"]),
     ("synthesize", ["--variants", "0"]), ("synthesize", ["--steps", "-2"]), ("synthesize", ["--w", "99"]),

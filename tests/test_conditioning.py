@@ -77,6 +77,68 @@ def test_the_manifest_records_the_default_precision(cli_routes, tiny_checkpoints
     assert _manifest(tmp_path / "auto")[0]["precision"] == ("bf16" if bf16_is_fast("cpu") else "fp32")
 
 
+@pytest.fixture(scope="module")
+def smoothed_routes(tiny_checkpoints, tmp_path_factory):
+    """cli_routes with --smooth-outlines 2."""
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    root = tmp_path_factory.mktemp("smoothed")
+    common = ["--sampler", "ddim", "--steps", str(STEPS), "--seed", str(SEED), "--precision", PRECISION]
+    smooth = ["--smooth-outlines", "2"]
+    assert cli.main(["generate", "--structure-checkpoint", s_ckpt, "--image-checkpoint", i_ckpt, "--n", "1",
+                     "--w", W, "--out", str(root / "generate"), *common, *smooth]) == 0
+    assert cli.main(["sample-structures", "--checkpoint", s_ckpt, "--n", "1", "--out", str(root / "structures"),
+                     *common, *smooth]) == 0
+    assert cli.main(["synthesize", "--checkpoint", i_ckpt, "--labels", str(root / "structures" / "labels"),
+                     "--w", W, "--out", str(root / "synthesize"), *common]) == 0
+    return root
+
+
+def test_smoothed_outlines_are_one_condition_on_every_route(cli_routes, smoothed_routes):
+    """--smooth-outlines: the label is the watershed's map with rounded outlines, and the image is conditioned
+    on the structure rebuilt from that label: generate and sample-structures + synthesize give the same pair,
+    and the manifests say how it was made."""
+    from engine.structure import smooth_outlines
+
+    root, stem = smoothed_routes, f"structure_{SEED:05d}"
+    plain = tifffile.imread(cli_routes / "structures" / "labels" / f"{stem}.tif").astype(np.int32)
+    smoothed = tifffile.imread(root / "structures" / "labels" / f"{stem}.tif").astype(np.int32)
+    np.testing.assert_array_equal(smoothed, smooth_outlines(plain, 2.0))
+    assert not np.array_equal(smoothed, plain)
+    np.testing.assert_array_equal(np.load(root / "structures" / "structures" / f"{stem}.npy"),
+                                  instances_to_structure(smoothed))
+    gen, syn = _manifest(root / "generate"), _manifest(root / "synthesize")
+    assert np.array_equal(_image(root / "generate", gen[0]), _image(root / "synthesize", syn[0]))
+    assert not np.array_equal(_image(root / "generate", gen[0]),
+                              _image(cli_routes / "generate", _manifest(cli_routes / "generate")[0]))
+    for row in (gen[0], syn[0]):
+        assert row["source"] == "sampled" and row["structure_rebuilt"] == "true" and row["edited"] == "false"
+        assert row["outline_sigma"] == "2.0" and row["structure_seed"] == str(SEED)
+    assert _manifest(cli_routes / "generate")[0]["outline_sigma"] == ""  # off: the paper's maps, as sampled
+
+
+def test_the_studio_smooths_outlines_as_the_cli_does(studio, tiny_checkpoints, smoothed_routes):
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    c = Client(studio[1], verbose=False)
+    status, _ = c.predict(s_ckpt, 1, "ddim", STEPS, SEED, 1.0, 0, 2.0, api_name="/sample_structures")
+    assert "Outlines smoothed (σ 2 px)" in status, status
+    out = c.predict(0, api_name="/send_to_synthesize")
+    assert _says(out, "structure rebuilt from the map (outlines smoothed, σ 2 px)")
+    status, _ = c.predict(i_ckpt, float(W), "ddim", STEPS, SEED, 1, api_name="/synthesize")
+    assert status.startswith("Synthesized 1 image(s)")
+    c.predict(0, 0.8, api_name="/add_to_basket")
+    _, download = c.predict(["COCO json"], True, api_name="/export_zip")
+    path = download["value"] if isinstance(download, dict) else download
+    with zipfile.ZipFile(path) as zf:
+        row = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))[0]
+        img = np.asarray(Image.open(io.BytesIO(zf.read(row["image"]))).convert("RGB"))
+        label = tifffile.imread(io.BytesIO(zf.read(row["label"])))
+    ref = _manifest(smoothed_routes / "generate")[0]
+    assert np.array_equal(img, _image(smoothed_routes / "generate", ref))
+    assert np.array_equal(label, tifffile.imread(smoothed_routes / "generate" / ref["label"]))
+    assert (row["outline_sigma"], row["structure_rebuilt"], row["source"], row["edited"]) == \
+        ("2.0", "true", "sampled", "false")
+
+
 def test_a_rebuilt_structure_gives_another_image(cli_routes, tiny_checkpoints, tmp_path):
     """The check above can fail: conditioning on the structure rebuilt from the same map (what the CLI and
     the studio did before) gives a different image."""

@@ -64,6 +64,26 @@ def test_sampled_layouts_merge_watershed_fragments(models):
         pipeline.sample_structures(smodel, 1, steps=2, merge_below=1.5)
 
 
+def test_sampled_layouts_with_smoothed_outlines(models):
+    from engine.structure import smooth_outlines, structure_to_instances
+
+    smodel, _ = models
+    raw = pipeline.sample_structures(smodel, 3, steps=4, seed=20)
+    smooth = pipeline.sample_structures(smodel, 3, steps=4, seed=20, outline_sigma=1.5)
+    for a, b in zip(raw, smooth):
+        np.testing.assert_array_equal(a.structure, b.structure)   # sampled as before, the map smoothed after
+        np.testing.assert_array_equal(b.inst, smooth_outlines(structure_to_instances(a.structure), 1.5))
+        assert (a.outline_sigma, b.outline_sigma) == (0.0, 1.5)
+        plain, rebuilt = a.condition(smodel), b.condition(smodel)
+        assert not plain.rebuilt and plain.structure is a.structure
+        assert rebuilt.rebuilt and not rebuilt.edited and rebuilt.origin["source"] == "sampled"
+        assert rebuilt.origin["outline_sigma"] == 1.5 and rebuilt.origin["structure_seed"] == b.seed
+        np.testing.assert_array_equal(rebuilt.structure, instances_to_structure(b.inst))
+    for bad in (-1.0, 11.0):
+        with pytest.raises(NuDiffError, match="outline smoothing"):
+            pipeline.sample_structures(smodel, 1, steps=2, outline_sigma=bad)
+
+
 def test_synthesize_variants_and_reproducible(exact_models):
     _, imodel = exact_models
     inst = np.zeros((32, 32), np.int32)
