@@ -1,11 +1,13 @@
 """Is the watershed a lever for sampled layouts? Sample structures once, cut them into instance maps with
-other watershed settings, and compare each with the training labels' tiles (train role of the split;
-validation and test images are not read).
+other watershed settings, and compare each with real labels' tiles (200 tiles of the train role of the
+split; ``--outline-sigmas`` also against the validation role's tiles, where choices are made; the test
+images are never read).
 
     python bench/watershed_sweep.py [--structure CKPT] [--n 16] [--size 256] [--tile 128] [--seed 2000]
+    python bench/watershed_sweep.py --outline-sigmas 0,1,1.5,2,2.5,3   # engine.structure.smooth_outlines
 
-Prints, per setting, nuclei per tile, foreground fraction and the morphology distance (engine.quality) to
-200 of the train labels' tiles; no pass/fail.
+Prints, per setting, nuclei per tile, foreground fraction and the morphology distance (engine.quality),
+with its solidity term; no pass/fail.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=256, help="layout size sampled")
     ap.add_argument("--tile", type=int, default=128, help="tile size compared")
     ap.add_argument("--seed", type=int, default=2000)
+    ap.add_argument("--outline-sigmas", default=None, metavar="S,S,...",
+                    help="sweep the outline smoothing (default watershed) instead of the watershed's settings")
     args = ap.parse_args()
     if not (args.data / "labels").is_dir():
         print(f"skipped: training data not found at {args.data}")
@@ -60,6 +64,12 @@ def main() -> int:
     print("train labels: %.2f nuclei per tile, foreground %.3f (%d tiles)" % (*layout(real), len(real)))
     model = load_model(args.structure, kind="structure")
     sampled = sample_structures(model, args.n, seed=args.seed, size=args.size, batch_size=args.n)
+    if args.outline_sigmas:
+        val = [t for stem in read_split(args.split)["validation"]
+               for t in tiles(read_label(args.data / "labels" / f"{stem}.png"), args.tile)]
+        print("validation labels: %.2f nuclei per tile, foreground %.3f (%d tiles)" % (*layout(val), len(val)))
+        return sweep_outlines(sampled, [float(x) for x in args.outline_sigmas.split(",")], args.tile,
+                              {"train": ref, "validation": val})
     print("| min_marker | merge | smoothing | nuclei / tile | foreground | morphology distance |")
     print("|---|---|---|---|---|---|")
     for marker, merge, smooth in itertools.product((2, 5, 10), (0.0, 0.2, 0.4), (0.0, 1.0)):
@@ -67,6 +77,25 @@ def main() -> int:
             s.structure, min_marker=marker, merge_below=merge, smooth=smooth), args.tile)]
         d = morphology_distance(ref, insts)["mean_normalised"]
         print("| %d | %.1f | %.0f | %.2f | %.3f | %.3f |" % (marker, merge, smooth, *layout(insts), d), flush=True)
+    return 0
+
+
+def sweep_outlines(sampled: list, sigmas: list[float], tile: int, refs: dict[str, list[np.ndarray]]) -> int:
+    """One row per sigma: layout figures and morphology distance (mean, solidity term) against each ref."""
+    from engine.quality import morphology_distance
+    from engine.structure import smooth_outlines, structure_to_instances
+
+    maps = [structure_to_instances(s.structure) for s in sampled]
+    heads = " | ".join(f"morphology vs {k} (solidity term)" for k in refs)
+    print(f"| outline sigma | nuclei / tile | foreground | {heads} |")
+    print("|---|---|---|" + "---|" * len(refs))
+    for sigma in sigmas:
+        insts = [t for m in maps for t in tiles(smooth_outlines(m, sigma), tile)]
+        cells = []
+        for ref in refs.values():
+            d = morphology_distance(ref, insts)
+            cells.append("%.3f (%.3f)" % (d["mean_normalised"], d["solidity"]["normalised"]))
+        print("| %g | %.2f | %.3f | %s |" % (sigma, *layout(insts), " | ".join(cells)), flush=True)
     return 0
 
 
