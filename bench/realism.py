@@ -19,11 +19,12 @@ only rescores. Usage (the demo models today, held-out test images)::
     python bench/realism.py --name demo --w 2 --w 0.75 --role test
     python bench/realism.py --name r21 --structure S.json --image I.json --role validation --w 0.5 --w 1
     python bench/realism.py --name demo --w 2 --oversample 4      # layouts through the realism filter
+    python bench/realism.py --name demo --w 0.75 --smooth-outlines 3   # outlines rounded after the watershed
     python bench/realism.py --name demo --w 0.75 --real-layouts   # images on real layouts: the image model alone
     python bench/realism.py --name demo --w 0.75 --real-layouts --colour-prior   # mean colours of train tiles
 
 Prints one markdown table and writes WORK/NAME/realism-ROLE.json (realism-ROLE-kK.json with --oversample,
--cp with --colour-prior).
+-oS with --smooth-outlines, -cp with --colour-prior).
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ def grid_tiles(images, insts, size):
 
 def filter_suffix(args) -> str:
     """File-name suffix of the layouts' setting: "-real-layouts" (--real-layouts), "-kK" (the realism filter:
-    n kept of n * K sampled), "" (sampled, unfiltered)."""
+    n kept of n * K sampled), "-oS" (outlines smoothed with sigma S), "" (sampled as they are)."""
     if args.real_layouts:
         return "-real-layouts"
-    return f"-k{args.oversample:g}" if args.oversample > 1 else ""
+    return (f"-k{args.oversample:g}" if args.oversample > 1 else "") + (
+        f"-o{args.smooth_outlines:g}" if args.smooth_outlines > 0 else "")
 
 
 def colour_suffix(args) -> str:
@@ -94,11 +96,13 @@ def synthetic_set(args, w: float, cache: Path, real_labels=None, colours=None):
         sm = load_model(args.structure, kind="structure")
         t = time.time()
         samples = sample_structures(sm, args.n, steps=args.steps, seed=args.seed, size=args.size,
-                                    oversample=args.oversample)
+                                    oversample=args.oversample, outline_sigma=args.smooth_outlines)
         print(f"  structures: {args.n} x {args.size} px in {time.time() - t:.0f} s", file=sys.stderr)
         structures = [s.structure for s in samples]
         insts = [s.inst for s in samples]
         np.savez_compressed(f_struct, structures=np.stack(structures), insts=np.stack(insts))
+    if args.smooth_outlines > 0:  # conditioned on the structure rebuilt from the smoothed map, as the pipeline does
+        structures = insts
     f_img = cache / f"images-{args.size}-n{args.n}-s{args.seed}-{args.steps}{k}-w{w:g}{colour_suffix(args)}.npz"
     if f_img.exists():
         images = list(np.load(f_img)["images"])
@@ -149,6 +153,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
     ap.add_argument("--oversample", type=float, default=1.0,
                     help="realism filter: keep n of n * K sampled structures (engine.curate; 1 = off)")
+    ap.add_argument("--smooth-outlines", type=float, default=0.0, metavar="SIGMA",
+                    help="round the sampled maps' outlines (engine.structure.smooth_outlines; 0 = off); the images "
+                         "are conditioned on the structures rebuilt from the smoothed maps")
     ap.add_argument("--real-layouts", action="store_true",
                     help="synthesize on n of the role's own real layouts (their label tiles) instead of sampled "
                          "ones: the image model's realism alone")
@@ -166,6 +173,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.real_layouts and args.size != 256:
         ap.error("--real-layouts takes the real images' 256 px tiles: --size must be 256")
+    if args.real_layouts and args.smooth_outlines > 0:
+        ap.error("--smooth-outlines rounds sampled layouts; --real-layouts uses the real ones as they are")
     ws = args.w or [2.0]
     split = json.loads(args.split.read_text())
     cfg = TwoSampleConfig(epochs=args.epochs)
@@ -191,7 +200,8 @@ def main(argv=None):
     results = {"name": args.name, "structure": args.structure, "image": args.image, "role": args.role,
                "real_images": split[args.role], "n_real_tiles": {"256": len(real256), "128": len(real128)},
                "n_synthetic": args.n, "size": args.size, "steps": args.steps, "seed": args.seed,
-               "oversample": args.oversample, "real_layouts": args.real_layouts,
+               "oversample": args.oversample, "outline_sigma": args.smooth_outlines,
+               "real_layouts": args.real_layouts,
                "classifier": cfg.__dict__, "sanity": sanity, "by_w": {}}
     train_cache = {}
     colours = None

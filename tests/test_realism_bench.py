@@ -63,6 +63,31 @@ def test_rows_sanity_rows_and_caches(setup, capsys):
     assert again["by_w"]["2"]["two_sample_256"] == row["two_sample_256"]
 
 
+def test_smoothed_outlines_are_scored_on_their_rebuilt_structures(setup, capsys):
+    import numpy as np
+
+    from engine.structure import instances_to_structure, smooth_outlines
+
+    root, args = setup
+    _run(["--name", "pair", *args], capsys)
+    _run(["--name", "pair", "--smooth-outlines", "3", *args], capsys)
+    cache = root / "work" / "pair"
+    res = json.loads((cache / "realism-validation-o3.json").read_text())
+    assert res["outline_sigma"] == 3 and res["by_w"]["2"]["two_sample_256"]["n_per_set"] == 4
+    plain, smooth = np.load(cache / "structures-256-n4-s0-2.npz"), np.load(cache / "structures-256-n4-s0-2-o3.npz")
+    np.testing.assert_array_equal(plain["structures"], smooth["structures"])  # the same draws, maps smoothed after
+    for a, b in zip(plain["insts"], smooth["insts"]):
+        np.testing.assert_array_equal(b, smooth_outlines(a, 3.0))
+    # the images are drawn on the rebuilt structures: synthesize those again and get the cached images
+    from engine.pipeline import load_model, synthesize
+
+    im = load_model(args[args.index("--image") + 1], kind="image")
+    again = synthesize(im, [instances_to_structure(i) for i in smooth["insts"]], w=2, steps=2, seed=0)
+    np.testing.assert_array_equal(np.stack(again), np.load(cache / "images-256-n4-s0-2-o3-w2.npz")["images"])
+    with pytest.raises(SystemExit):
+        realism.main(["--name", "x", "--real-layouts", "--smooth-outlines", "3", *args])
+
+
 def test_real_layouts_judge_the_image_model_on_the_roles_own_labels(setup, capsys):
     root, args = setup
     # the sanity rows are cached per role; a row made with another classifier recipe is measured again
