@@ -39,6 +39,25 @@ def _image(folder: Path, row: dict) -> np.ndarray:
     return np.asarray(Image.open(folder / row["image"]).convert("RGB"))
 
 
+def _studio_pair(c: Client, tiny_checkpoints, how: str, *sampling) -> tuple[dict, np.ndarray, np.ndarray, str]:
+    """Through the studio's API: sample one structure (seed SEED; ``sampling``: the endpoint's further inputs),
+    send it to Synthesize (whose description must say ``how``), synthesize, export; (manifest row, image, label,
+    the sampling's status line)."""
+    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
+    sampled, gallery = c.predict(s_ckpt, 1, "ddim", STEPS, SEED, *sampling, api_name="/sample_structures")
+    assert sampled.startswith("Sampled 1 structures") and f"seed {SEED}" in gallery[0]["caption"], sampled
+    assert _says(c.predict(0, api_name="/send_to_synthesize"), how)
+    status, _ = c.predict(i_ckpt, float(W), "ddim", STEPS, SEED, 1, api_name="/synthesize")
+    assert status.startswith("Synthesized 1 image(s)"), status
+    c.predict(0, 0.8, api_name="/add_to_basket")
+    _, download = c.predict(["COCO json"], True, api_name="/export_zip")
+    path = download["value"] if isinstance(download, dict) else download
+    with zipfile.ZipFile(path) as zf:
+        row = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))[0]
+        img = np.asarray(Image.open(io.BytesIO(zf.read(row["image"]))).convert("RGB"))
+        return row, img, tifffile.imread(io.BytesIO(zf.read(row["label"]))), sampled
+
+
 @pytest.fixture(scope="module")
 def cli_routes(tiny_checkpoints, tmp_path_factory):
     """generate, and sample-structures then synthesize, for one structure with seed SEED."""
@@ -117,21 +136,10 @@ def test_smoothed_outlines_are_one_condition_on_every_route(cli_routes, smoothed
 
 
 def test_the_studio_smooths_outlines_as_the_cli_does(studio, tiny_checkpoints, smoothed_routes):
-    s_ckpt, i_ckpt = map(str, tiny_checkpoints)
     c = Client(studio[1], verbose=False)
-    status, _ = c.predict(s_ckpt, 1, "ddim", STEPS, SEED, 1.0, 0, 2.0, api_name="/sample_structures")
+    row, img, label, status = _studio_pair(c, tiny_checkpoints,
+                                           "structure rebuilt from the map (outlines smoothed, σ 2 px)", 1.0, 0, 2.0)
     assert "Outlines smoothed (σ 2 px)" in status, status
-    out = c.predict(0, api_name="/send_to_synthesize")
-    assert _says(out, "structure rebuilt from the map (outlines smoothed, σ 2 px)")
-    status, _ = c.predict(i_ckpt, float(W), "ddim", STEPS, SEED, 1, api_name="/synthesize")
-    assert status.startswith("Synthesized 1 image(s)")
-    c.predict(0, 0.8, api_name="/add_to_basket")
-    _, download = c.predict(["COCO json"], True, api_name="/export_zip")
-    path = download["value"] if isinstance(download, dict) else download
-    with zipfile.ZipFile(path) as zf:
-        row = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))[0]
-        img = np.asarray(Image.open(io.BytesIO(zf.read(row["image"]))).convert("RGB"))
-        label = tifffile.imread(io.BytesIO(zf.read(row["label"])))
     ref = _manifest(smoothed_routes / "generate")[0]
     assert np.array_equal(img, _image(smoothed_routes / "generate", ref))
     assert np.array_equal(label, tifffile.imread(smoothed_routes / "generate" / ref["label"]))
@@ -175,18 +183,7 @@ def test_a_label_edited_after_sampling_is_rebuilt_and_marked(cli_routes, tiny_ch
 def test_studio_gives_the_cli_image(studio, tiny_checkpoints, cli_routes):
     s_ckpt, i_ckpt = map(str, tiny_checkpoints)
     c = Client(studio[1], verbose=False)
-    status, gallery = c.predict(s_ckpt, 1, "ddim", STEPS, SEED, api_name="/sample_structures")
-    assert status.startswith("Sampled 1 structures") and f"seed {SEED}" in gallery[0]["caption"]
-    out = c.predict(0, api_name="/send_to_synthesize")
-    assert _says(out, "structure as sampled")
-    status, results = c.predict(i_ckpt, float(W), "ddim", STEPS, SEED, 1, api_name="/synthesize")
-    assert status.startswith("Synthesized 1 image(s)")
-    c.predict(0, 0.8, api_name="/add_to_basket")
-    status, download = c.predict(["COCO json"], True, api_name="/export_zip")
-    path = download["value"] if isinstance(download, dict) else download
-    with zipfile.ZipFile(path) as zf:
-        row = list(csv.DictReader(io.StringIO(zf.read("manifest.csv").decode())))[0]
-        img = np.asarray(Image.open(io.BytesIO(zf.read(row["image"]))).convert("RGB"))
+    row, img, _, _ = _studio_pair(c, tiny_checkpoints, "structure as sampled")
     assert row["structure_rebuilt"] == "false" and row["source"] == "sampled" and row["edited"] == "false"
     ref = _manifest(cli_routes / "generate")[0]
     assert np.array_equal(img, _image(cli_routes / "generate", ref))
