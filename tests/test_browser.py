@@ -146,9 +146,11 @@ def test_full_session_in_browser(studio, page, labeled_folder, tmp_path):
     _set_number(page, "st-n", 4)
     _set_number(page, "st-steps", STEPS)
     _set_number(page, "st-oversample", 2)  # realism filter: sample 8, keep the 4 most like the training data
+    _set_number(page, "st-outline", 3)  # outlines rounded after the watershed
     page.locator("#st-sample").click()
     status = _text(page, "st-status", "structures from")
     assert "4 structures" in status and "kept the 4 of 8 sampled layouts" in status
+    assert "Outlines smoothed (σ 3 px)" in status
     thumbs = page.locator("#st-gallery button.thumbnail-item, #st-gallery .thumbnail-item")
     assert thumbs.count() >= 4
     thumbs.nth(1).click()
