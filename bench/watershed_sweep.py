@@ -57,19 +57,21 @@ def main() -> int:
     from engine.quality import morphology_distance
     from engine.structure import structure_to_instances
 
-    real = [t for stem in read_split(args.split)["train"]
-            for t in tiles(read_label(args.data / "labels" / f"{stem}.png"), args.tile)]
+    def role_tiles(role: str) -> list[np.ndarray]:
+        """The label tiles of one role of the split, with their layout figures printed."""
+        out = [t for stem in read_split(args.split)[role]
+               for t in tiles(read_label(args.data / "labels" / f"{stem}.png"), args.tile)]
+        print("%s labels: %.2f nuclei per tile, foreground %.3f (%d tiles)" % (role, *layout(out), len(out)))
+        return out
+
+    real = role_tiles("train")
     rng = np.random.default_rng(0)
     ref = [real[i] for i in rng.choice(len(real), min(200, len(real)), replace=False)]
-    print("train labels: %.2f nuclei per tile, foreground %.3f (%d tiles)" % (*layout(real), len(real)))
     model = load_model(args.structure, kind="structure")
     sampled = sample_structures(model, args.n, seed=args.seed, size=args.size, batch_size=args.n)
     if args.outline_sigmas:
-        val = [t for stem in read_split(args.split)["validation"]
-               for t in tiles(read_label(args.data / "labels" / f"{stem}.png"), args.tile)]
-        print("validation labels: %.2f nuclei per tile, foreground %.3f (%d tiles)" % (*layout(val), len(val)))
         return sweep_outlines(sampled, [float(x) for x in args.outline_sigmas.split(",")], args.tile,
-                              {"train": ref, "validation": val})
+                              {"train": ref, "validation": role_tiles("validation")})
     print("| min_marker | merge | smoothing | nuclei / tile | foreground | morphology distance |")
     print("|---|---|---|---|---|---|")
     for marker, merge, smooth in itertools.product((2, 5, 10), (0.0, 0.2, 0.4), (0.0, 1.0)):

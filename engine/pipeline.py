@@ -127,15 +127,26 @@ class StructureSample:
     def n_nuclei(self) -> int:
         return int(self.inst.max())
 
+    @property
+    def sampled_structure(self) -> np.ndarray | None:
+        """The structure to condition images on as it is: the sampled one, or None where the map's outlines
+        were smoothed (the structure is then rebuilt from the map, so image and label stay aligned)."""
+        return self.structure if self.outline_sigma <= 0 else None
+
+    def origin(self) -> dict:
+        """Where this sample's map came from (engine.conditioning.ORIGIN_KEYS): sampled, its seed, and the sigma
+        of its outline smoothing where it had one."""
+        smoothed = {"outline_sigma": float(self.outline_sigma)} if self.outline_sigma > 0 else {}
+        return {"source": "sampled", "structure_seed": self.seed, **smoothed}
+
     def condition(self, model: "LoadedModel", **origin) -> Condition:
-        """This sample as the image model's condition, with its provenance: the structure as sampled, or,
-        where the outlines were smoothed, rebuilt from the smoothed map (so image and label stay aligned)."""
-        origin = dict(structure_seed=self.seed, structure_checkpoint=model.path.name, structure_sha256=model.sha256,
-                      **origin)
-        if self.outline_sigma > 0:
-            return Condition.from_instances(self.inst, source="sampled", outline_sigma=float(self.outline_sigma),
-                                            **origin)
-        return Condition.sampled(self.structure, self.inst, **origin)
+        """This sample as the image model's condition (:attr:`sampled_structure`, else rebuilt from the map),
+        with its provenance."""
+        origin = {**self.origin(), "structure_checkpoint": model.path.name, "structure_sha256": model.sha256,
+                  **origin}
+        if self.sampled_structure is None:
+            return Condition.from_instances(self.inst, **origin)
+        return Condition.sampled(self.sampled_structure, self.inst, **origin)
 
 
 @dataclass
@@ -287,7 +298,7 @@ def _structure_sample(structure: np.ndarray, seed: int, merge_below: float, outl
 
 
 def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_below: float,
-                          filter_mode: str, outline_sigma: float = 0.0) -> None:
+                          filter_mode: str, outline_sigma: float) -> None:
     if model.kind != "structure":
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
     if n < 1:

@@ -67,7 +67,7 @@ def build(ctx: AppContext, ui) -> None:
 
 def pick(sess: Session, index) -> int:
     """Make sampled structure #index the session's current one (its structure kept, as sampled; rebuilt from
-    the map where its outlines were smoothed, as engine.pipeline.StructureSample.condition does)."""
+    the map where its outlines were smoothed: engine.pipeline.StructureSample.sampled_structure)."""
     with sess.lock:
         if not sess.samples:
             raise NuDiffError("sample some structures first")
@@ -75,11 +75,8 @@ def pick(sess: Session, index) -> int:
         if not 0 <= i < len(sess.samples):
             raise NuDiffError(f"no structure #{i}; choose 0 to {len(sess.samples) - 1}")
         s = sess.samples[i]
-        meta = {"source": "sampled", "structure_seed": s.seed, "edited": False, **sess.sample_meta}
-        if s.outline_sigma > 0:  # smoothed outlines: images are conditioned on the structure rebuilt from the map
-            sess.set_current(s.inst, {**meta, "outline_sigma": s.outline_sigma})
-        else:
-            sess.set_current(s.inst, meta, structure=s.structure)  # images are conditioned on it as sampled
+        # images are conditioned on the structure as sampled, or on one rebuilt from a map with smoothed outlines
+        sess.set_current(s.inst, {**s.origin(), "edited": False, **sess.sample_meta}, structure=s.sampled_structure)
         sess.selected_sample = i
     return i
 
