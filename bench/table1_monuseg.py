@@ -90,6 +90,9 @@ class Job:
     run: str | None = None  # a segmenter job: its run's name (engine.evaluate.run_name), for the ledger
     pct: str | None = None  # a segmenter job: its fraction ("10") ...
     arm: str | None = None  # ... and its arm ("labeled" | "augmented")
+    brief: bool = False  # a job of seconds (a subset, a merge): while it runs no job of lower priority starts,
+    # so that the jobs it unlocks (both trainings of a fraction) find the slots free instead of one of them
+    # waiting for a segmenter that took a slot in the seconds between
 
     def finished(self) -> bool:
         """Whether the job's output is there: its ``done`` file and, for a training, a run that ended on its
@@ -564,7 +567,7 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
             sub = w / f"subset_{pct}"
             jobs.append(Job(f"subset {pct}%", py + ["subset", str(real), "--fraction", pct, "--out", str(sub),
                                                     "--seed", str(args.seed)], done=sub / "manifest.csv",
-                            priority=prio(pct, "train")))
+                            priority=prio(pct, "train"), brief=True))
             common = ["--data", str(sub), "--preset", args.preset, "--image-size", str(args.diffusion_size),
                       "--tile-stride", str(args.diffusion_size // 2), "--batch-size", str(args.diffusion_batch),
                       "--sample-size", str(args.pair_size), "--save-every", "250", "--preview-every", "0",
@@ -607,7 +610,7 @@ def plan(args: argparse.Namespace, real: Path, test: Path, choices: list[ModelCh
                             prio(pct, "pairs")))
         merge = f"from bench.table1_monuseg import merge_parts; merge_parts({part_dirs!r}, {str(synth)!r})"
         jobs.append(Job(f"pairs {pct}%", [args.python, "-c", merge], names, None, prio(pct, "pairs"),
-                        output=synth))
+                        output=synth, brief=True))
         per_repeat = ["--pairs-per-repeat", str(n)] if total > n else []
         for r in range(args.repeats):  # one job per repeat: they run side by side and each is kept on its own
             jobs.append(Job(f"segmenter {pct}% augmented r{r}", py + [
@@ -943,6 +946,8 @@ def _run_jobs(jobs: list[Job], parallel: int, logs: Path, threads: int,
         for j in ready():
             if sum(1 for x in jobs if x.state == "running") >= parallel:
                 break
+            if any(x.brief and x.priority < j.priority for x in jobs if x.state == "running"):
+                break  # a slot is kept for what the brief job unlocks (ready() is sorted: so is the rest)
             log = open(logs / f"{_slug(j.name)}.log", "a")
             log.write(f"$ {' '.join(j.cmd)}\n")
             log.flush()

@@ -40,6 +40,8 @@ def test_plan_trains_diffusion_models_on_each_subset_and_reuses_given_models(tmp
         cmd = jobs[name].cmd
         assert jobs[name].after == ["subset 10%"] and cmd[cmd.index("--data") + 1] == str(tmp_path / "subset_10")
     assert jobs["structure 10%"].cmd[jobs["structure 10%"].cmd.index("--time-limit") + 1] == "8"
+    # the jobs of seconds that unlock a fraction's next stage keep the slots for it (see the runner's test)
+    assert {n for n, j in jobs.items() if j.brief} == {"subset 10%", "pairs 10%", "pairs 100%"}
     stage2 = jobs["image 10% stage 2"].cmd
     assert stage2[stage2.index("--time-limit") + 1] == "2" and "--init-from" in stage2
     assert stage2[stage2.index("--drop-rate") + 1] == "0.2"
@@ -132,6 +134,29 @@ def test_runner_orders_skips_and_caches(tmp_path):
             Job("training", step("training"), after=["subset"], priority=-2)]
     run_jobs(jobs, parallel=1, logs=tmp_path / "logs", threads=1)
     assert log.read_text().split() == ["training", "labeled"]
+
+
+def test_a_brief_job_keeps_the_slots_for_what_it_unlocks(tmp_path):
+    """While a fraction's subset is written (seconds), a segmenter of lower priority must not take the free slot:
+    both of the fraction's trainings start together once the subset is there."""
+    log = tmp_path / "starts.txt"
+
+    def step(name: str, seconds: float) -> list[str]:
+        return py(f"open({str(log)!r}, 'a').write({name!r} + '\\n'); import time; time.sleep({seconds})")
+
+    def jobs(brief: bool) -> list[Job]:
+        return [Job("subset", step("subset", 0.5), priority=0, brief=brief),
+                Job("labeled", step("labeled", 1.5), priority=3),
+                Job("structure", step("structure", 0.3), after=["subset"], priority=0),
+                Job("image", step("image", 0.3), after=["subset"], priority=0)]
+
+    run_jobs(jobs(brief=True), parallel=2, logs=tmp_path / "logs", threads=1)
+    order = log.read_text().split()
+    assert order[0] == "subset" and set(order[1:3]) == {"structure", "image"} and order[3] == "labeled"
+    log.unlink()  # the same jobs without the mark: the segmenter takes the slot, one training waits for a slot
+    run_jobs(jobs(brief=False), parallel=2, logs=tmp_path / "logs", threads=1)
+    order = log.read_text().split()
+    assert set(order[:2]) == {"subset", "labeled"} and order[2:] == ["structure", "image"]
 
 
 def test_a_training_stopped_before_its_budget_is_resumed_not_used(tmp_path):
