@@ -20,6 +20,19 @@ def tiny_checkpoints() -> tuple[Path, Path]:
     return standin_checkpoints()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Torch on one thread for the tests of a module (small models: threads cost more than they give, and
+    results do not depend on how work is split), set back when the module ends so that no later module runs
+    on a setting it did not ask for."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def labeled_folder(tmp_path_factory) -> Path:
     """A folder of 3 procedural 64x64 labeled tiles (images/ + labels/)."""

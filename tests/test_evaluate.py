@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from engine.cli import main
 from engine.data import load_folder, read_label
@@ -28,8 +27,7 @@ def fast(**settings) -> ExperimentConfig:
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> dict[str, Path]:
-    torch.set_num_threads(1)
+def folders(tmp_path_factory, one_torch_thread) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("bench")
     return {"real": write_folder(root / "real", n_images=4, size=64, seed=0),
             "synth": write_folder(root / "synth", n_images=3, size=64, seed=40),

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -17,10 +16,9 @@ import realism  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_checkpoints):
+def setup(tmp_path_factory, tiny_checkpoints, one_torch_thread):
     from engine.synthetic import write_folder
 
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("realism")
     data = write_folder(root / "data", n_images=6, size=512, seed=3)
     stems = sorted(p.stem for p in (data / "images").iterdir())

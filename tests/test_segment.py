@@ -20,8 +20,7 @@ TINY = SegmenterConfig(base_channels=8, depth=2, groups=4, tile=64, overlap=16)
 
 
 @pytest.fixture(scope="module")
-def trained() -> Segmenter:
-    torch.set_num_threads(1)
+def trained(one_torch_thread) -> Segmenter:
     pairs = [make_tile(64, seed=i) for i in range(6)]
     return train_segmenter(pairs, size=48, steps=70, batch_size=4, lr=4e-3, seed=0, device="cpu", config=TINY)
 
