@@ -84,6 +84,10 @@ def test_smoothed_outlines_are_scored_on_their_rebuilt_structures(setup, capsys)
     np.testing.assert_array_equal(np.stack(again), np.load(cache / "images-256-n4-s0-2-o3-w2.npz")["images"])
     with pytest.raises(SystemExit):
         realism.main(["--name", "x", "--real-layouts", "--smooth-outlines", "3", *args])
+    for bad in (["--smooth-outlines", "-1"], ["--smooth-outlines", "11"], ["--oversample", "0.5"]):
+        with pytest.raises(SystemExit):  # refused before anything is measured or written
+            realism.main(["--name", "refused", *bad, *args])
+    assert not (root / "work" / "refused").exists()
 
 
 def test_real_layouts_judge_the_image_model_on_the_roles_own_labels(setup, capsys):
