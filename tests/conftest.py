@@ -22,9 +22,10 @@ def tiny_checkpoints() -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def one_torch_thread():
-    """Torch on one thread for the tests of a module (small models: threads cost more than they give, and
-    results do not depend on how work is split), set back when the module ends so that no later module runs
-    on a setting it did not ask for."""
+    """Torch on one thread for the tests of a module, set back when the module ends so that no later module
+    runs on a setting it did not ask for: for small models (threads cost more than they give) and around
+    in-process calls of bench scripts, whose main sets the process's threads. A leaked count changes fp32
+    bits: test_conditioning compares its own process's images with the studio worker's, bit for bit."""
     import torch
 
     previous = torch.get_num_threads()

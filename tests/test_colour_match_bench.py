@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import colour_match  # noqa: E402
 
 
-def test_colour_match_scores_three_arms_on_the_roles_crops(tmp_path, tiny_checkpoints, capsys, monkeypatch):
+def test_colour_match_scores_three_arms_on_the_roles_crops(tmp_path, tiny_checkpoints, capsys, monkeypatch,
+                                                        one_torch_thread):
     from engine import colour_prior
     from engine.synthetic import write_folder
 

@@ -10,7 +10,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.copy_check import main  # noqa: E402
 
 
-def test_bench_prints_both_checks_with_the_same_figures(tmp_path, capsys):
+def test_bench_prints_both_checks_with_the_same_figures(tmp_path, capsys, one_torch_thread):
     # one procedural 1000 px field (no data folder): 49 tiles of 256 px, 64 of 224 px
     main(["--data", str(tmp_path / "none"), "--images", "1", "--small", "256", "--large", "224", "--synthetic", "3",
           "--threads", "1"])
