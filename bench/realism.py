@@ -175,11 +175,13 @@ def main(argv=None):
         ap.error("--real-layouts takes the real images' 256 px tiles: --size must be 256")
     if args.real_layouts and args.smooth_outlines > 0:
         ap.error("--smooth-outlines rounds sampled layouts; --real-layouts uses the real ones as they are")
-    # the engine's bounds (engine.pipeline), checked before the sanity rows' minutes are spent
-    if not 1.0 <= args.oversample <= 100:
-        ap.error(f"--oversample must be between 1 (filter off) and 100, got {args.oversample:g}")
-    if not 0.0 <= args.smooth_outlines <= 10.0:
-        ap.error(f"--smooth-outlines must be a sigma in px between 0 (off) and 10, got {args.smooth_outlines:g}")
+    from engine.errors import NuDiffError
+    from engine.pipeline import check_layout_options
+
+    try:  # the engine's bounds, checked before the sanity rows' minutes are spent
+        check_layout_options(args.oversample, args.smooth_outlines)
+    except NuDiffError as e:
+        ap.error(f"--oversample / --smooth-outlines: {e}")
     ws = args.w or [2.0]
     split = json.loads(args.split.read_text())
     cfg = TwoSampleConfig(epochs=args.epochs)

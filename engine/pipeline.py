@@ -303,12 +303,18 @@ def _check_structure_args(model: LoadedModel, n: int, oversample: float, merge_b
         raise CheckpointError(f"{model.path.name} is a {model.kind} model, not a structure model")
     if n < 1:
         raise NuDiffError("number of structures must be at least 1")
-    if not oversample >= 1.0 or oversample > 100:
-        raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
+    check_layout_options(oversample, outline_sigma)
     if not 0.0 <= merge_below < 1.0:
         raise NuDiffError(f"merge_below must be in [0, 1) (a fraction of the median nucleus area), got {merge_below}")
     if filter_mode not in CURATE_MODES:
         raise NuDiffError(f"unknown realism filter mode {filter_mode!r}; choose one of {', '.join(CURATE_MODES)}")
+
+
+def check_layout_options(oversample: float, outline_sigma: float) -> None:
+    """The bounds of the realism filter's oversampling (1 = off, up to 100) and of outline smoothing (sigma in px,
+    0 = off, up to 10); NuDiffError outside them. Callers that spend time before sampling check them first."""
+    if not oversample >= 1.0 or oversample > 100:
+        raise NuDiffError(f"oversample must be between 1 (filter off) and 100, got {oversample}")
     if not 0.0 <= outline_sigma <= 10.0:
         raise NuDiffError(f"outline smoothing must be a sigma in px between 0 (off) and 10, got {outline_sigma}")
 
